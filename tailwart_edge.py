@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+import _socket      # the C socket type under socket.socket: half the memory per connection
 
 try:
     import fcntl
@@ -417,27 +418,27 @@ class Resolver:
 
     def __init__(self, wake):
         self.wake = wake
-        self.cache = {}                 # host -> (expires, [(family, sockaddr with port 0)])
-        self.waiting = {}               # host -> [callback]
+        self.cache = {}                 # host -> (expires, [(family, sockaddr)], {port: addrs})
+        self.waiting = {}               # host -> [(port, callback)]
         self.jobs = queue.Queue()
         self.done = collections.deque()
         self.threads = []
 
-    def resolve(self, host, callback):
+    def resolve(self, host, port, callback):
         """Call callback(host, addrs, error) from the loop: now if cached, else later.
-        `addrs` is a list of (family, sockaddr) whose port is 0: the caller sets it."""
+        `addrs` is a list of (family, sockaddr) with `port` in each sockaddr."""
         hit = self.cache.get(host)
         if hit is None:
             literal = literal_address(host, 0)
             if literal is not None:
-                hit = self.cache[host] = (float("inf"), [literal])
+                hit = self.cache[host] = (float("inf"), [literal], {})
         if hit is not None and hit[0] > time.monotonic():
-            callback(host, hit[1], None)
+            callback(host, with_port(hit, port), None)
             return
         if host in self.waiting:
-            self.waiting[host].append(callback)
+            self.waiting[host].append((port, callback))
             return
-        self.waiting[host] = [callback]
+        self.waiting[host] = [(port, callback)]
         if len(self.threads) < RESOLVER_THREADS and len(self.waiting) > len(self.threads):
             thread = threading.Thread(target=self.work, name="resolver", daemon=True)
             thread.start()
@@ -459,19 +460,30 @@ class Resolver:
         """Deliver finished lookups to those waiting for them (called from the loop)."""
         while self.done:
             host, (addrs, error) = self.done.popleft()
+            entry = None
             if addrs:
-                self.cache[host] = (time.monotonic() + RESOLVE_TTL, addrs)
+                entry = self.cache[host] = (time.monotonic() + RESOLVE_TTL, addrs, {})
             else:
                 stale = self.cache.get(host)
                 if stale is not None:
                     log(WARNING, "resolve host=%s error=%r; using the last good answer"
                         % (host, error))
-                    self.cache[host] = (time.monotonic() + RESOLVE_TTL / 3, stale[1])
-                    addrs, error = stale[1], None
+                    entry = self.cache[host] = (time.monotonic() + RESOLVE_TTL / 3,) + stale[1:]
+                    error = None
                 elif not error:
                     error = "no address"
-            for callback in self.waiting.pop(host, ()):
-                callback(host, addrs, error)
+            for port, callback in self.waiting.pop(host, ()):
+                callback(host, entry and with_port(entry, port), error)
+
+
+def with_port(entry, port):
+    """A cache entry's addresses with `port` set, made once per port and shared by every
+    session (a sockaddr tuple per session would cost memory for nothing)."""
+    addrs = entry[2].get(port)
+    if addrs is None:
+        addrs = entry[2][port] = [(family, (sockaddr[0], port) + sockaddr[2:])
+                                  for family, sockaddr in entry[1]]
+    return addrs
 
 
 def literal_address(host, port):
@@ -502,7 +514,8 @@ class PeerError(Exception):
 
 
 class Flow:
-    """One direction of a session: what `src` sends is written to `dst`.
+    """The state of one direction of a session: what `src` sends is written to `dst`.
+    (The session owns the two sockets and hands them to each step.)
 
     `pending` holds bytes `dst` would not take yet (the PROXY header and early client
     bytes start there); it is None whenever the flow is idle, so an idle session owns
@@ -511,11 +524,9 @@ class Flow:
     `dst` with shutdown(SHUT_WR), after everything before it.
     """
 
-    __slots__ = ("src", "dst", "pending", "pipe", "piped", "count", "eof", "shut")
+    __slots__ = ("pending", "pipe", "piped", "count", "eof", "shut")
 
-    def __init__(self, src, dst):
-        self.src = src
-        self.dst = dst
+    def __init__(self):
         self.pending = None     # a memoryview of bytes not yet sent to dst
         self.pipe = None        # splice: (read_fd, write_fd) holding `piped` bytes
         self.piped = 0
@@ -523,53 +534,53 @@ class Flow:
         self.eof = False
         self.shut = False
 
-    def pull(self):
+    def pull(self, src, dst):
         """`src` is readable and nothing is pending: move what it has to `dst`."""
         try:
-            n = self.src.recv_into(BUFFER)
+            n = src.recv_into(BUFFER)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            raise PeerError(self.src, e)
+            raise PeerError(src, e)
         if not n:
             self.eof = True
-            self.finish()
+            self.finish(dst)
             return
         self.count += n
         try:
-            sent = self.dst.send(VIEW[:n])
+            sent = dst.send(VIEW[:n])
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as e:
-            raise PeerError(self.dst, e)
+            raise PeerError(dst, e)
         if sent != n:
             # buffer only what the kernel would not take
             self.pending = memoryview(VIEW[sent:n].tobytes())
 
-    def push(self):
+    def push(self, dst):
         """`dst` is writable again: send what is pending, then pass on a FIN if one came."""
         pending = self.pending
         if pending is not None:
             try:
-                sent = self.dst.send(pending)
+                sent = dst.send(pending)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                raise PeerError(self.dst, e)
+                raise PeerError(dst, e)
             if sent != len(pending):
                 self.pending = pending[sent:]
                 return
             self.pending = None
         if self.eof:
-            self.finish()
+            self.finish(dst)
 
-    def finish(self):
+    def finish(self, dst):
         """Pass `src`'s FIN on to `dst` once everything before it has been delivered."""
-        if self.shut or self.pending is not None or self.piped or self.dst is None:
+        if self.shut or self.pending is not None or self.piped:
             return
         self.shut = True
         try:
-            self.dst.shutdown(socket.SHUT_WR)
+            dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass            # dst is already gone; reading from it will tell
 
@@ -590,55 +601,55 @@ class SpliceFlow(Flow):
 
     __slots__ = ()
 
-    def pull(self):
+    def pull(self, src, dst):
         pipe = PIPES.take()
         if pipe is None:            # no descriptors left for a pipe: copy this chunk instead
-            return Flow.pull(self)
+            return Flow.pull(self, src, dst)
         try:
-            n = SPLICE(self.src.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
+            n = SPLICE(src.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             PIPES.give(pipe)
             return
         except OSError as e:
             PIPES.give(pipe)
             if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                return self.unsupported(e)
-            raise PeerError(self.src, e)
+                return self.unsupported(e, src, dst)
+            raise PeerError(src, e)
         if not n:
             PIPES.give(pipe)
             self.eof = True
-            self.finish()
+            self.finish(dst)
             return
         self.count += n
         self.pipe = pipe
         self.piped = n
-        self.drain_pipe()
+        self.drain_pipe(dst)
 
-    def push(self):
+    def push(self, dst):
         if self.pending is not None or not self.piped:
-            return Flow.push(self)
-        self.drain_pipe()
+            return Flow.push(self, dst)
+        self.drain_pipe(dst)
 
-    def drain_pipe(self):
+    def drain_pipe(self, dst):
         try:
-            sent = SPLICE(self.pipe[0], self.dst.fileno(), self.piped, flags=SPLICE_FLAGS)
+            sent = SPLICE(self.pipe[0], dst.fileno(), self.piped, flags=SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            raise PeerError(self.dst, e)
+            raise PeerError(dst, e)
         self.piped -= sent
         if not self.piped:
             PIPES.give(self.pipe)
             self.pipe = None
             if self.eof:
-                self.finish()
+                self.finish(dst)
 
-    def unsupported(self, error):
+    def unsupported(self, error, src, dst):
         # some kernels and sandboxes refuse splice on sockets: copy from here on
         log(WARNING, "splice unavailable (%s); relaying with recv/send" % error.strerror)
         Session.flow_class = Flow
         self.__class__ = Flow
-        return self.pull()
+        return self.pull(src, dst)
 
 
 class PipePool:
@@ -678,13 +689,17 @@ RESOLVING, CONNECTING, STREAMING, CLOSED = "resolving", "connecting", "streaming
 
 
 class Attempt:
-    """Where a session's upstream connect stands. Dropped once connected."""
+    """Where a session's upstream connect stands. Dropped once connected.
 
-    __slots__ = ("next_upstream", "host", "port", "addrs", "timer", "error")
+    `deadline` bounds the current step (resolving a name, or one connect); the
+    server's sweep checks it, so a session needs no timer object of its own."""
+
+    __slots__ = ("next_upstream", "host", "port", "addrs", "deadline", "error")
 
     def __init__(self):
         self.next_upstream = 0
-        self.host = self.port = self.addrs = self.timer = None
+        self.host = self.port = self.addrs = None
+        self.deadline = 0.0
         self.error = "no upstream"
 
 
@@ -698,7 +713,7 @@ class Session:
     PREREAD_LIMIT) and goes out right behind the PROXY header, in the same send.
     """
 
-    __slots__ = ("server", "mapping", "client", "upstream", "cfd", "ufd", "peer", "target",
+    __slots__ = ("server", "mapping", "client", "upstream", "peer", "target",
                  "stage", "started", "active_at", "up", "down", "attempt", "end",
                  "cmask", "umask")
 
@@ -708,15 +723,13 @@ class Session:
         self.server = server
         self.mapping = mapping
         self.client = client
-        self.cfd = client.fileno()
         self.peer = peer
         self.upstream = None
-        self.ufd = -1
         self.target = None              # the upstream address connected (or tried) to
         self.stage = RESOLVING
         self.started = self.active_at = server.now
-        self.up = self.flow_class(client, None)      # client -> upstream
-        self.down = self.flow_class(None, client)    # upstream -> client
+        self.up = self.flow_class()         # client -> upstream
+        self.down = self.flow_class()       # upstream -> client
         self.attempt = Attempt()
         self.end = None                 # how it ended; the first FIN sets it
         self.cmask = self.umask = 0     # what the selector watches on each socket
@@ -728,22 +741,22 @@ class Session:
             return
         self.active_at = self.server.now
         try:
-            if fd == self.cfd:
+            if fd == self.client.fileno():
                 if mask & READ:
                     if self.stage is STREAMING:
-                        self.up.pull()
+                        self.up.pull(self.client, self.upstream)
                     else:
                         self.preread()
                 if mask & WRITE:
-                    self.down.push()
-            elif fd == self.ufd:
+                    self.down.push(self.client)
+            elif self.upstream is not None and fd == self.upstream.fileno():
                 if self.stage is CONNECTING:
                     if not self.connected():
                         return
                 if mask & READ:
-                    self.down.pull()
+                    self.down.pull(self.upstream, self.client)
                 if mask & WRITE:
-                    self.up.push()
+                    self.up.push(self.upstream)
             else:
                 return          # an event for a socket this session has already closed
         except PeerError as e:
@@ -768,10 +781,10 @@ class Session:
             cmask = 0 if up.eof or full else READ
             umask = WRITE if self.stage is CONNECTING else 0
         if cmask != self.cmask:
-            self.server.watch(self.cfd, self.cmask, cmask, self)
+            self.server.watch(self.client.fileno(), self.cmask, cmask, self)
             self.cmask = cmask
         if umask != self.umask:
-            self.server.watch(self.ufd, self.umask, umask, self)
+            self.server.watch(self.upstream.fileno(), self.umask, umask, self)
             self.umask = umask
 
     def preread(self):
@@ -804,35 +817,34 @@ class Session:
         attempt.host, attempt.port = upstreams[attempt.next_upstream]
         attempt.next_upstream += 1
         self.stage = RESOLVING
-        attempt.timer = self.server.call_later(self.server.connect_timeout, self.resolve_timed_out,
-                                               attempt.next_upstream)
-        self.server.resolver.resolve(attempt.host, self.resolved)
+        attempt.deadline = self.server.now + self.server.connect_timeout
+        self.server.resolver.resolve(attempt.host, attempt.port, self.resolved)
 
     def resolved(self, host, addrs, error):
         attempt = self.attempt
         if self.stage is not RESOLVING or host != attempt.host:
             return              # closed meanwhile, or this lookup already timed out
-        attempt.timer[2] = None
         if error is not None:
             attempt.error = "cannot resolve %s: %s" % (attempt.host, error)
             return self.next_upstream()
         attempt.addrs = collections.deque(addrs)
         self.next_address()
 
-    def resolve_timed_out(self, which):
-        attempt = self.attempt
-        if self.stage is RESOLVING and which == attempt.next_upstream:
-            attempt.error = "resolving %s timed out" % attempt.host
+    def timed_out(self):
+        """The current step ran past its deadline (called by the server's sweep)."""
+        if self.stage is RESOLVING:
+            self.attempt.error = "resolving %s timed out" % self.attempt.host
             self.next_upstream()
+        elif self.stage is CONNECTING:
+            self.attempt_failed("timed out after %gs" % self.server.connect_timeout)
 
     def next_address(self):
         """Start a connect to the next address of the current upstream, or move on."""
         attempt = self.attempt
         while attempt.addrs:
             family, sockaddr = attempt.addrs.popleft()
-            sockaddr = (sockaddr[0], attempt.port) + sockaddr[2:]
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock = _socket.socket(family, socket.SOCK_STREAM)
             except OSError as e:
                 attempt.error = "cannot open a socket: %s" % e.strerror
                 continue
@@ -841,30 +853,22 @@ class Session:
             err = sock.connect_ex(sockaddr)
             if err in CONNECT_PENDING:
                 self.upstream = sock
-                self.ufd = sock.fileno()
                 self.target = sockaddr
                 self.stage = CONNECTING
-                attempt.timer = self.server.call_later(self.server.connect_timeout,
-                                                       self.connect_timed_out, sock)
+                attempt.deadline = self.server.now + self.server.connect_timeout
                 self.update()
                 return
             sock.close()
             attempt.error = "connect to %s: %s" % (format_address(*sockaddr[:2]), os.strerror(err))
         self.next_upstream()
 
-    def connect_timed_out(self, sock):
-        if self.stage is CONNECTING and self.upstream is sock:
-            self.attempt_failed("timed out after %gs" % self.server.connect_timeout)
-
     def attempt_failed(self, why):
         attempt = self.attempt
-        attempt.timer[2] = None
         attempt.error = "connect to %s: %s" % (format_address(*self.target[:2]), why)
-        self.server.watch(self.ufd, self.umask, 0, self)
+        self.server.watch(self.upstream.fileno(), self.umask, 0, self)
         self.umask = 0
         self.upstream.close()
         self.upstream = self.target = None
-        self.ufd = -1
         self.next_address()
 
     def connected(self):
@@ -873,17 +877,15 @@ class Session:
         if err:
             self.attempt_failed(os.strerror(err))
             return False
-        self.attempt.timer[2] = None
         self.attempt = None
         self.stage = STREAMING
-        up, down = self.up, self.down
-        up.dst = down.src = self.upstream
+        up = self.up
         header = self.server.header
         if header is not None:
             # the header and what the client sent so far leave in one send (one segment)
             head = header(self.peer, self.client.getsockname())
             up.pending = memoryview(head + up.pending.tobytes() if up.pending is not None else head)
-        up.push()
+        up.push(self.upstream)
         return True
 
     # -- ending --------------------------------------------------------------------------------
@@ -904,11 +906,9 @@ class Session:
             return
         server = self.server
         if self.cmask:
-            server.watch(self.cfd, self.cmask, 0, self)
+            server.watch(self.client.fileno(), self.cmask, 0, self)
         if self.umask:
-            server.watch(self.ufd, self.umask, 0, self)
-        if self.attempt is not None and self.attempt.timer is not None:
-            self.attempt.timer[2] = None
+            server.watch(self.upstream.fileno(), self.umask, 0, self)
         self.client.close()
         if self.upstream is not None:
             self.upstream.close()
@@ -1034,6 +1034,8 @@ class Server:
         Session.flow_class = SpliceFlow if self.relay == "splice" else Flow
         self.max_sessions = options.max_connections or max_sessions_for(len(mappings))
         self.watchdog_interval = watchdog_interval()
+        # deadlines are checked this often: to a quarter of the shortest timeout, at most 1 s
+        self.sweep_interval = max(0.05, min(1.0, self.idle_timeout / 4, self.connect_timeout / 4))
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -1116,7 +1118,7 @@ class Server:
                           % self.max_sessions)
                 return
             try:
-                client, peer = sock.accept()
+                fd, peer = sock._accept()   # socket.accept() minus its Python wrapper
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -1129,6 +1131,7 @@ class Server:
                 self.warn("accept on %s: %s; pausing accepts for %gs"
                           % (mapping.label, e.strerror, ACCEPT_PAUSE))
                 return
+            client = _socket.socket(sock.family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
             if not ACCEPTED_INHERIT_OPTIONS:
                 tune_socket(client)
@@ -1171,12 +1174,20 @@ class Server:
         elif not self.accepting:
             self.resume_accept()
 
-    def sweep_idle(self, _=None):
-        """Close sessions silent both ways for idle_timeout; runs every sweep interval."""
-        cutoff = self.now - self.idle_timeout
-        for session in [s for s in self.sessions if s.active_at < cutoff and s.stage is STREAMING]:
-            session.close("idle-timeout")
-        self.call_later(min(1.0, self.idle_timeout / 4), self.sweep_idle)
+    def sweep(self, _=None):
+        """Every sweep interval: close sessions silent both ways for idle_timeout, and move
+        on those whose resolve or connect ran past its deadline. One pass over all sessions
+        a second is cheaper, in time and memory, than a timer per session."""
+        now = self.now
+        cutoff = now - self.idle_timeout
+        late = [s for s in self.sessions
+                if (s.active_at < cutoff if s.stage is STREAMING else s.attempt.deadline < now)]
+        for session in late:
+            if session.stage is STREAMING:
+                session.close("idle-timeout")
+            else:
+                session.timed_out()
+        self.call_later(self.sweep_interval, self.sweep)
 
     def handle_error(self, data):
         """A bug, not a bad peer: log it loudly, close the session it happened in, carry on."""
@@ -1196,12 +1207,12 @@ class Server:
         self.install_signals()
         self.running = True
         self.resume_accept()
-        self.call_later(min(1.0, self.idle_timeout / 4), self.sweep_idle)
+        self.call_later(self.sweep_interval, self.sweep)
         if self.watchdog_interval:
             self.call_later(self.watchdog_interval, self.feed_watchdog)
         for host in {host for m in self.mappings for host, _ in m.upstreams}:
             if literal_address(host, 0) is None:
-                self.resolver.resolve(host, self.log_resolved)   # warm the cache, tell the admin
+                self.resolver.resolve(host, 0, self.log_resolved)   # warm the cache, tell the admin
         log(NOTICE, "ready pid=%d listeners=%d relay=%s max-connections=%d"
             % (os.getpid(), len(self.listeners), self.relay, self.max_sessions))
         sd_notify("READY=1", "STATUS=" + self.status())
