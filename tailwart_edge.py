@@ -740,8 +740,11 @@ class Session:
         if self.stage is CLOSED:
             return
         self.active_at = self.server.now
+        # Act only on what was asked for: selectors reports an error or hang-up as READ|WRITE,
+        # and reading a side whose bytes cannot be passed on yet would reorder the stream.
         try:
             if fd == self.client.fileno():
+                mask &= self.cmask
                 if mask & READ:
                     if self.stage is STREAMING:
                         self.up.pull(self.client, self.upstream)
@@ -750,6 +753,7 @@ class Session:
                 if mask & WRITE:
                     self.down.push(self.client)
             elif self.upstream is not None and fd == self.upstream.fileno():
+                mask &= self.umask
                 if self.stage is CONNECTING:
                     if not self.connected():
                         return
