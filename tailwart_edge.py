@@ -851,6 +851,8 @@ class Session:
                 sock = _socket.socket(family, socket.SOCK_STREAM)
             except OSError as e:
                 attempt.error = "cannot open a socket: %s" % e.strerror
+                if e.errno in FD_EXHAUSTED:
+                    self.server.out_of_fds("connect to %s" % attempt.host, e)
                 continue
             sock.setblocking(False)
             tune_socket(sock)
@@ -1128,12 +1130,7 @@ class Server:
             except OSError as e:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue            # that client is gone already; the next one may not be
-                # out of descriptors or memory: stop polling the listeners for a moment, so
-                # the loop does not spin on a backlog it cannot take (HAProxy, nginx do this)
-                self.pause_accept()
-                self.call_later(ACCEPT_PAUSE, self.resume_accept)
-                self.warn("accept on %s: %s; pausing accepts for %gs"
-                          % (mapping.label, e.strerror, ACCEPT_PAUSE))
+                self.out_of_fds("accept on %s" % mapping.label, e)
                 return
             client = _socket.socket(sock.family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
@@ -1144,6 +1141,13 @@ class Server:
             mapping.active += 1
             mapping.sessions += 1
             session.start()
+
+    def out_of_fds(self, what, error):
+        """Out of descriptors or memory: stop polling the listeners for a moment, so the loop
+        does not spin on a backlog it cannot take (HAProxy and nginx do the same)."""
+        self.pause_accept()
+        self.call_later(ACCEPT_PAUSE, self.resume_accept)
+        self.warn("%s: %s; pausing accepts for %gs" % (what, error.strerror, ACCEPT_PAUSE))
 
     def warn(self, message):
         if self.now - self.warned_at >= WARN_INTERVAL:
