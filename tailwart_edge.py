@@ -1072,6 +1072,7 @@ class Server:
     def open_listeners(self):
         """Bind every mapping (or adopt sockets from systemd). Raises StartupError."""
         inherited = systemd_sockets()
+        activated = bool(inherited)
         for mapping in self.mappings:
             socks = [s for s in inherited if listens_for(s, mapping)]
             if socks:
@@ -1079,10 +1080,9 @@ class Server:
                     inherited.remove(sock)
                     self.listeners.append(Listener(self, sock, mapping, inherited=True))
                 continue
-            if self.listeners or inherited:
-                if any(l.inherited for l in self.listeners) or inherited:
-                    log(WARNING, "listen addr=%s has no socket from systemd; binding it here"
-                        % mapping.label)
+            if activated:
+                log(WARNING, "listen addr=%s has no socket from systemd; binding it here"
+                    % mapping.label)
             for sock in bind_listeners(mapping):
                 self.listeners.append(Listener(self, sock, mapping))
         for sock in inherited:
