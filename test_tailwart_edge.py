@@ -20,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -279,6 +280,20 @@ def eventually(predicate, timeout=WAIT):
     while not predicate():
         assert time.monotonic() < deadline, "gave up waiting"
         time.sleep(0.02)
+
+
+def unavailable(reason):
+    """Skip, or fail when CI says every peer tool must be there."""
+    if os.environ.get("TAILWART_REQUIRE_PEERS") == "1":
+        pytest.fail(reason + " (TAILWART_REQUIRE_PEERS=1)")
+    pytest.skip(reason)
+
+
+def need_tool(name):
+    path = shutil.which(name)
+    if path is None:
+        unavailable("%s is not installed" % name)
+    return path
 
 
 def cpu_seconds(pid):
@@ -544,7 +559,7 @@ def test_client_bytes_sent_during_connect_follow_the_header():
     """The upstream accepts late: what the client sent meanwhile comes right after the header."""
     port = free_port()
     with Upstream(None, accept=False) as up, \
-            Edge("127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+            Edge("127.0.0.1:%d=%s" % (port, up.address)):
         with connect(("127.0.0.1", port)) as c:
             c.sendall(b"\x16\x03\x01 client hello first")     # a TLS client speaks first
             time.sleep(0.3)         # the edge connected (kernel backlog); nobody accepted yet
@@ -723,7 +738,7 @@ def test_upstream_by_name_localhost():
 def test_failover_to_the_second_upstream():
     port, dead = free_port(), free_port()
     with Upstream(header_echo) as up, \
-            Edge("127.0.0.1:%d=127.0.0.1:%d,%s" % (port, dead, up.address)) as proxy:
+            Edge("127.0.0.1:%d=127.0.0.1:%d,%s" % (port, dead, up.address)):
         assert round_trip(port, b"second") == b"second"
 
 
@@ -817,7 +832,7 @@ def test_a_slow_reader_does_not_delay_others():
         conn.sendall(first)
 
     port = free_port()
-    with Upstream(upstream) as up, Edge("127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+    with Upstream(upstream) as up, Edge("127.0.0.1:%d=%s" % (port, up.address)):
         with connect(("127.0.0.1", port)) as stuck:
             stuck.sendall(b"flood")
             time.sleep(0.5)
@@ -916,3 +931,663 @@ def test_sessions_log_lines_under_journal_have_priorities_and_no_time():
     assert any(line.startswith("<5>ready pid=") for line in lines), lines
     assert any(line.startswith("<6>session client=127.0.0.1:") for line in lines), lines
     assert all(re.match(r"<\d>", line) for line in lines), lines
+
+
+# ----------------------------------------------------------------------------------------------
+# systemd: the unit file, sd_notify, socket activation, a real systemd in nspawn
+# ----------------------------------------------------------------------------------------------
+#
+# CI sets TAILWART_REQUIRE_PEERS=1: there a missing tool is a failure, not a skip. The nspawn test
+# boots a Debian tree built once by .ci/run (see build_nspawn_tree there) in
+# TAILWART_NSPAWN_ROOT (default /var/cache/tailwart-edge-ci/bookworm).
+
+UNIT = os.path.join(HERE, "tailwart-edge.service")
+README = os.path.join(HERE, "README.md")
+MAX_EXPOSURE = 1.5          # systemd-analyze security: 1.5 and lower reads "OK"
+NSPAWN_ROOT = os.environ.get("TAILWART_NSPAWN_ROOT", "/var/cache/tailwart-edge-ci/bookworm")
+PRIVILEGED_PORTS = (465, 587, 993, 143, 25, 110, 995, 119, 563, 636)
+CAP_NET_BIND_SERVICE = 1 << 10
+TEST_OPTIONS = "--idle-timeout 600 --connect-timeout 5"
+UPSTREAM_NAME = "stalwart.tailnet.test"     # 127.0.0.2, from the container's /etc/hosts
+
+
+
+
+def runs_on_linux():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("systemd exists on Linux only")
+
+
+def unit_copy(directory):
+    """The unit, with ExecStart's /usr/bin/python3 swapped for PYTHON where that is missing,
+    since `systemd-analyze verify` checks that the program exists."""
+    text = open(UNIT).read()
+    if not os.access("/usr/bin/python3", os.X_OK):
+        text = text.replace("ExecStart=/usr/bin/python3 ", "ExecStart=%s " % PYTHON)
+    path = os.path.join(directory, "tailwart-edge.service")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def test_systemd_unit_file_passes_systemd_analyze_verify(tmp_path):
+    runs_on_linux()
+    analyze = need_tool("systemd-analyze")
+    unit = unit_copy(str(tmp_path))
+    result = subprocess.run([analyze, "verify", "--man=no", unit], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    # unknown or misspelt keys are only warnings (exit 0): any line about our unit fails the test
+    ours = [l for l in result.stdout.splitlines() if "tailwart-edge" in l or unit in l]
+    assert result.returncode == 0 and not ours, result.stdout
+
+
+def exposure(unit, analyze):
+    result = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", unit],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, timeout=60)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout
+    return float(found.group(1)), result.stdout
+
+
+def test_systemd_unit_file_security_exposure_is_ok(tmp_path):
+    runs_on_linux()
+    analyze = need_tool("systemd-analyze")
+    score, report = exposure(unit_copy(str(tmp_path)), analyze)
+    assert score <= MAX_EXPOSURE, report
+
+
+def readme_block(first_line):
+    """The fenced block of README.md that starts with `first_line` (the path of a file the
+    README tells the reader to create), without that line."""
+    try:
+        text = open(README).read()
+    except OSError:
+        text = ""
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, re.S | re.M):
+        lines = block.splitlines(True)
+        if lines and lines[0].strip() == first_line:
+            return "".join(lines[1:])
+    unavailable("README.md has no block starting with %r" % first_line)
+
+
+SOCKET_UNIT = "# /etc/systemd/system/tailwart-edge.socket"
+SOCKET_DROP_IN = "# /etc/systemd/system/tailwart-edge.service.d/socket-activation.conf"
+
+
+def test_systemd_socket_activated_unit_from_readme_has_lower_exposure(tmp_path):
+    runs_on_linux()
+    analyze = need_tool("systemd-analyze")
+    drop_in = readme_block(SOCKET_DROP_IN)
+    unit = unit_copy(str(tmp_path))
+    (tmp_path / "tailwart-edge.service.d").mkdir()
+    (tmp_path / "tailwart-edge.service.d" / "socket-activation.conf").write_text(drop_in)
+    (tmp_path / "tailwart-edge.socket").write_text(readme_block(SOCKET_UNIT))
+    plain, _ = exposure(os.path.join(HERE, "tailwart-edge.service"), analyze)
+    score, report = exposure(unit, analyze)
+    assert score < plain and "CAP_NET_BIND_SERVICE" not in drop_in, report
+    socket_unit = str(tmp_path / "tailwart-edge.socket")
+    result = subprocess.run([analyze, "verify", "--man=no", socket_unit], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+    assert result.returncode == 0 and "tailwart-edge" not in result.stdout, result.stdout
+
+
+# -- sd_notify: a datagram socket in the test plays systemd's notify socket ---------------------
+
+class NotifySocket:
+    """Binds an AF_UNIX datagram socket and collects what arrives (one message per datagram)."""
+
+    def __init__(self):
+        # sockaddr_un holds 108 bytes: pytest's tmp_path may be longer, so a short mkdtemp
+        self.dir = tempfile.mkdtemp(prefix="tw-notify-")
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages = []
+
+    def next(self, timeout):
+        """The next message as a dict of its KEY=VALUE lines, or None after `timeout`."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except socket.timeout:
+            return None
+        message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        self.messages.append(message)
+        return message
+
+    def wait_for(self, key, count=1, timeout=10):
+        """Collect messages until `count` of them carry `key`; fail after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while sum(key in m for m in self.messages) < count:
+            left = deadline - time.monotonic()
+            assert left > 0, "%d x %s expected, got %r" % (count, key, self.messages)
+            self.next(left)
+
+    def close(self):
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def notify_socket():
+    if not hasattr(socket, "AF_UNIX"):
+        pytest.skip("sd_notify needs AF_UNIX")
+    notify = NotifySocket()
+    yield notify
+    notify.close()
+
+
+def test_systemd_sd_notify_ready_comes_once_the_listeners_accept(notify_socket):
+    port = free_port()
+    with Edge("127.0.0.1:%d=127.0.0.1:%d" % (port, free_port()),
+              env={"NOTIFY_SOCKET": notify_socket.path}) as proxy:
+        first = notify_socket.next(timeout=10)
+        assert first is not None and first.get("READY") == "1", notify_socket.messages
+        assert "STATUS" in first
+        # READY=1 is systemd's cue to start what comes After= us: the port must accept by now
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert proxy.stop() == 0
+
+
+def test_systemd_sd_notify_status_names_the_listeners(notify_socket):
+    port = free_port()
+    with Edge("127.0.0.1:%d=127.0.0.1:%d" % (port, free_port()),
+              env={"NOTIFY_SOCKET": notify_socket.path}) as proxy:
+        notify_socket.wait_for("READY")
+        status = [m["STATUS"] for m in notify_socket.messages if "STATUS" in m]
+        assert status and "127.0.0.1:%d" % port in status[0], notify_socket.messages
+        proxy.stop()
+
+
+def test_systemd_sd_notify_watchdog_is_fed_repeatedly(notify_socket):
+    # WATCHDOG_USEC=200 ms: the relay pings every 100 ms. Only ask for several pings within a
+    # generous bound, never for an interval.
+    with Edge("127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port()),
+              env={"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "200000"}) as proxy:
+        notify_socket.wait_for("WATCHDOG", count=4, timeout=20)
+        assert all(m["WATCHDOG"] == "1" for m in notify_socket.messages if "WATCHDOG" in m)
+        assert "READY" in notify_socket.messages[0]        # pings start once it is ready
+        # half of WATCHDOG_USEC, not a flood: over 2 s about 20 pings, never hundreds
+        start = len(notify_socket.messages)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            notify_socket.next(max(0.01, deadline - time.monotonic()))
+        pings = sum("WATCHDOG" in m for m in notify_socket.messages[start:])
+        assert 4 <= pings <= 60, pings
+        proxy.stop()
+
+
+def test_systemd_sd_notify_watchdog_for_another_pid_is_ignored(notify_socket):
+    # WATCHDOG_PID names the process the watchdog is meant for (sd_watchdog_enabled(3))
+    with Edge("127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port()),
+              env={"NOTIFY_SOCKET": notify_socket.path, "WATCHDOG_USEC": "100000",
+                   "WATCHDOG_PID": "1"}) as proxy:
+        notify_socket.wait_for("READY")
+        proxy.stop()
+        while notify_socket.next(timeout=1) is not None:
+            pass
+        assert not any("WATCHDOG" in m for m in notify_socket.messages), notify_socket.messages
+
+
+def test_systemd_sd_notify_stopping_on_sigterm(notify_socket):
+    with Edge("127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port()),
+              env={"NOTIFY_SOCKET": notify_socket.path}) as proxy:
+        notify_socket.wait_for("READY")
+        assert proxy.stop() == 0
+        notify_socket.wait_for("STOPPING", timeout=5)
+        stopping = [m for m in notify_socket.messages if "STOPPING" in m]
+        assert stopping[0]["STOPPING"] == "1" and "STATUS" in stopping[0]
+
+
+# -- socket activation: systemd-socket-activate binds, the relay inherits ----------------------
+
+def test_systemd_socket_activation_relays_on_the_inherited_listener():
+    runs_on_linux()
+    activate = need_tool("systemd-socket-activate")
+    port, upstream_port = free_port(), free_port()
+    upstream = socket.socket()
+    upstream.bind(("127.0.0.1", upstream_port))
+    upstream.listen(5)
+    upstream.settimeout(10)
+    # systemd-socket-activate binds the port, waits for a first client, then execs the relay
+    # with the socket as fd 3 (LISTEN_FDS=1); the relay must adopt it, not bind its own
+    proc = subprocess.Popen([activate, "-l", "127.0.0.1:%d" % port, PYTHON, SCRIPT,
+                             "--proxy-protocol", "off",
+                             "127.0.0.1:%d=127.0.0.1:%d" % (port, upstream_port)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    lines = []
+    try:
+        lines.append(proc.stderr.readline())
+        assert "Listening on 127.0.0.1:%d" % port in lines[0], lines
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            conn, _ = upstream.accept()
+            with conn:
+                conn.sendall(b"220 upstream ESMTP\r\n")
+                assert client.recv(100) == b"220 upstream ESMTP\r\n"
+                client.sendall(b"QUIT\r\n")
+                assert conn.recv(100) == b"QUIT\r\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        lines += proc.stderr.readlines()
+        proc.stderr.close()
+        upstream.close()
+    text = "".join(lines)
+    assert re.search(r"listen addr=127\.0\.0\.1:%d .*\(from systemd\)" % port, text), text
+    assert "session client=127.0.0.1:" in text and "cannot listen" not in text, text
+
+
+# -- --user: started as root, bind, then run as an ordinary user ---------------------------------
+
+def process_ids(pid):
+    status = dict(re.findall(r"^(\w+):[ \t]*(.*)$", open("/proc/%d/status" % pid).read(), re.M))
+    return ([int(x) for x in status["Uid"].split()], [int(x) for x in status["Gid"].split()],
+            status["Groups"].split())
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_systemd_user_option_drops_root_after_binding():
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    port = free_port()
+    with Upstream(header_echo) as up, \
+            Edge("--user", "nobody", "127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+        uids, gids, groups = process_ids(proxy.pid)
+        assert uids == [nobody.pw_uid] * 4          # real, effective, saved, file system
+        assert gids == [nobody.pw_gid] * 4
+        assert groups == [] or groups == [str(nobody.pw_gid)]   # root's groups are gone
+        assert round_trip(port, b"as nobody") == b"as nobody"
+        assert "running as root" not in proxy.output()
+        assert proxy.stop() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_systemd_running_as_root_without_user_warns():
+    with Edge("127.0.0.1:%d=127.0.0.1:9" % free_port()) as proxy:
+        assert "warning" in proxy.wait_for(r"running as root; pass --user NAME")
+
+
+def test_systemd_unknown_user_is_a_clear_error():
+    code, out, err = run_script("--user", "no-such-user-here", "127.0.0.1:%d=h:25" % free_port())
+    assert code in (1, 2) and "Traceback" not in err
+    assert "no-such-user-here" in err.splitlines()[-1]
+
+
+# -- a real systemd: boot a Debian tree with systemd-nspawn, run the unit in it -----------------
+#
+# The container shares the host's network (no --private-network), so its 127.0.0.1 is ours: the
+# test runs the upstream on 127.0.0.2 and the client here, and the unit in between. Commands run
+# inside with `nsenter -t <container PID 1> -a` (systemd-run -M needs machined on the host).
+# Every step is bounded by a timeout; the container is powered off (SIGTERM to nspawn, which asks
+# the container's systemd to halt), then killed if it lingers, whatever happens.
+
+NSPAWN_BOOT_TIMEOUT = 60
+NSPAWN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+              "LANG": "C.UTF-8", "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0"}
+
+
+class ProxyEchoUpstream:
+    """An upstream on (host, port) that reads a PROXY v2 TCP4 header, records (src, dst),
+    then echoes everything back until EOF."""
+
+    def __init__(self, host, port):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.headers = []
+        self.errors = []
+        self.running = True
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self.echo, args=(conn,), daemon=True).start()
+
+    def read_exactly(self, conn, n):
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise EOFError("EOF after %d of %d header bytes" % (len(data), n))
+            data += chunk
+        return data
+
+    def echo(self, conn):
+        conn.settimeout(30)
+        try:
+            with conn:
+                head = self.read_exactly(conn, 16)
+                assert head[:12] == SIG and head[12] == 0x21 and head[13] == 0x11, head
+                body = self.read_exactly(conn, struct.unpack("!H", head[14:16])[0])
+                src, dst, sport, dport = struct.unpack("!4s4sHH", body[:12])
+                self.headers.append(((socket.inet_ntoa(src), sport),
+                                     (socket.inet_ntoa(dst), dport)))
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+        except Exception as e:      # reported by the test, not lost in a thread
+            self.errors.append(repr(e))
+
+    def close(self):
+        self.running = False
+        self.sock.close()
+        self.thread.join(5)
+
+
+def echo_through(port, payload, timeout=30):
+    """Send payload to 127.0.0.1:port, half-close, return all that comes back."""
+    received = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
+        def read():
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    return
+                received.extend(data)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        reader.join(timeout)
+        return client.getsockname(), bytes(received)
+
+
+def pick_privileged_port():
+    """A port below 1024 that neither 127.0.0.1 nor 127.0.0.2 uses here (nor in the container,
+    which shares our network)."""
+    for port in PRIVILEGED_PORTS:
+        try:
+            for host in ("127.0.0.1", "127.0.0.2"):
+                with socket.socket() as s:
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+    unavailable("every candidate port below 1024 is taken on loopback: %s" % (PRIVILEGED_PORTS,))
+
+
+class Container:
+    """A booted systemd-nspawn container of NSPAWN_ROOT. The tree stays untouched
+    (--volatile=overlay: writes go to a tmpfs), and `stage` is bind-mounted at /mnt/tailwart."""
+
+    def __init__(self, root, stage):
+        self.name = "tailwart-ci-%d" % os.getpid()
+        self.console = open(os.path.join(stage, "console.log"), "w+")
+        self.proc = subprocess.Popen(
+            ["systemd-nspawn", "--quiet", "--boot", "--directory", root, "--machine", self.name,
+             "--volatile=overlay", "--register=no", "--keep-unit", "--console=pipe",
+             "--bind-ro=%s:/mnt/tailwart" % stage],
+            stdin=subprocess.DEVNULL, stdout=self.console, stderr=subprocess.STDOUT)
+        self.pid1 = None
+        self.cursor = None
+
+    def boot(self, timeout=NSPAWN_BOOT_TIMEOUT):
+        """Wait for the container's systemd to finish starting up; returns its state."""
+        deadline = time.monotonic() + timeout
+        while self.pid1 is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("container did not start:\n" + self.output())
+            self.pid1 = self.find_init()
+            time.sleep(0.05)
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.run("systemctl", "is-system-running", "--wait", check=False,
+                             timeout=max(1, deadline - time.monotonic())).stdout.strip()
+            if state in ("running", "degraded"):
+                return state
+            time.sleep(0.2)     # the private bus socket may not exist yet
+        raise RuntimeError("container did not finish booting (%r):\n%s" % (state, self.output()))
+
+    def find_init(self):
+        """The container's PID 1, as seen from here: the child of nspawn running systemd."""
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+            if int(rest.split()[1]) == self.proc.pid and comm == "systemd":
+                return int(entry)
+        return None
+
+    def run(self, *argv, check=True, timeout=30):
+        result = subprocess.run(["nsenter", "-t", str(self.pid1), "-a", "--"] + list(argv),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, env=NSPAWN_ENV, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError("%s: exit %d\n%s%s" % (" ".join(argv), result.returncode,
+                                                         result.stdout, result.stderr))
+        return result
+
+    def sh(self, script, **kwargs):
+        return self.run("/bin/sh", "-ec", script, **kwargs)
+
+    def start(self, *units):
+        """systemctl start; on failure the assertion carries the units' journal."""
+        result = self.run("systemctl", "start", *units, check=False, timeout=60)
+        assert result.returncode == 0, "systemctl start %s: %s\n%s" % (
+            " ".join(units), result.stderr, self.journal(units[0]))
+
+    def stop(self, *units):
+        self.run("systemctl", "stop", *units, timeout=60)
+
+    def show(self, unit, *properties):
+        text = self.run("systemctl", "show", unit, "-p", ",".join(properties)).stdout
+        return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+    def mark_journal(self):
+        """From now on journal() shows only newer lines (each test reads its own)."""
+        text = self.run("journalctl", "--no-pager", "-n", "1", "--show-cursor", "-o", "cat").stdout
+        found = re.search(r"^-- cursor: (.+)$", text, re.M)
+        self.cursor = found.group(1) if found else None
+
+    def journal(self, unit, *options):
+        after = ["--after-cursor", self.cursor] if self.cursor else []
+        return self.run("journalctl", "--no-pager", "-o", "cat", "-u", unit,
+                        *(after + list(options))).stdout
+
+    def wait_journal(self, unit, pattern, timeout=15):
+        """journald may write a moment after the line was logged: poll for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.journal(unit)
+            if re.search(pattern, text):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError("no %r in the journal of %s:\n%s" % (pattern, unit, text))
+            time.sleep(0.2)
+
+    def output(self):
+        self.console.flush()
+        self.console.seek(0)
+        return self.console.read()[-4000:]
+
+    def process_status(self, pid):
+        text = self.run("cat", "/proc/%s/status" % pid).stdout
+        return dict(re.findall(r"^(\w+):\s*(.*)$", text, re.M))
+
+    def poweroff(self, timeout=30):
+        """Halt the container (nspawn turns SIGTERM into a clean shutdown); kill it if it
+        lingers. Returns nspawn's exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.pid1 is not None:
+            # nspawn killed: its PID 1 would live on, reparented; killing it ends the whole
+            # PID namespace
+            try:
+                os.kill(self.pid1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.console.close()
+        # nspawn leaves this empty directory behind when /run is not a tmpfs
+        try:
+            os.rmdir("/run/systemd/nspawn/propagate/%s" % self.name)
+        except OSError:
+            pass
+        return self.proc.returncode
+
+
+def nspawn_can_run():
+    runs_on_linux()
+    if os.geteuid() != 0:
+        unavailable("systemd-nspawn needs root")
+    for tool in ("systemd-nspawn", "nsenter"):
+        need_tool(tool)
+    if not os.path.exists(os.path.join(NSPAWN_ROOT, ".tailwart-ready")):
+        unavailable("no container tree at %s: .ci/run builds it (build_nspawn_tree), or set "
+                    "TAILWART_NSPAWN_ROOT" % NSPAWN_ROOT)
+
+
+@pytest.fixture(scope="module")
+def booted():
+    """One container for the module's nspawn tests: (container, stage dir, port, upstream)."""
+    nspawn_can_run()
+    port = pick_privileged_port()
+    stage = tempfile.mkdtemp(prefix="tw-nspawn-")
+    shutil.copy(SCRIPT, os.path.join(stage, "tailwart_edge.py"))
+    shutil.copy(UNIT, os.path.join(stage, "tailwart-edge.service"))
+    with open(os.path.join(stage, "tailwart-edge.env"), "w") as f:
+        # a bare port and --upstream, as the unit is meant to be used; OPTIONS has two options
+        # to check that $OPTIONS is split into words
+        f.write("UPSTREAM=%s\nPORTS=127.0.0.1:%d\nOPTIONS=%s\n"
+                % (UPSTREAM_NAME, port, TEST_OPTIONS))
+    with open(os.path.join(stage, "hosts"), "w") as f:
+        f.write("127.0.0.1 localhost\n127.0.0.2 %s\n" % UPSTREAM_NAME)
+    upstream = ProxyEchoUpstream("127.0.0.2", port)
+    container = Container(NSPAWN_ROOT, stage)
+    try:
+        try:
+            container.boot()
+        except RuntimeError as e:
+            unavailable("systemd-nspawn could not boot %s: %s" % (NSPAWN_ROOT, e))
+        # the README's steps: copy the script, the unit and /etc/default/tailwart-edge; the
+        # upstream is a name, so getaddrinfo() runs in the sandbox (threads, no AF_NETLINK)
+        container.sh("install -m 0644 /mnt/tailwart/hosts /etc/hosts\n"
+                     "install -m 0755 /mnt/tailwart/tailwart_edge.py /usr/local/bin/\n"
+                     "install -m 0644 /mnt/tailwart/tailwart-edge.service /etc/systemd/system/\n"
+                     "install -m 0644 /mnt/tailwart/tailwart-edge.env /etc/default/tailwart-edge\n"
+                     "systemctl daemon-reload")
+        yield container, stage, port, upstream
+    finally:
+        code = container.poweroff()
+        upstream.close()
+        shutil.rmtree(stage, ignore_errors=True)
+    assert code == 0, "systemd-nspawn exited %s" % code
+
+
+def test_systemd_nspawn_unit_relays_as_dynamic_user_and_stops_cleanly(booted):
+    container, _, port, upstream = booted
+    try:
+        check_unit_relays_and_stops(container, port, upstream)
+    finally:
+        # a failed run must not leave the unit restarting under the next test
+        container.sh("systemctl stop tailwart-edge; systemctl reset-failed", check=False)
+
+
+def check_unit_relays_and_stops(container, port, upstream):
+    container.mark_journal()
+    container.start("tailwart-edge")
+    state = container.show("tailwart-edge", "ActiveState", "MainPID")
+    assert state["ActiveState"] == "active", container.journal("tailwart-edge")
+    # ${UPSTREAM} is one word, $PORTS and $OPTIONS are split at whitespace
+    argv = container.run("cat", "/proc/%s/cmdline" % state["MainPID"]).stdout.split("\0")
+    assert argv[1:-1] == ["/usr/local/bin/tailwart_edge.py", "--upstream", UPSTREAM_NAME,
+                          "127.0.0.1:%d" % port] + TEST_OPTIONS.split(), argv
+    status = container.process_status(state["MainPID"])
+    assert status["Uid"].split()[0] != "0" and status["Gid"].split()[0] != "0", status
+    # CAP_NET_BIND_SERVICE, and nothing else, in every set that matters
+    for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
+        assert int(status[field], 16) == CAP_NET_BIND_SERVICE, (field, status)
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2", status
+
+    # 1 MiB each way: the splice path, through the system-call filter
+    payload = os.urandom(1 << 20)
+    (client_host, client_port), echoed = echo_through(port, payload)
+    assert echoed == payload, "%d of %d bytes came back" % (len(echoed), len(payload))
+    assert upstream.errors == [] and upstream.headers == [
+        ((client_host, client_port), ("127.0.0.1", port))]
+
+    log = container.wait_journal("tailwart-edge", r"session client=")
+    assert re.search(r"session client=127\.0\.0\.1:%d listen=127\.0\.0\.1:%d "
+                     r"upstream=127\.0\.0\.2:%d up=%d down=%d .*end=client-fin"
+                     % (client_port, port, port, len(payload), len(payload)), log), log
+    # `<N>` prefixes reached journald as priorities: `ready` is a notice, `session` is info
+    notices = container.journal("tailwart-edge", "-p", "notice")
+    assert re.search(r"^ready pid=", notices, re.M) and "session client=" not in notices, notices
+
+    container.stop("tailwart-edge")
+    state = container.show("tailwart-edge", "ActiveState", "Result", "ExecMainStatus")
+    assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, (
+        state, container.journal("tailwart-edge"))
+    assert re.search(r"^stopped\b", container.journal("tailwart-edge"), re.M)
+
+
+def test_systemd_nspawn_socket_activation_from_readme_needs_no_capability(booted):
+    container, stage, port, upstream = booted
+    socket_unit = readme_block(SOCKET_UNIT)
+    drop_in = readme_block(SOCKET_DROP_IN)
+    # the README's socket with its ListenStream= lines narrowed to the one test port
+    socket_unit = re.sub(r"(?m)^ListenStream=.*\n", "", socket_unit).replace(
+        "[Socket]\n", "[Socket]\nListenStream=127.0.0.1:%d\n" % port)
+    with open(os.path.join(stage, "tailwart-edge.socket"), "w") as f:
+        f.write(socket_unit)
+    with open(os.path.join(stage, "socket-activation.conf"), "w") as f:
+        f.write(drop_in)
+    with open(os.path.join(stage, "socket.env"), "w") as f:
+        f.write("UPSTREAM=%s\nPORTS=127.0.0.1:%d\n" % (UPSTREAM_NAME, port))  # OPTIONS: default
+    container.sh("install -m 0644 /mnt/tailwart/tailwart-edge.socket /etc/systemd/system/\n"
+                 "install -D -m 0644 /mnt/tailwart/socket-activation.conf "
+                 "/etc/systemd/system/tailwart-edge.service.d/socket-activation.conf\n"
+                 "install -m 0644 /mnt/tailwart/socket.env /etc/default/tailwart-edge\n"
+                 "systemctl daemon-reload")
+    container.mark_journal()
+    container.start("tailwart-edge.socket")
+    try:
+        assert container.show("tailwart-edge", "ActiveState")["ActiveState"] == "inactive"
+        # the first client starts the service; it waits in the socket's backlog meanwhile
+        payload = os.urandom(256 * 1024)
+        _, echoed = echo_through(port, payload)
+        assert echoed == payload, "%d of %d bytes came back" % (len(echoed), len(payload))
+        state = container.show("tailwart-edge", "ActiveState", "MainPID")
+        assert state["ActiveState"] == "active", container.journal("tailwart-edge")
+        status = container.process_status(state["MainPID"])
+        assert status["Uid"].split()[0] != "0", status
+        for field in ("CapEff", "CapPrm", "CapAmb"):
+            assert int(status[field], 16) == 0, (field, status)
+        log = container.wait_journal("tailwart-edge", r"session client=.* up=%d " % len(payload))
+        assert re.search(r"listen addr=127\.0\.0\.1:%d .*\(from systemd\)" % port, log), log
+        assert "cannot listen" not in log, log
+        container.stop("tailwart-edge.socket", "tailwart-edge.service")
+        state = container.show("tailwart-edge", "ActiveState", "Result", "ExecMainStatus")
+        assert state == {"ActiveState": "inactive", "Result": "success",
+                         "ExecMainStatus": "0"}, (state, container.journal("tailwart-edge"))
+    finally:
+        container.sh("systemctl stop tailwart-edge.socket tailwart-edge.service || true\n"
+                     "rm -rf /etc/systemd/system/tailwart-edge.socket "
+                     "/etc/systemd/system/tailwart-edge.service.d\n"
+                     "install -m 0644 /mnt/tailwart/tailwart-edge.env /etc/default/tailwart-edge\n"
+                     "systemctl daemon-reload; systemctl reset-failed", check=False, timeout=60)
