@@ -934,6 +934,282 @@ def test_sessions_log_lines_under_journal_have_priorities_and_no_time():
 
 
 # ----------------------------------------------------------------------------------------------
+# Real peers: HAProxy, nginx and Postfix parse our header and log the real client
+# ----------------------------------------------------------------------------------------------
+#
+# Each peer runs in the foreground from a private directory, behind a fresh edge per test. The
+# IPv4 client binds 127.0.0.77, so a header carrying the edge's own address (127.0.0.1) fails;
+# the server address the peer logs must be the edge's listening address as the client saw it.
+
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+class Peer:
+    """A peer program in the foreground, its output in a file; stopped by its PID."""
+
+    def __init__(self, argv, directory, name):
+        self.log_path = os.path.join(directory, name + ".out")
+        self.out = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out,
+                                     stderr=subprocess.STDOUT, cwd=directory)
+
+    def text(self, path=None):
+        with open(path or self.log_path, errors="replace") as f:
+            return f.read()
+
+    def wait_log(self, pattern, path=None, timeout=WAIT):
+        """The first match of the regular expression in the log (peers log at session end)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text(path) if os.path.exists(path or self.log_path) else ""
+            found = re.search(pattern, text, re.M)
+            if found:
+                return found
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError("no %r in %s:\n%s" % (pattern, path or self.log_path, text))
+            time.sleep(0.05)
+
+    def wait_listening(self, port, timeout=WAIT):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError("peer not listening on %d:\n%s" % (port, self.text()))
+                time.sleep(0.05)
+
+    def stop(self, timeout=WAIT):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.out.close()
+
+
+def client_kind(kind):
+    """(edge listen prefix or '', client source, address dialled), skipping IPv6 if absent."""
+    bind, source, dial = CLIENT_KINDS[kind]
+    if ":" in source and not has_ipv6():
+        unavailable("IPv6 on loopback (::1) is off here")
+    return ("%s:" % bind if bind else ""), source, dial
+
+
+def edge_in_front_of(peer_port, kind, version):
+    """An edge relaying to 127.0.0.1:peer_port, and the address a client dials to reach it."""
+    listen, source, dial = client_kind(kind)
+    port = free_port(dial)
+    proxy = Edge("--proxy-protocol", version, "%s%d=127.0.0.1:%d" % (listen, port, peer_port))
+    return proxy, source, (dial, port)
+
+
+def talk_through(address, source, payload=b"hello peer\r\n"):
+    """Echo one message through edge and peer; returns (client address, server address)."""
+    with connect(address, source=source) as c:
+        c.sendall(payload)
+        assert recv_exactly(c, len(payload)) == payload
+        client, server = c.getsockname()[:2], c.getpeername()[:2]
+    assert client[0] == source
+    return client, server
+
+
+def addr(ip_port):
+    return "%s:%d" % ip_port
+
+
+@pytest.fixture(scope="module")
+def echo_upstream():
+    with Upstream(echo) as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def haproxy(tmp_path_factory, echo_upstream):
+    binary = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if
+                                              os.path.exists(p)), None)
+    if binary is None:
+        unavailable("haproxy is not installed (apt-get install haproxy)")
+    directory = str(tmp_path_factory.mktemp("haproxy"))
+    port = free_port()
+    with open(os.path.join(directory, "haproxy.cfg"), "w") as f:
+        f.write("""global
+    log stdout format raw local0
+defaults
+    mode tcp
+    log global
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend from_edge
+    bind 127.0.0.1:%d accept-proxy
+    log-format "session client=%%ci:%%cp frontend=%%fi:%%fp"
+    default_backend echo
+backend echo
+    server echo %s
+""" % (port, echo_upstream.address))
+    peer = Peer([binary, "-db", "-f", "haproxy.cfg"], directory, "haproxy")
+    try:
+        peer.wait_listening(port)
+        yield peer, port
+    finally:
+        peer.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory, echo_upstream):
+    binary = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if
+                                            os.path.exists(p)), None)
+    if binary is None:
+        unavailable("nginx is not installed (apt-get install nginx libnginx-mod-stream)")
+    built_in = subprocess.run([binary, "-V"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True).stdout
+    load = ""
+    if "--with-stream=dynamic" in built_in or "--with-stream " not in built_in + " ":
+        if not os.path.exists(NGINX_STREAM_MODULE):
+            unavailable("nginx has no stream module (apt-get install libnginx-mod-stream)")
+        load = "load_module %s;\n" % NGINX_STREAM_MODULE
+    directory = str(tmp_path_factory.mktemp("nginx"))
+    port = free_port()
+    with open(os.path.join(directory, "nginx.conf"), "w") as f:
+        f.write(load + """daemon off;
+master_process on;
+worker_processes 1;
+pid %(d)s/nginx.pid;
+error_log %(d)s/error.log info;
+events { worker_connections 64; }
+stream {
+    log_format from_edge 'session client=$proxy_protocol_addr:$proxy_protocol_port '
+                         'server=$proxy_protocol_server_addr:$proxy_protocol_server_port';
+    server {
+        listen 127.0.0.1:%(port)d proxy_protocol;
+        access_log %(d)s/access.log from_edge;
+        proxy_pass %(echo)s;
+    }
+}
+""" % {"d": directory, "port": port, "echo": echo_upstream.address})
+    peer = Peer([binary, "-p", directory, "-e", os.path.join(directory, "error.log"),
+                 "-c", os.path.join(directory, "nginx.conf")], directory, "nginx")
+    try:
+        peer.wait_listening(port)
+        yield peer, port, os.path.join(directory, "access.log")
+    finally:
+        peer.stop()
+
+
+@pytest.fixture(scope="module")
+def postfix():
+    binary = shutil.which("postfix") or next((p for p in ("/usr/sbin/postfix",) if
+                                              os.path.exists(p)), None)
+    if binary is None:
+        unavailable("postfix is not installed (apt-get install postfix)")
+    # not under pytest's tmp_path: its parents are private to root, and Postfix's own
+    # processes (user postfix) must reach the data directory
+    directory = tempfile.mkdtemp(prefix="tailwart-postfix-")
+    port = free_port()
+    etc, spool, data = (os.path.join(directory, d) for d in ("etc", "spool", "data"))
+    for d in (etc, spool, data):
+        os.mkdir(d)
+    shutil.chown(data, "postfix")
+    os.chmod(directory, 0o755)          # postfix's own processes walk into the spool
+    with open(os.path.join(etc, "main.cf"), "w") as f:
+        # a private instance: its own queue, no aliases, accepts mail from loopback clients
+        # (their address comes from the PROXY header) and delivers it to the discard transport
+        f.write("""compatibility_level = 3.6
+queue_directory = %s
+data_directory = %s
+myhostname = tailwart-test.invalid
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = all
+mynetworks = 127.0.0.0/8 [::1]/128
+alias_maps =
+alias_database =
+default_transport = discard
+smtpd_upstream_proxy_protocol = haproxy
+smtpd_client_port_logging = yes
+maillog_file = /dev/stdout
+""" % (spool, data))
+    services = [
+        "127.0.0.1:%d inet n - n - - smtpd" % port,
+        "pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
+        "qmgr unix n - n 300 1 qmgr", "rewrite unix - - n - - trivial-rewrite",
+        "bounce unix - - n - 0 bounce", "defer unix - - n - 0 bounce",
+        "trace unix - - n - 0 bounce", "verify unix - - n - 1 verify",
+        "flush unix n - n 1000? 0 flush", "proxymap unix - - n - - proxymap",
+        "smtp unix - - n - - smtp", "relay unix - - n - - smtp", "showq unix n - n - - showq",
+        "error unix - - n - - error", "retry unix - - n - - error",
+        "discard unix - - n - - discard", "anvil unix - - n - 1 anvil",
+        "scache unix - - n - 1 scache", "postlog unix-dgram n - n - 1 postlogd"]
+    with open(os.path.join(etc, "master.cf"), "w") as f:
+        f.write("\n".join(services) + "\n")
+    subprocess.run([binary, "-c", etc, "check"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                   timeout=60)                  # creates the queue directories
+    peer = Peer([binary, "-c", etc, "start-fg"], directory, "postfix")
+    try:
+        peer.wait_listening(port)
+        yield peer, port
+    finally:
+        subprocess.run([binary, "-c", etc, "stop"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+        peer.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("kind", sorted(CLIENT_KINDS))
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_interop_haproxy_logs_the_real_client(haproxy, kind, version):
+    peer, peer_port = haproxy
+    proxy, source, address = edge_in_front_of(peer_port, kind, version)
+    with proxy:
+        client, server = talk_through(address, source)
+        found = peer.wait_log(r"^session client=%s frontend=(\S+)$" % re.escape(addr(client)))
+        assert found.group(1) == addr(server)
+        proxy.stop()
+
+
+@pytest.mark.parametrize("kind", sorted(CLIENT_KINDS))
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_interop_nginx_logs_the_real_client(nginx, kind, version):
+    peer, peer_port, access_log = nginx
+    proxy, source, address = edge_in_front_of(peer_port, kind, version)
+    with proxy:
+        client, server = talk_through(address, source)
+        found = peer.wait_log(r"^session client=%s server=(\S+)$" % re.escape(addr(client)),
+                              path=access_log)
+        assert found.group(1) == addr(server)
+        proxy.stop()
+
+
+@pytest.mark.parametrize("kind", sorted(CLIENT_KINDS))
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_interop_postfix_accepts_mail_and_logs_the_real_client(postfix, kind, version):
+    import smtplib
+    peer, peer_port = postfix
+    proxy, source, address = edge_in_front_of(peer_port, kind, version)
+    with proxy:
+        smtp = smtplib.SMTP(timeout=WAIT, source_address=(source, 0))
+        smtp.connect(*address)
+        client = smtp.sock.getsockname()[:2]
+        assert client[0] == source
+        assert smtp.ehlo("client.example")[0] == 250
+        assert smtp.mail("sender@example.org")[0] == 250
+        assert smtp.rcpt("rcpt@example.net")[0] == 250        # relaying: mynetworks, by header
+        code, reply = smtp.data(b"Subject: through the edge\r\n\r\nHello.\r\n")
+        smtp.quit()
+        assert code == 250, reply
+        queue_id = re.search(r"queued as (\w+)", reply.decode()).group(1)
+        # Postfix logs the client as NAME[ADDRESS]:PORT; the header's address, not the edge's
+        shown = "[%s]:%d" % client
+        peer.wait_log(r"smtpd\[\d+\]: %s: client=\S*%s$" % (queue_id, re.escape(shown)))
+        peer.wait_log(r"%s: to=<rcpt@example.net>.*status=sent" % queue_id)
+        proxy.stop()
+
+
+# ----------------------------------------------------------------------------------------------
 # systemd: the unit file, sd_notify, socket activation, a real systemd in nspawn
 # ----------------------------------------------------------------------------------------------
 #
