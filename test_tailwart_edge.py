@@ -681,7 +681,7 @@ def test_integrity_16_connections_8mib_each_way(relay):
             t.join(120)
         assert not failures and not up.errors, (failures, up.errors)
         assert len(results) == count
-        eventually(lambda: len(upstream_got) == count)
+        eventually(lambda: len(upstream_got) == len(upstream_sent) == count)
         for client_port, (sent_sha, (got_sha, got_len)) in results.items():
             assert upstream_got[client_port] == (sent_sha, size)        # client -> upstream
             assert (got_sha, got_len) == (upstream_sent[client_port], size)  # upstream -> client
