@@ -65,6 +65,8 @@ ACCEPT_BATCH = 64               # accepts per listener per loop turn: fair to li
 ACCEPT_PAUSE = 0.5              # on EMFILE stop accepting this long, as nginx does
 RESERVED_FDS = 16               # stdio, selector, wake-up pair, notify socket, resolver...
 PIPE_POOL = 32                  # idle splice pipes kept for reuse
+PULL_ROUNDS = 4                 # chunks moved per readable event while the source stays full
+SPLICE_AFTER = 64 * 1024        # bytes in one event that turn a direction to splice (bulk)
 WARN_INTERVAL = 10.0            # at most one "out of file descriptors" line this often
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 15, 4  # a dead peer found in ~2 min
 
@@ -535,27 +537,33 @@ class Flow:
         self.shut = False
 
     def pull(self, src, dst):
-        """`src` is readable and nothing is pending: move what it has to `dst`."""
-        try:
-            n = src.recv_into(BUFFER)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            raise PeerError(src, e)
-        if not n:
-            self.eof = True
-            self.finish(dst)
-            return
-        self.count += n
-        try:
-            sent = dst.send(VIEW[:n])
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as e:
-            raise PeerError(dst, e)
-        if sent != n:
-            # buffer only what the kernel would not take
-            self.pending = memoryview(VIEW[sent:n].tobytes())
+        """`src` is readable and nothing is pending: move what it has to `dst`. A read that
+        fills the whole buffer means more is waiting: read again now (a few times) rather
+        than after another trip through the loop."""
+        for _ in range(PULL_ROUNDS):
+            try:
+                n = src.recv_into(BUFFER)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                raise PeerError(src, e)
+            if not n:
+                self.eof = True
+                self.finish(dst)
+                return
+            self.count += n
+            try:
+                sent = dst.send(VIEW[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                raise PeerError(dst, e)
+            if sent != n:
+                # buffer only what the kernel would not take
+                self.pending = memoryview(VIEW[sent:n].tobytes())
+                return
+            if n < CHUNK:
+                return
 
     def push(self, dst):
         """`dst` is writable again: send what is pending, then pass on a FIN if one came."""
@@ -602,28 +610,31 @@ class SpliceFlow(Flow):
     __slots__ = ()
 
     def pull(self, src, dst):
-        pipe = PIPES.take()
-        if pipe is None:            # no descriptors left for a pipe: copy this chunk instead
-            return Flow.pull(self, src, dst)
-        try:
-            n = SPLICE(src.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            PIPES.give(pipe)
-            return
-        except OSError as e:
-            PIPES.give(pipe)
-            if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                return self.unsupported(e, src, dst)
-            raise PeerError(src, e)
-        if not n:
-            PIPES.give(pipe)
-            self.eof = True
-            self.finish(dst)
-            return
-        self.count += n
-        self.pipe = pipe
-        self.piped = n
-        self.drain_pipe(dst)
+        for _ in range(PULL_ROUNDS):
+            pipe = PIPES.take()
+            if pipe is None:        # no descriptors left for a pipe: copy this chunk instead
+                return Flow.pull(self, src, dst)
+            try:
+                n = SPLICE(src.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                PIPES.give(pipe)
+                return
+            except OSError as e:
+                PIPES.give(pipe)
+                if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    return self.unsupported(e, src, dst)
+                raise PeerError(src, e)
+            if not n:
+                PIPES.give(pipe)
+                self.eof = True
+                self.finish(dst)
+                return
+            self.count += n
+            self.pipe = pipe
+            self.piped = n
+            self.drain_pipe(dst)        # gives the pipe back once it is empty
+            if self.piped or n < CHUNK // 4:
+                return      # dst is full (the pipe stays lent until it drains), or src is empty
 
     def push(self, dst):
         if self.pending is not None or not self.piped:
@@ -650,6 +661,20 @@ class SpliceFlow(Flow):
         Session.flow_class = Flow
         self.__class__ = Flow
         return self.pull(src, dst)
+
+
+class AutoFlow(Flow):
+    """The flow of --relay splice: a direction starts out copying, and turns to splice for
+    good once one event brings SPLICE_AFTER bytes (bulk data). For an SMTP line or an IMAP
+    command, two splices through a pipe cost more than one copy (as HAProxy's splice-auto)."""
+
+    __slots__ = ()
+
+    def pull(self, src, dst):
+        before = self.count
+        Flow.pull(self, src, dst)
+        if self.count - before >= SPLICE_AFTER and Session.flow_class is AutoFlow:
+            self.__class__ = SpliceFlow     # same slots: only the methods change
 
 
 class PipePool:
@@ -965,13 +990,14 @@ ACCEPTED_INHERIT_OPTIONS = sys.platform.startswith("linux")
 class Listener:
     """A listening socket of a mapping."""
 
-    __slots__ = ("server", "sock", "mapping", "fd", "inherited")
+    __slots__ = ("server", "sock", "mapping", "fd", "family", "inherited")
 
     def __init__(self, server, sock, mapping, inherited=False):
         self.server = server
         self.sock = sock
         self.mapping = mapping
         self.fd = sock.fileno()
+        self.family = int(sock.family)      # the property builds an enum member on each read
         self.inherited = inherited
 
     def on_event(self, fd, mask):
@@ -1037,7 +1063,7 @@ class Server:
         self.resolver = Resolver(self.waker)
         self.selector.register(self.waker.rsock.fileno(), READ, self.waker)
         self.relay = choose_relay(options.relay)
-        Session.flow_class = SpliceFlow if self.relay == "splice" else Flow
+        Session.flow_class = AutoFlow if self.relay == "splice" else Flow
         self.max_sessions = options.max_connections or max_sessions_for(len(mappings))
         self.watchdog_interval = watchdog_interval()
         # deadlines are checked this often: to a quarter of the shortest timeout, at most 1 s
@@ -1132,7 +1158,7 @@ class Server:
                     continue            # that client is gone already; the next one may not be
                 self.out_of_fds("accept on %s" % mapping.label, e)
                 return
-            client = _socket.socket(sock.family, socket.SOCK_STREAM, 0, fd)
+            client = _socket.socket(listener.family, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)
             if not ACCEPTED_INHERIT_OPTIONS:
                 tune_socket(client)
