@@ -74,6 +74,8 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 CONNECT_PENDING = {0, errno.EINPROGRESS, getattr(errno, "WSAEWOULDBLOCK", errno.EINPROGRESS)}
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 LINGER_RST = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends a reset
+SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)     # Linux: non-blocking from the start
+STREAM_NONBLOCK = socket.SOCK_STREAM | SOCK_NONBLOCK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -873,13 +875,14 @@ class Session:
         while attempt.addrs:
             family, sockaddr = attempt.addrs.popleft()
             try:
-                sock = _socket.socket(family, socket.SOCK_STREAM)
+                sock = _socket.socket(family, STREAM_NONBLOCK)
             except OSError as e:
                 attempt.error = "cannot open a socket: %s" % e.strerror
                 if e.errno in FD_EXHAUSTED:
                     self.server.out_of_fds("connect to %s" % attempt.host, e)
                 continue
-            sock.setblocking(False)
+            if not SOCK_NONBLOCK:
+                sock.setblocking(False)
             tune_socket(sock)
             err = sock.connect_ex(sockaddr)
             if err in CONNECT_PENDING:
