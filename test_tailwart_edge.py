@@ -536,7 +536,8 @@ CLIENT_KINDS = {
     # name: (bind address or None for dual-stack, client source, address the client dials)
     "ipv4": ("127.0.0.1", "127.0.0.77", "127.0.0.1"),
     "ipv6": ("[::1]", "::1", "::1"),
-    "dual-stack-ipv4": (None, "127.0.0.77", "127.0.0.1"),
+    # dialling 127.0.0.2: only the header can tell the peer (reached on 127.0.0.1) this address
+    "dual-stack-ipv4": (None, "127.0.0.77", "127.0.0.2"),
 }
 
 

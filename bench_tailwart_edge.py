@@ -1,0 +1,1418 @@
+#!/usr/bin/env python3
+"""bench_tailwart_edge.py: compare tailwart-edge with HAProxy, nginx, socat and no proxy.
+
+Run by hand (not in CI), as root or with enough file descriptors, on an idle machine:
+
+    python3 bench_tailwart_edge.py                 # everything, ~12-15 minutes
+    python3 bench_tailwart_edge.py --quick         # a smoke run for development, ~2 minutes
+    python3 bench_tailwart_edge.py --only bulk,idle --candidates haproxy,tailwart-splice
+
+Every scenario runs every candidate in the same run; the candidates take turns
+(round-robin, one measurement each per repetition, the order rotated every
+repetition) and each figure is the median of --reps repetitions (default 3).
+It prints Markdown tables (ratios against HAProxy and against no proxy), a
+"targets" section, and writes the raw figures to --json (default
+bench-results.json, gitignored). Loopback only; everything it starts is
+stopped by PID when it ends, also on Ctrl-C.
+
+Candidates
+  direct            no proxy: the client talks to the upstream itself
+  haproxy           HAProxy `mode tcp`, nbthread 1, `send-proxy-v2` where there is a header
+  haproxy-splice    the same plus `option splice-request` + `option splice-response` (bulk only)
+  nginx             nginx stream, worker_processes 1, `proxy_protocol on` where there is a
+                    header (nginx can only send PROXY v1, the text form)
+  socat             `socat TCP-LISTEN:...,fork TCP:...` (a process per connection; it cannot
+                    send a PROXY header, so in the header scenarios it relays plain to a plain
+                    listener and is marked "no header")
+  tailwart-splice   tailwart_edge.py --relay splice -q
+  tailwart-copy     tailwart_edge.py --relay copy -q
+  (tailwart runs with -q, no line per session, since the others log nothing per connection.)
+
+Scenarios
+  bulk   iperf3 -c through the proxy to `iperf3 -s`: 1 and 4 streams (-P), both directions
+         (-R = upstream to client), --seconds each. No header (tailwart --proxy-protocol off).
+  cpu    (measured during bulk) CPU seconds the proxy used per GB relayed: utime+stime+cutime
+         +cstime from /proc/PID/stat summed over the proxy's process tree (root PID and every
+         descendant found through PPid at that moment), read before and after each iperf3
+         run. cutime/cstime include children that exited and were reaped meanwhile (socat's
+         per-connection processes). GB = bytes the iperf3 receiver got / 1e9.
+  conn   new connections per second with a PROXY header: wrk -H 'Connection: close' to an
+         nginx HTTP upstream started by the bench, on a `listen ... proxy_protocol` listener
+         (so a real receiver parses every header); direct hits its plain listener.
+  keepalive  requests per second and p50/p99 latency over kept-alive connections
+         (wrk --latency, -c 16 -t 1) through the proxy with the header, same upstream.
+  idle   N (default 9,000) relayed connections held open: a client process opens them
+         through the proxy to a stdlib selectors echo server (a separate process, which strips
+         a PROXY v1/v2 header; the proxies send the header here as in conn/keepalive). Measured:
+         time to establish (each connection sends "hello\\n" and waits for its echo, at
+         most 256 at a time, so no listen queue overflows and no SYN is retransmitted; from
+         the first connect until the Nth echo), the proxy's memory growth per connection
+         (RSS, and PSS, summed over its processes: after minus before, divided by N; a
+         fresh proxy process for each measurement), then
+         every connection sends a unique token and the echoes are checked. socat is left
+         out (it would fork 9,000 processes) unless --idle-socat is given.
+
+The upstream nginx HTTP server runs worker_processes 1. Nothing is pinned to CPUs.
+"""
+
+import argparse
+import errno
+import json
+import os
+import platform
+import re
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CANDIDATES = ("direct", "haproxy", "haproxy-splice", "nginx", "socat",
+              "tailwart-splice", "tailwart-copy")
+B_CANDIDATES = ("tailwart-splice-b", "tailwart-copy-b")   # with --script-b
+SCENARIOS = ("bulk", "conn", "keepalive", "idle")
+ALIASES = {"cpu": "bulk", "ka": "keepalive", "rate": "conn", "concurrency": "idle"}
+BULK_TESTS = [("1 stream", 1, False), ("1 stream -R", 1, True),
+              ("4 streams", 4, False), ("4 streams -R", 4, True)]
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def say(*parts):
+    print(*parts, flush=True)
+
+
+def note(text):
+    sys.stderr.write("# %s\n" % text)
+    sys.stderr.flush()
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[:3]
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# /proc: process trees, CPU, memory
+# ----------------------------------------------------------------------------------------------
+
+def read_stat(pid):
+    """(ppid, starttime, cpu ticks incl. reaped children, rss bytes) or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    # fields[0] is field 3 (state) of proc(5): field k is fields[k - 3]
+    return (int(fields[1]), int(fields[19]),
+            int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14]),
+            int(fields[21]) * PAGE)
+
+
+def tree(roots):
+    """The PIDs of `roots` and all their descendants, now."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = read_stat(int(name))
+            if st is not None:
+                children.setdefault(st[0], []).append(int(name))
+    out, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def cpu_seconds(roots):
+    total = 0
+    for pid in tree(roots):
+        st = read_stat(pid)
+        if st is not None:
+            total += st[2]
+    return total / TICK
+
+
+def memory(roots):
+    """(RSS, PSS) in bytes summed over the process tree. PSS splits shared pages among the
+    processes sharing them, so it does not count a forked child's copy of its parent twice."""
+    rss = pss = 0
+    for pid in tree(roots):
+        st = read_stat(pid)
+        if st is None:
+            continue
+        rss += st[3]
+        try:
+            with open("/proc/%d/smaps_rollup" % pid) as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pss += st[3]
+    return rss, pss
+
+
+def listening(port):
+    want = ":%04X" % port
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[1].endswith(want) and parts[3] == "0A":
+                        return True
+        except OSError:
+            pass
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Child processes: started in their own session, output to a log file, stopped by PID
+# ----------------------------------------------------------------------------------------------
+
+class Procs:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.live = []
+
+    def start(self, name, argv, pipes=False, cwd=None):
+        log = os.path.join(self.tmp, "%s.%d.log" % (name, len(self.live)))
+        with open(log, "wb") as out:
+            p = subprocess.Popen(
+                argv, cwd=cwd or self.tmp, start_new_session=True,
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipes else out,
+                stderr=out if pipes else subprocess.STDOUT)
+        p.name, p.log = name, log
+        self.live.append(p)
+        return p
+
+    def tail(self, p, lines=8):
+        try:
+            with open(p.log, errors="replace") as f:
+                return " | ".join(f.read().strip().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, p, grace=5.0):
+        """SIGTERM the root, wait, SIGKILL it if needed, then SIGKILL any descendant that
+        is still there (checked by PID and start time, so a reused PID is never hit)."""
+        family = []
+        for pid in tree([p.pid])[1:]:
+            st = read_stat(pid)
+            if st is not None:
+                family.append((pid, st[1]))
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+        for pid, started in family:
+            st = read_stat(pid)
+            if st is not None and st[1] == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for stream in (p.stdin, p.stdout):
+            if stream:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        if p in self.live:
+            self.live.remove(p)
+
+    def stop_all(self):
+        for p in list(reversed(self.live)):
+            try:
+                self.stop(p, grace=3.0)
+            except Exception as e:          # keep stopping the others
+                note("stopping %s (pid %d): %s" % (p.name, p.pid, e))
+
+
+def wait_until(check, timeout, proc=None, procs=None, what=""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("%s exited with %s: %s" % (what or proc.name, proc.returncode,
+                                                          procs.tail(proc) if procs else ""))
+        time.sleep(0.02)
+    raise RuntimeError("%s not ready after %gs%s" % (what, timeout,
+                       (": " + procs.tail(proc)) if proc is not None and procs else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates
+# ----------------------------------------------------------------------------------------------
+
+class Candidate:
+    """Starts one proxy for a scenario: start(upstream_port, header, idle) -> listen port."""
+
+    name = ""
+    needs = ()
+
+    def __init__(self, env):
+        self.env = env
+        self.proc = None
+        self.port = None
+
+    def missing(self):
+        for tool in self.needs:
+            if not shutil.which(tool):
+                return "%s not found (apt-get install -y %s)" % (tool, tool)
+        return None
+
+    def roots(self):
+        return [self.proc.pid] if self.proc else []
+
+    def note(self, header):
+        return ""
+
+    def stop(self):
+        if self.proc is not None:
+            self.env.procs.stop(self.proc)
+            self.proc = None
+
+
+class Direct(Candidate):
+    name = "direct"
+
+    def start(self, upstream, header, idle, plain_upstream=None):
+        self.port = plain_upstream or upstream
+        return self.port
+
+    def roots(self):
+        return []
+
+
+class HAProxy(Candidate):
+    needs = ("haproxy",)
+
+    def __init__(self, env, splice=False):
+        Candidate.__init__(self, env)
+        self.splice = splice
+        self.name = "haproxy-splice" if splice else "haproxy"
+
+    def start(self, upstream, header, idle, plain_upstream=None):
+        self.port = free_port()
+        cfg = os.path.join(self.env.tmp, "%s-%d.cfg" % (self.name, self.port))
+        with open(cfg, "w") as f:
+            f.write("global\n    nbthread 1\n    maxconn %d\n\n"
+                    "defaults\n    mode tcp\n    timeout connect 10s\n"
+                    "    timeout client 1h\n    timeout server 1h\n\n"
+                    "listen bench\n    bind 127.0.0.1:%d\n%s"
+                    "    server up 127.0.0.1:%d%s\n"
+                    % (self.env.idle_conns + 500 if idle else 4000, self.port,
+                       "    option splice-request\n    option splice-response\n"
+                       if self.splice else "",
+                       upstream, " send-proxy-v2" if header else ""))
+        self.proc = self.env.procs.start(self.name, ["haproxy", "-db", "-f", cfg])
+        wait_until(lambda: listening(self.port), 10, self.proc, self.env.procs, self.name)
+        return self.port
+
+
+class NginxStream(Candidate):
+    name = "nginx"
+    needs = ("nginx",)
+
+    def missing(self):
+        m = Candidate.missing(self)
+        if m is None and not self.env.nginx_stream:
+            m = "nginx has no stream module (apt-get install -y libnginx-mod-stream)"
+        return m
+
+    def note(self, header):
+        return "PROXY v1 (nginx sends no v2)" if header else ""
+
+    def start(self, upstream, header, idle, plain_upstream=None):
+        self.port = free_port()
+        prefix = os.path.join(self.env.tmp, "nginx-stream-%d" % self.port)
+        os.makedirs(prefix)
+        cfg = os.path.join(prefix, "nginx.conf")
+        with open(cfg, "w") as f:
+            f.write("%sworker_processes 1;\ndaemon off;\npid %s/nginx.pid;\n"
+                    "error_log %s/error.log warn;\nworker_rlimit_nofile %d;\n"
+                    "events { worker_connections %d; }\n"
+                    "stream {\n  server {\n    listen 127.0.0.1:%d backlog=4096;\n"
+                    "    proxy_pass 127.0.0.1:%d;\n    proxy_protocol %s;\n"
+                    "    proxy_timeout 1h;\n  }\n}\n"
+                    % (self.env.nginx_stream_load, prefix, prefix,
+                       self.env.nofile, self.env.idle_conns * 2 + 1000,
+                       self.port, upstream, "on" if header else "off"))
+        self.proc = self.env.procs.start(
+            self.name, ["nginx", "-p", prefix + "/", "-c", cfg, "-e", prefix + "/error.log"])
+        wait_until(lambda: listening(self.port), 10, self.proc, self.env.procs, self.name)
+        return self.port
+
+
+class Socat(Candidate):
+    name = "socat"
+    needs = ("socat",)
+
+    def note(self, header):
+        return "no header: plain relay to a plain listener" if header else ""
+
+    def start(self, upstream, header, idle, plain_upstream=None):
+        self.port = free_port()
+        if header:
+            upstream = plain_upstream
+        self.proc = self.env.procs.start(self.name, [
+            "socat", "TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork,backlog=4096" % self.port,
+            "TCP:127.0.0.1:%d" % upstream])
+        wait_until(lambda: listening(self.port), 10, self.proc, self.env.procs, self.name)
+        return self.port
+
+
+class Tailwart(Candidate):
+    def __init__(self, env, relay, script=None, suffix=""):
+        Candidate.__init__(self, env)
+        self.relay = relay
+        self.script = script or env.script
+        self.name = "tailwart-" + relay + suffix
+
+    def missing(self):
+        if not os.path.exists(self.script):
+            return "script %s not found" % self.script
+        if self.relay == "splice" and not self.env.python_splice:
+            return "%s has no os.splice (needs Linux and Python >= 3.10)" % self.env.python
+        return None
+
+    def start(self, upstream, header, idle, plain_upstream=None):
+        self.port = free_port()
+        self.proc = self.env.procs.start(self.name, [
+            self.env.python, self.script, "-q", "--relay", self.relay,
+            "--proxy-protocol", "v2" if header else "off", "--drain-timeout", "1",
+            "127.0.0.1:%d=127.0.0.1:%d" % (self.port, upstream)])
+
+        def ready():
+            try:
+                with open(self.proc.log, errors="replace") as f:
+                    return " ready " in f.read()
+            except OSError:
+                return False
+        wait_until(ready, 15, self.proc, self.env.procs, self.name)
+        return self.port
+
+
+def make_candidates(env):
+    if env.script_b:
+        extra = {"tailwart-splice-b": Tailwart(env, "splice", env.script_b, "-b"),
+                 "tailwart-copy-b": Tailwart(env, "copy", env.script_b, "-b")}
+    else:
+        extra = {}
+    return dict({
+        "direct": Direct(env),
+        "haproxy": HAProxy(env),
+        "haproxy-splice": HAProxy(env, splice=True),
+        "nginx": NginxStream(env),
+        "socat": Socat(env),
+        "tailwart-splice": Tailwart(env, "splice"),
+        "tailwart-copy": Tailwart(env, "copy"),
+    }, **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Upstreams: iperf3 -s, nginx HTTP, the echo server (a role of this very script)
+# ----------------------------------------------------------------------------------------------
+
+def start_iperf3_server(env):
+    port = free_port()
+    p = env.procs.start("iperf3-server", ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)])
+    wait_until(lambda: listening(port), 10, p, env.procs, "iperf3 -s")
+    return p, port
+
+
+def start_http_upstream(env):
+    """nginx HTTP: a proxy_protocol listener and a plain one, both `return 200 "ok\\n"`."""
+    pp, plain = free_port(), free_port()
+    prefix = os.path.join(env.tmp, "nginx-http")
+    os.makedirs(prefix, exist_ok=True)
+    cfg = os.path.join(prefix, "nginx.conf")
+    with open(cfg, "w") as f:
+        f.write("worker_processes 1;\ndaemon off;\npid %s/nginx.pid;\n"
+                "error_log %s/error.log warn;\nworker_rlimit_nofile 8192;\n"
+                "events { worker_connections 4096; }\n"
+                "http {\n  access_log off;\n  default_type text/plain;\n"
+                "  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n"
+                "  server {\n    listen 127.0.0.1:%d proxy_protocol backlog=4096;\n"
+                "    listen 127.0.0.1:%d backlog=4096;\n"
+                "    location / { return 200 \"ok\\n\"; }\n  }\n}\n"
+                % (prefix, prefix, pp, plain))
+    p = env.procs.start("nginx-http", ["nginx", "-p", prefix + "/", "-c", cfg,
+                                       "-e", prefix + "/error.log"])
+    wait_until(lambda: listening(pp) and listening(plain), 10, p, env.procs, "nginx http")
+    return p, pp, plain
+
+
+def http_check(port):
+    """One request through `port`; True when nginx answered 200 ok (for a proxy_protocol
+    listener that means the header arrived and parsed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        return data.startswith(b"HTTP/1.1 200") and data.endswith(b"\r\n\r\nok\n")
+    except OSError:
+        return False
+
+
+class LineProc:
+    """A role of this script, talked to with lines over stdin/stdout."""
+
+    def __init__(self, env, name, argv):
+        self.env = env
+        self.proc = env.procs.start(name, argv, pipes=True)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self.buf = b""
+
+    def send(self, line):
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def read(self, timeout):
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sel.select(left):
+                raise RuntimeError("%s: no answer in %gs: %s" % (
+                    self.proc.name, timeout, self.env.procs.tail(self.proc)))
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError("%s exited: %s" % (self.proc.name,
+                                                      self.env.procs.tail(self.proc)))
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode().split()
+
+    def ask(self, line, timeout=10):
+        self.send(line)
+        return self.read(timeout)
+
+    def stop(self):
+        self.sel.close()
+        self.env.procs.stop(self.proc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurements
+# ----------------------------------------------------------------------------------------------
+
+def run_iperf3(env, port, streams, reverse, roots):
+    argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(env.seconds),
+            "-P", str(streams), "-J", "--connect-timeout", "5000"]
+    if reverse:
+        argv.append("-R")
+    last = None
+    for attempt in range(3):
+        cpu0 = cpu_seconds(roots) if roots else None
+        t0 = time.monotonic()
+        try:
+            out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, timeout=env.seconds + 30).stdout
+        except subprocess.TimeoutExpired:
+            last = "iperf3 timed out"
+            continue
+        wall = time.monotonic() - t0
+        cpu1 = cpu_seconds(roots) if roots else None
+        try:
+            doc = json.loads(out)
+        except ValueError:
+            last = out.decode(errors="replace").strip()[-300:]
+            time.sleep(1)
+            continue
+        if "error" in doc:
+            last = doc["error"]
+            time.sleep(1)       # "the server is busy": give iperf3 -s a moment
+            continue
+        rx = doc["end"]["sum_received"]
+        res = {"gbps": rx["bits_per_second"] / 1e9, "bytes": rx["bytes"], "wall": wall}
+        if cpu0 is not None:
+            res["cpu_s"] = cpu1 - cpu0
+            res["cpu_s_per_gb"] = res["cpu_s"] / (rx["bytes"] / 1e9)
+        return res
+    return {"error": last}
+
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def parse_ms(text):
+    m = re.match(r"([0-9.]+)(us|ms|s|m)$", text)
+    return float(m.group(1)) * UNITS[m.group(2)] if m else None
+
+
+def run_wrk(env, port, close, roots):
+    argv = ["wrk", "-t", str(env.wrk_threads), "-c", str(env.wrk_conns),
+            "-d", "%ds" % env.seconds, "--latency", "--timeout", "5s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    argv.append("http://127.0.0.1:%d/" % port)
+    cpu0 = cpu_seconds(roots) if roots else None
+    try:
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, timeout=env.seconds + 30).stdout
+    except subprocess.TimeoutExpired:
+        return {"error": "wrk timed out"}
+    cpu1 = cpu_seconds(roots) if roots else None
+    text = out.decode(errors="replace")
+    res = {}
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", text)
+    if not m:
+        return {"error": text.strip()[-300:]}
+    res["rps"] = float(m.group(1))
+    m = re.search(r"(\d+) requests in", text)
+    res["requests"] = int(m.group(1)) if m else None
+    for pct in ("50", "90", "99"):
+        m = re.search(r"^\s+%s%%\s+(\S+)" % pct, text, re.M)
+        if m:
+            res["p%s_ms" % pct] = parse_ms(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    res["socket_errors"] = sum(int(x) for x in m.groups()) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    res["non2xx"] = int(m.group(1)) if m else 0
+    if cpu0 is not None and res.get("requests"):
+        res["cpu_s"] = cpu1 - cpu0
+        res["cpu_us_per_req"] = res["cpu_s"] / res["requests"] * 1e6
+    return res
+
+
+def run_idle(env, cand, port, echo, n):
+    roots = cand.roots()
+    echo.ask("target %d" % n)
+    time.sleep(0.2)
+    mem0 = memory(roots) if roots else None
+    client = LineProc(env, "idle-client", [env.python_self, os.path.abspath(__file__),
+                                           "--_role", "client", str(port), str(n)])
+    try:
+        t0 = float(client.read(15)[1])
+        connected = client.read(120)          # connected OK FAILED SECS
+        res = {"connected": int(connected[1]), "connect_failed": int(connected[2]),
+               "establish_s": float(connected[3])}
+        deadline = time.monotonic() + 60
+        while True:
+            c = echo.ask("count")             # count ACTIVE REACHED_AT V2 V1 NONE
+            if int(c[1]) >= n or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        res["upstream_accepted"] = int(c[1])
+        if c[2] != "-":
+            res["upstream_nth_accept_s"] = float(c[2]) - t0
+        time.sleep(0.5)
+        if roots:
+            mem1 = memory(roots)
+            res["rss_before"], res["pss_before"] = mem0
+            res["rss_after"], res["pss_after"] = mem1
+            res["rss_per_conn"] = (mem1[0] - mem0[0]) / n
+            res["pss_per_conn"] = (mem1[1] - mem0[1]) / n
+        e = client.ask("echo", timeout=90)    # echo CORRECT WRONG MISSING SECS
+        res.update(echo_correct=int(e[1]), echo_wrong=int(e[2]), echo_missing=int(e[3]),
+                   echo_s=float(e[4]))
+        if roots:
+            res["rss_after_echo"], res["pss_after_echo"] = memory(roots)
+        c = echo.ask("count")                 # every header has arrived by now
+        res["headers"] = {"v2": int(c[3]), "v1": int(c[4]), "none": int(c[5])}
+        client.ask("close", timeout=30)
+    finally:
+        client.stop()
+    deadline = time.monotonic() + 15         # let the proxy and echo server let go
+    while time.monotonic() < deadline and int(echo.ask("count")[1]) > 0:
+        time.sleep(0.1)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Roles run as separate processes (each with its own RLIMIT_NOFILE)
+# ----------------------------------------------------------------------------------------------
+
+V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def strip_proxy_header(buf):
+    """-> (kind, rest), or None when more bytes are needed."""
+    head = buf[:12]
+    if V2_SIG.startswith(head):
+        if len(buf) < 16:
+            return None
+        length = struct.unpack("!H", buf[14:16])[0]
+        if len(buf) < 16 + length:
+            return None
+        return "v2", buf[16 + length:]
+    if b"PROXY "[:len(buf)] == buf[:6]:
+        end = buf.find(b"\r\n")
+        if end < 0:
+            return None if len(buf) < 108 else ("none", buf)
+        return "v1", buf[end + 2:]
+    return "none", buf
+
+
+def role_echo():
+    """Selectors echo server. Strips a PROXY v1/v2 header from each connection, then echoes.
+    Control on stdin: `target N` (remember when the Nth connection is accepted),
+    `count` -> `count ACTIVE REACHED_AT|- V2 V1 NONE`, EOF -> exit."""
+    raise_nofile()
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(4096)
+    ls.setblocking(False)
+    out = sys.stdout.buffer
+    out.write(b"port %d\n" % ls.getsockname()[1])
+    out.flush()
+    sel = selectors.DefaultSelector()
+    sel.register(ls, selectors.EVENT_READ, None)
+    sel.register(0, selectors.EVENT_READ, "ctl")
+    conns = {}
+    state = {"target": None, "reached": None, "v2": 0, "v1": 0, "none": 0}
+    ctl = b""
+    while True:
+        for key, _ in sel.select():
+            if key.data is None:
+                while True:
+                    try:
+                        s, _ = ls.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        time.sleep(0.01)
+                        break
+                    s.setblocking(False)
+                    entry = [s, b""]        # [socket, header bytes so far or None]
+                    conns[s.fileno()] = entry
+                    sel.register(s, selectors.EVENT_READ, entry)
+                if (state["target"] and state["reached"] is None
+                        and len(conns) >= state["target"]):
+                    state["reached"] = time.monotonic()
+            elif key.data == "ctl":
+                chunk = os.read(0, 4096)
+                if not chunk:
+                    return
+                ctl += chunk
+                while b"\n" in ctl:
+                    line, _, ctl = ctl.partition(b"\n")
+                    words = line.split()
+                    if words[:1] == [b"target"]:
+                        state.update(target=int(words[1]), reached=None, v2=0, v1=0, none=0)
+                        out.write(b"ok\n")
+                    elif words[:1] == [b"count"]:
+                        r = state["reached"]
+                        out.write(("count %d %s %d %d %d\n" % (
+                            len(conns), "-" if r is None else repr(r),
+                            state["v2"], state["v1"], state["none"])).encode())
+                    out.flush()
+            else:
+                entry = key.data
+                s = entry[0]
+                try:
+                    data = s.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(s)
+                    del conns[s.fileno()]
+                    s.close()
+                    continue
+                if entry[1] is not None:
+                    got = strip_proxy_header(entry[1] + data)
+                    if got is None:
+                        entry[1] += data
+                        continue
+                    state[got[0]] += 1
+                    entry[1] = None
+                    data = got[1]
+                if data:
+                    try:
+                        s.send(data)
+                    except OSError:
+                        pass
+
+
+def role_client(port, n):
+    """Open n connections to 127.0.0.1:port, each sending b"hello\\n" and waiting for its
+    echo, with at most 256 not yet echoed (so no listen queue overflows and no SYN is
+    retransmitted: the figure is how fast the proxy sets up relayed connections). Prints
+    `t0 MONOTONIC`, then `connected OK FAILED SECS`; on `echo` it sends each a unique token
+    and checks what comes back: `echo CORRECT WRONG MISSING SECS`; on `close` resets them."""
+    raise_nofile()
+    out = sys.stdout
+    sel = selectors.DefaultSelector()
+    addr = ("127.0.0.1", port)
+    socks, inflight, failed, started = [], 0, 0, 0
+    t0 = time.monotonic()
+    out.write("t0 %r\n" % t0)
+    out.flush()
+    deadline = t0 + 100
+    while len(socks) + failed < n and time.monotonic() < deadline:
+        while started < n and inflight < 256:
+            s = socket.socket()
+            s.setblocking(False)
+            err = s.connect_ex(addr)
+            started += 1
+            if err in (0, errno.EINPROGRESS):
+                sel.register(s, selectors.EVENT_WRITE, [b""])
+                inflight += 1
+            else:
+                s.close()
+                failed += 1
+        for key, mask in sel.select(1.0):
+            s = key.fileobj
+            if key.events == selectors.EVENT_WRITE:
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    ok = False
+                else:
+                    try:
+                        ok = s.send(b"hello\n") == 6
+                    except OSError:
+                        ok = False
+                    if ok:
+                        sel.modify(s, selectors.EVENT_READ, key.data)
+                        continue
+            else:
+                try:
+                    data = s.recv(64)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                key.data[0] += data
+                if data and len(key.data[0]) < 6:
+                    continue
+                ok = key.data[0] == b"hello\n"
+            sel.unregister(s)
+            inflight -= 1
+            if ok:
+                socks.append(s)
+            else:
+                s.close()
+                failed += 1
+    out.write("connected %d %d %r\n" % (len(socks), failed + inflight, time.monotonic() - t0))
+    out.flush()
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "echo":
+            t1 = time.monotonic()
+            waiting = {}
+            wrong = 0
+            for i, s in enumerate(socks):
+                token = b"T%06d-%s\n" % (i, os.urandom(8).hex().encode())
+                try:
+                    s.send(token)
+                except OSError:
+                    wrong += 1
+                    continue
+                entry = [s, token, b""]
+                waiting[s.fileno()] = entry
+                sel.register(s, selectors.EVENT_READ, entry)
+            correct = 0
+            end = time.monotonic() + 60
+            while waiting and time.monotonic() < end:
+                for key, _ in sel.select(1.0):
+                    entry = key.data
+                    try:
+                        data = entry[0].recv(4096)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        data = b""
+                    entry[2] += data
+                    if not data or len(entry[2]) >= len(entry[1]):
+                        sel.unregister(entry[0])
+                        del waiting[entry[0].fileno()]
+                        if entry[2] == entry[1]:
+                            correct += 1
+                        else:
+                            wrong += 1
+            for entry in waiting.values():
+                sel.unregister(entry[0])
+            out.write("echo %d %d %d %r\n" % (correct, wrong, len(waiting),
+                                              time.monotonic() - t1))
+        elif cmd == "close":
+            for s in socks:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+                s.close()
+            socks = []
+            out.write("closed\n")
+        out.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenarios
+# ----------------------------------------------------------------------------------------------
+
+def rotate(items, rep):
+    k = rep % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def record(env, scenario, test, cand, rep, res, notes=""):
+    row = {"scenario": scenario, "test": test, "candidate": cand.name, "rep": rep}
+    if notes:
+        row["note"] = notes
+    row.update(res)
+    env.runs.append(row)
+    brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
+             if k in ("gbps", "cpu_s_per_gb", "rps", "p50_ms", "p99_ms", "socket_errors",
+                      "non2xx", "establish_s", "rss_per_conn", "echo_correct", "error")}
+    note("%s/%s rep %d %s: %s" % (scenario, test, rep + 1, cand.name, brief))
+
+
+def start_all(env, cands, scenario, upstream, header, idle, plain_upstream=None):
+    started = []
+    for cand in cands:
+        try:
+            cand.start(upstream, header, idle, plain_upstream)
+            started.append(cand)
+        except Exception as e:
+            note("%s: cannot start %s: %s; skipping it here" % (scenario, cand.name, e))
+            env.skipped.append({"scenario": scenario, "candidate": cand.name, "why": str(e)})
+            cand.stop()
+    return started
+
+
+def scenario_bulk(env, cands):
+    if not shutil.which("iperf3"):
+        return env.skip("bulk", "iperf3 not found (apt-get install -y iperf3)")
+    server, up = start_iperf3_server(env)
+    cands = start_all(env, cands, "bulk", up, header=False, idle=False)
+    try:
+        for rep in range(env.reps):
+            for test, streams, reverse in BULK_TESTS:
+                for cand in rotate(cands, rep):
+                    res = run_iperf3(env, cand.port, streams, reverse, cand.roots())
+                    record(env, "bulk", test, cand, rep, res)
+                    time.sleep(0.3)
+    finally:
+        for cand in cands:
+            cand.stop()
+        env.procs.stop(server)
+
+
+def scenario_http(env, cands, which):
+    if not shutil.which("wrk"):
+        for s in which:
+            env.skip(s, "wrk not found (apt-get install -y wrk)")
+        return
+    if not shutil.which("nginx"):
+        for s in which:
+            env.skip(s, "nginx not found for the HTTP upstream (apt-get install -y nginx)")
+        return
+    cands = [c for c in cands if c.name != "haproxy-splice"]
+    server, pp, plain = start_http_upstream(env)
+    if not http_check(plain):
+        env.procs.stop(server)
+        raise RuntimeError("the nginx HTTP upstream does not answer: %s" % env.procs.tail(server))
+    if http_check(pp):
+        note("http: the proxy_protocol listener answered a request without a header?")
+    cands = start_all(env, cands, "http", pp, header=True, idle=False, plain_upstream=plain)
+    try:
+        good = []
+        for cand in cands:
+            if http_check(cand.port):
+                good.append(cand)
+            else:
+                note("http: a request through %s failed; skipping it" % cand.name)
+                env.skipped.append({"scenario": "http", "candidate": cand.name,
+                                    "why": "check request failed"})
+        for scenario in which:
+            for rep in range(env.reps):
+                for cand in rotate(good, rep):
+                    res = run_wrk(env, cand.port, scenario == "conn", cand.roots())
+                    record(env, scenario, "", cand, rep, res, cand.note(True))
+                    time.sleep(0.5)
+    finally:
+        for cand in cands:
+            cand.stop()
+        env.procs.stop(server)
+
+
+def scenario_idle(env, cands):
+    if not env.idle_socat:
+        for c in cands:
+            if c.name == "socat":
+                env.skip_candidate("idle", "socat", "forks a process per connection "
+                                   "(--idle-socat to include it)")
+    cands = [c for c in cands if c.name != "haproxy-splice"
+             and (c.name != "socat" or env.idle_socat)]
+    echo = LineProc(env, "echo-server", [env.python_self, os.path.abspath(__file__),
+                                         "--_role", "echo"])
+    try:
+        up = int(echo.read(10)[1])
+        # a fresh proxy process for every measurement: memory a process freed stays
+        # mapped (malloc arenas), so a second run in the same process would show no growth
+        for rep in range(env.reps):
+            for cand in rotate(cands, rep):
+                if not start_all(env, [cand], "idle", up, header=True, idle=True,
+                                 plain_upstream=up):
+                    continue
+                try:
+                    res = run_idle(env, cand, cand.port, echo, env.idle_conns)
+                except RuntimeError as e:
+                    res = {"error": str(e)}
+                finally:
+                    cand.stop()
+                record(env, "idle", "", cand, rep, res, cand.note(True))
+    finally:
+        echo.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def values(env, scenario, test, cand, key):
+    return [r[key] for r in env.runs if r["scenario"] == scenario and r["test"] == test
+            and r["candidate"] == cand and r.get(key) is not None and "error" not in r]
+
+
+def med(env, scenario, test, cand, key):
+    v = values(env, scenario, test, cand, key)
+    return statistics.median(v) if v else None
+
+
+def spread(env, scenario, test, cand, key, fmt):
+    v = values(env, scenario, test, cand, key)
+    if not v:
+        return "—"
+    text = fmt % statistics.median(v)
+    if len(v) > 1:
+        text += " (%s–%s)" % (fmt % min(v), fmt % max(v))
+    return text
+
+
+def ratio(a, b, fmt="%.2f×"):
+    if a is None or b is None or b == 0:
+        return "—"
+    return fmt % (a / b)
+
+
+def bulk_cpu_aggregate(env, cand):
+    """Per repetition: CPU seconds of all four bulk tests / GB of all four; median."""
+    per_rep = []
+    for rep in range(env.reps):
+        rows = [r for r in env.runs if r["scenario"] == "bulk" and r["candidate"] == cand
+                and r["rep"] == rep and "cpu_s" in r]
+        if len(rows) == len(BULK_TESTS):
+            per_rep.append(sum(r["cpu_s"] for r in rows) / (sum(r["bytes"] for r in rows) / 1e9))
+    return per_rep
+
+
+def report(env):
+    names = [c for c in CANDIDATES + B_CANDIDATES if any(r["candidate"] == c for r in env.runs)]
+    lines = []
+    w = lines.append
+    H, HS, D = "haproxy", "haproxy-splice", "direct"
+    if any(r["scenario"] == "bulk" for r in env.runs):
+        w("\n## 1. Bulk throughput (iperf3, %ds, no header) and 2. proxy CPU per GB\n" % env.seconds)
+        w("Gbit/s and CPU s/GB: median of %d (min–max). ×H = ratio to haproxy, ×HS = to "
+          "haproxy-splice, ×D = to direct. -R = upstream→client.\n" % env.reps)
+        w("| test | candidate | Gbit/s | ×H | ×HS | ×D | CPU s/GB | CPU ×H | CPU ×HS |")
+        w("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for test, _, _ in BULK_TESTS:
+            for c in names:
+                g = med(env, "bulk", test, c, "gbps")
+                if g is None and not values(env, "bulk", test, c, "gbps"):
+                    if not any(r["scenario"] == "bulk" and r["candidate"] == c for r in env.runs):
+                        continue
+                cpu = med(env, "bulk", test, c, "cpu_s_per_gb")
+                w("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                    test, c, spread(env, "bulk", test, c, "gbps", "%.2f"),
+                    ratio(g, med(env, "bulk", test, H, "gbps")),
+                    ratio(g, med(env, "bulk", test, HS, "gbps")),
+                    ratio(g, med(env, "bulk", test, D, "gbps")),
+                    spread(env, "bulk", test, c, "cpu_s_per_gb", "%.2f"),
+                    ratio(cpu, med(env, "bulk", test, H, "cpu_s_per_gb")),
+                    ratio(cpu, med(env, "bulk", test, HS, "cpu_s_per_gb"))))
+        w("\nCPU s/GB over all four bulk tests (sum of CPU / sum of GB per repetition; "
+          "median):\n")
+        w("| candidate | CPU s/GB | ×H | ×HS |")
+        w("|---|---:|---:|---:|")
+        agg = {c: bulk_cpu_aggregate(env, c) for c in names}
+        aggm = {c: statistics.median(v) if v else None for c, v in agg.items()}
+        env.summary["bulk_cpu_s_per_gb_all"] = aggm
+        for c in names:
+            if c == D:
+                continue
+            w("| %s | %s | %s | %s |" % (c, "%.3f" % aggm[c] if aggm[c] is not None else "—",
+                                         ratio(aggm[c], aggm.get(H)), ratio(aggm[c], aggm.get(HS))))
+    for scenario, title, close in (("conn", "3. Connection rate with a PROXY header "
+                                    "(wrk, Connection: close)", True),
+                                   ("keepalive", "4. Keep-alive requests with a PROXY header "
+                                    "(wrk --latency)", False)):
+        if not any(r["scenario"] == scenario for r in env.runs):
+            continue
+        w("\n## %s, -t %d -c %d, %ds\n" % (title, env.wrk_threads, env.wrk_conns, env.seconds))
+        w("| candidate | %s | ×H | ×D | p50 ms | p99 ms | p99 ×H | CPU µs/%s | errors | note |"
+          % ("conn/s" if close else "req/s", "conn" if close else "req"))
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for c in names:
+            rows = [r for r in env.runs if r["scenario"] == scenario and r["candidate"] == c]
+            if not rows:
+                continue
+            rps = med(env, scenario, "", c, "rps")
+            p99 = med(env, scenario, "", c, "p99_ms")
+            errs = sum(r.get("socket_errors", 0) + r.get("non2xx", 0) for r in rows) + \
+                sum(1 for r in rows if "error" in r)
+            w("| %s | %s | %s | %s | %s | %s | %s | %s | %d | %s |" % (
+                c, spread(env, scenario, "", c, "rps", "%.0f"),
+                ratio(rps, med(env, scenario, "", H, "rps")),
+                ratio(rps, med(env, scenario, "", D, "rps")),
+                spread(env, scenario, "", c, "p50_ms", "%.3f"),
+                spread(env, scenario, "", c, "p99_ms", "%.3f"),
+                ratio(p99, med(env, scenario, "", H, "p99_ms")),
+                spread(env, scenario, "", c, "cpu_us_per_req", "%.1f"),
+                errs, rows[0].get("note", "")))
+    if any(r["scenario"] == "idle" for r in env.runs):
+        w("\n## 5. Idle concurrency: %d relayed connections (PROXY header on; the echo server "
+          "strips it)\n" % env.idle_conns)
+        w("| candidate | established | establish s | upstream got | mem/conn RSS B | "
+          "mem/conn PSS B | echoes correct | headers seen | note |")
+        w("|---|---:|---:|---:|---:|---:|---:|---|---|")
+        for c in names:
+            rows = [r for r in env.runs if r["scenario"] == "idle" and r["candidate"] == c]
+            if not rows:
+                continue
+            ok = [r for r in rows if "error" not in r]
+            hdr = ok[-1]["headers"] if ok else {}
+            w("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                c, spread(env, "idle", "", c, "connected", "%d"),
+                spread(env, "idle", "", c, "establish_s", "%.2f"),
+                spread(env, "idle", "", c, "upstream_accepted", "%d"),
+                spread(env, "idle", "", c, "rss_per_conn", "%.0f"),
+                spread(env, "idle", "", c, "pss_per_conn", "%.0f"),
+                spread(env, "idle", "", c, "echo_correct", "%d"),
+                " ".join("%s=%d" % kv for kv in sorted(hdr.items()) if kv[1]),
+                "; ".join(filter(None, [rows[0].get("note", "")] +
+                                 ["error: %s" % r["error"][:80] for r in rows if "error" in r]))))
+    if env.skipped:
+        w("\nSkipped: " + "; ".join("%s/%s: %s" % (s["scenario"], s["candidate"], s["why"])
+                                    for s in env.skipped))
+    lines.extend(targets(env, names))
+    return "\n".join(lines)
+
+
+def targets(env, names):
+    H, HS = "haproxy", "haproxy-splice"
+    out = ["\n## Targets\n", "| target | candidate | measured | met? |", "|---|---|---:|---|"]
+    env.summary["targets"] = []
+
+    def add(target, cand, value, text, ok):
+        env.summary["targets"].append({"target": target, "candidate": cand, "value": value,
+                                       "met": ok})
+        out.append("| %s | %s | %s | %s |" % (target, cand, text,
+                                              "—" if ok is None else "MET" if ok else "MISSED"))
+
+    def cmp(target, cand, a, b, limit, ge=True, what="×"):
+        if a is None or b is None or b == 0:
+            return add(target, cand, None, "n/a", None)
+        r = a / b
+        add(target, cand, r, "%.2f%s" % (r, what), r >= limit if ge else r <= limit)
+
+    agg = env.summary.get("bulk_cpu_s_per_gb_all", {})
+    for c in [n for n in names if n.startswith("tailwart")]:
+        for test in ("1 stream", "1 stream -R"):
+            g = med(env, "bulk", test, c, "gbps")
+            if g is None:
+                continue
+            cmp("bulk %s >= 1.5× haproxy" % test, c, g, med(env, "bulk", test, H, "gbps"), 1.5)
+            cmp("bulk %s >= 1.1× haproxy-splice" % test, c, g,
+                med(env, "bulk", test, HS, "gbps"), 1.1)
+        if agg.get(c) is not None:
+            cmp("CPU/GB (all bulk) <= 0.3× haproxy", c, agg[c], agg.get(H), 0.3, ge=False)
+            cmp("CPU/GB (all bulk) <= 0.8× haproxy-splice", c, agg[c], agg.get(HS), 0.8, ge=False)
+        v = med(env, "conn", "", c, "rps")
+        if v is not None:
+            cmp("conn/s with PROXY v2 >= 1.0× haproxy", c, v, med(env, "conn", "", H, "rps"), 1.0)
+        v = med(env, "keepalive", "", c, "rps")
+        if v is not None:
+            cmp("keep-alive req/s >= 1.0× haproxy", c, v,
+                med(env, "keepalive", "", H, "rps"), 1.0)
+            cmp("keep-alive p99 <= haproxy's", c, med(env, "keepalive", "", c, "p99_ms"),
+                med(env, "keepalive", "", H, "p99_ms"), 1.0, ge=False)
+        v = values(env, "idle", "", c, "rss_per_conn")
+        if v:
+            m = statistics.median(v)
+            add("memory per idle relayed connection <= 1 KiB (RSS)", c, m, "%.0f B" % m,
+                m <= 1024)
+        rows = [r for r in env.runs if r["scenario"] == "idle" and r["candidate"] == c]
+        if rows:
+            good = sum(1 for r in rows if r.get("echo_correct") == env.idle_conns)
+            add("%d concurrent relayed connections all echo correctly" % env.idle_conns, c,
+                good, "%d of %d runs (correct: %s)" % (
+                    good, len(rows), ",".join(str(r.get("echo_correct", "err")) for r in rows)),
+                good == len(rows))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+def tool_version(argv, pattern=None):
+    try:
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, timeout=10).stdout.decode(errors="replace")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        if pattern is None or re.search(pattern, line):
+            return line.strip()
+    return None
+
+
+def machine(env):
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
+        "bench_python": platform.python_version(),
+        "tailwart_python": tool_version([env.python, "-c", "import sys; print(sys.version.split()[0])"]),
+        "tailwart_python_path": env.python,
+        "tailwart_script": env.script,
+        "tailwart_script_b": env.script_b,
+        "tailwart_version": tool_version([env.python, env.script, "--version"]),
+        "haproxy": tool_version(["haproxy", "-v"], "version"),
+        "nginx": tool_version(["nginx", "-v"]),
+        "socat": tool_version(["socat", "-V"], "socat version"),
+        "iperf3": tool_version(["iperf3", "--version"], "iperf"),
+        "wrk": tool_version(["wrk", "--version"], "wrk"),
+        "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+        "loadavg_start": loadavg(),
+    }
+
+
+class Env:
+    def __init__(self, args, tmp):
+        self.tmp = tmp
+        self.procs = Procs(tmp)
+        self.script = os.path.abspath(args.script)
+        self.script_b = os.path.abspath(args.script_b) if args.script_b else None
+        self.python = args.python
+        self.python_self = sys.executable
+        self.seconds = args.seconds
+        self.reps = args.reps
+        self.idle_conns = args.idle_conns
+        self.idle_socat = args.idle_socat
+        self.wrk_threads = args.wrk_threads
+        self.wrk_conns = args.wrk_conns
+        self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        self.runs = []
+        self.skipped = []
+        self.summary = {}
+        self.python_splice = tool_version(
+            [self.python, "-c", "import os; print(hasattr(os, 'splice'))"]) == "True"
+        self.nginx_stream_load = ""
+        self.nginx_stream = False
+        if shutil.which("nginx"):
+            v = tool_version(["nginx", "-V"], "configure arguments") or ""
+            if "--with-stream=dynamic" in v:
+                if os.path.exists(NGINX_STREAM_MODULE):
+                    self.nginx_stream_load = "load_module %s;\n" % NGINX_STREAM_MODULE
+                    self.nginx_stream = True
+            elif "--with-stream" in v:
+                self.nginx_stream = True
+
+    def skip(self, scenario, why):
+        note("skipping scenario %s: %s" % (scenario, why))
+        self.skipped.append({"scenario": scenario, "candidate": "*", "why": why})
+
+    def skip_candidate(self, scenario, cand, why):
+        note("%s: skipping %s: %s" % (scenario, cand, why))
+        self.skipped.append({"scenario": scenario, "candidate": cand, "why": why})
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Scenarios: %s (cpu = measured during bulk). "
+                                "Candidates: %s." % (", ".join(SCENARIOS), ", ".join(CANDIDATES)))
+    p.add_argument("--script", default=os.path.join(HERE, "tailwart_edge.py"),
+                   help="tailwart_edge.py to run (default: next to this file)")
+    p.add_argument("--script-b", metavar="PATH",
+                   help="a second tailwart_edge.py (e.g. a patched copy), run as the extra "
+                   "candidates tailwart-splice-b and tailwart-copy-b, alternating with the rest")
+    p.add_argument("--python", default=sys.executable,
+                   help="interpreter for tailwart_edge.py (default: this one)")
+    p.add_argument("--quick", action="store_true",
+                   help="development run: 2 s per figure, 1 repetition, 1000 idle connections")
+    p.add_argument("--only", help="comma-separated scenarios (default: all)")
+    p.add_argument("--candidates", help="comma-separated candidates (default: all)")
+    p.add_argument("--reps", type=int, help="repetitions per figure (default 3; --quick 1)")
+    p.add_argument("--seconds", type=int, help="iperf3 -t and wrk -d (default 5; --quick 2)")
+    p.add_argument("--idle-conns", type=int,
+                   help="connections held open in idle (default 9000; --quick 1000)")
+    p.add_argument("--idle-socat", action="store_true",
+                   help="include socat in idle (a process per connection)")
+    p.add_argument("--wrk-threads", type=int, default=1)
+    p.add_argument("--wrk-conns", type=int, default=16)
+    p.add_argument("--json", default="bench-results.json", help="raw figures (default: %(default)s)")
+    p.add_argument("--_role", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
+    if args.seconds is None:
+        args.seconds = 2 if args.quick else 5
+    if args.idle_conns is None:
+        args.idle_conns = 1000 if args.quick else 9000
+    return p, args
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    if args._role:
+        if args._role[0] == "echo":
+            return role_echo()
+        if args._role[0] == "client":
+            return role_client(int(args._role[1]), int(args._role[2]))
+        parser.error("unknown role")
+    scenarios = list(SCENARIOS)
+    if args.only:
+        scenarios = []
+        for s in args.only.split(","):
+            s = ALIASES.get(s.strip(), s.strip())
+            if s not in SCENARIOS:
+                parser.error("unknown scenario %r (choose from %s, cpu)" % (s, ", ".join(SCENARIOS)))
+            if s not in scenarios:
+                scenarios.append(s)
+    wanted = list(CANDIDATES) + (list(B_CANDIDATES) if args.script_b else [])
+    if args.candidates:
+        wanted = [c.strip() for c in args.candidates.split(",")]
+        for c in wanted:
+            if c not in CANDIDATES + B_CANDIDATES:
+                parser.error("unknown candidate %r (choose from %s)" % (c, ", ".join(CANDIDATES)))
+    soft, hard = raise_nofile()
+    if args.idle_conns * 2 + 200 > soft:
+        note("RLIMIT_NOFILE is %d: the proxies need 2 fds per idle connection; "
+             "lowering --idle-conns" % soft)
+        args.idle_conns = max(100, (soft - 200) // 2)
+
+    stop = {"sig": None}
+
+    def on_signal(signum, frame):
+        stop["sig"] = signum
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_signal)
+
+    tmp = tempfile.mkdtemp(prefix="bench-tailwart-")
+    env = Env(args, tmp)
+    started = time.time()
+    info = machine(env)
+    say("# tailwart-edge benchmark\n")
+    say("Machine: %s, %s cores, kernel %s; bench Python %s; tailwart Python %s (%s)" % (
+        info["cpu"], info["cores"], info["kernel"], info["bench_python"],
+        info["tailwart_python"], info["tailwart_python_path"]))
+    say("Tools: %s; %s; %s; %s; %s" % (info["haproxy"], info["nginx"], info["socat"],
+                                        info["iperf3"], info["wrk"]))
+    say("Script: %s (%s). Load at start: %s. NOFILE soft/hard: %s/%s" % (
+        env.script, info["tailwart_version"], " ".join(info["loadavg_start"] or []), soft, hard))
+    say("Run: reps=%d seconds=%d idle-conns=%d wrk -t%d -c%d; scenarios=%s" % (
+        env.reps, env.seconds, env.idle_conns, env.wrk_threads, env.wrk_conns,
+        ",".join(scenarios)))
+    cands = make_candidates(env)
+    chosen = []
+    for name in wanted:
+        why = cands[name].missing()
+        if why:
+            say("Skipping candidate %s: %s" % (name, why))
+            env.skipped.append({"scenario": "*", "candidate": name, "why": why})
+        else:
+            chosen.append(cands[name])
+    interrupted = False
+    try:
+        for scenario in scenarios:
+            load = loadavg()
+            note("scenario %s (load %s)" % (scenario, " ".join(load or [])))
+            t0 = time.monotonic()
+            if scenario == "bulk":
+                scenario_bulk(env, [c for c in chosen])
+            elif scenario in ("conn", "keepalive"):
+                if scenario == "keepalive" and "conn" in scenarios:
+                    continue        # run together with conn, with the same proxies
+                scenario_http(env, chosen, [s for s in ("conn", "keepalive") if s in scenarios])
+            elif scenario == "idle":
+                scenario_idle(env, chosen)
+            env.summary.setdefault("scenario_seconds", {})[scenario] = time.monotonic() - t0
+            env.summary.setdefault("loadavg_before", {})[scenario] = load
+    except KeyboardInterrupt:
+        interrupted = True
+        note("interrupted; stopping everything")
+    finally:
+        env.procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    info["loadavg_end"] = loadavg()
+    text = report(env)
+    say(text)
+    say("\nLoad at end: %s. Took %.0f s.%s" % (" ".join(info["loadavg_end"] or []),
+                                               time.time() - started,
+                                               " INTERRUPTED: partial results." if interrupted else ""))
+    doc = {"machine": info, "options": {k: v for k, v in vars(args).items() if k != "_role"},
+           "scenarios": scenarios, "candidates": [c.name for c in chosen],
+           "skipped": env.skipped, "runs": env.runs, "summary": env.summary,
+           "interrupted": interrupted, "started": started, "elapsed_s": time.time() - started}
+    with open(args.json, "w") as f:
+        json.dump(doc, f, indent=1)
+    say("Raw figures: %s" % os.path.abspath(args.json))
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
