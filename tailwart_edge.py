@@ -24,6 +24,24 @@ order. Signals: TERM and INT stop accepting, let sessions finish (up to
 not start (e.g. a port is taken), 2 bad command line.
 """
 
+# The file reads in the order of a connection's life; each banner is a section:
+#   Command line ........ argv -> options                     build_parser, parse_args
+#   Mappings ............ the mapping grammar -> Mapping      parse_mapping, overlapping
+#   Logging ............. one key=value line per event       Log, log
+#   Listeners ........... binding, systemd socket adoption   Listener, open_listeners
+#   Accept .............. batches, the connection cap,       Acceptor, max_sessions_for
+#                         the out-of-descriptors pause
+#   PROXY header ........ the codec: pure functions          proxy_header_v1, proxy_header_v2
+#   Resolver ............ names off the event loop           Resolver
+#   Connecting .......... resolve, connect, failover,        Connector
+#                         connect timeout, the header
+#   Relay ............... flows, half-close, splice, pipes   Flow, Relay, PipePool
+#   Session ............. events -> flows, ending, the line  Session
+#   The loop ............ timers, sweep (idle timeout),      Timers, Waker, Server
+#                         signals, drain, stats
+#   systemd ............. notify, watchdog, privileges       sd_notify, drop_privileges
+#   main ................ parse, bind, serve                 main
+
 import argparse
 import collections
 import errno
@@ -54,33 +72,15 @@ except ImportError:  # not on Windows
 __version__ = "0.1.0"
 PROG = "tailwart_edge.py"
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_IDLE_TIMEOUT = 3600.0   # > IMAP IDLE's 29 minutes (RFC 2177), so IDLE is never cut
-DEFAULT_DRAIN_TIMEOUT = 30.0
-PREREAD_LIMIT = 64 * 1024       # client bytes held while the upstream connect is in flight
-CHUNK = 256 * 1024              # most bytes moved per read (and the size of a splice pipe)
-RESOLVE_TTL = 30.0              # getaddrinfo() tells no TTL; re-resolve this often
-RESOLVER_THREADS = 4
-ACCEPT_BATCH = 64               # accepts per listener per loop turn: fair to live sessions
-ACCEPT_PAUSE = 0.5              # on EMFILE stop accepting this long, as nginx does
-RESERVED_FDS = 16               # stdio, selector, wake-up pair, notify socket, resolver...
-PIPE_POOL = 32                  # idle splice pipes kept for reuse
-PULL_ROUNDS = 4                 # chunks moved per readable event while the source stays full
-SPLICE_AFTER = 64 * 1024        # bytes in one event that turn a direction to splice (bulk)
-WARN_INTERVAL = 10.0            # at most one "out of file descriptors" line this often
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 15, 4  # a dead peer found in ~2 min
-
-READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-CONNECT_PENDING = {0, errno.EINPROGRESS, getattr(errno, "WSAEWOULDBLOCK", errno.EINPROGRESS)}
-FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-LINGER_RST = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends a reset
-SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)     # Linux: non-blocking from the start
-STREAM_NONBLOCK = socket.SOCK_STREAM | SOCK_NONBLOCK
-
 
 # ----------------------------------------------------------------------------------------------
 # Command line: argv -> options and a list of Mapping
 # ----------------------------------------------------------------------------------------------
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_IDLE_TIMEOUT = 3600.0   # > IMAP IDLE's 29 minutes (RFC 2177), so IDLE is never cut
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
 
 class ConfigError(Exception):
     """A mistake on the command line. main() prints it as one line and exits 2."""
@@ -88,131 +88,6 @@ class ConfigError(Exception):
 
 class StartupError(Exception):
     """The configuration is valid but cannot be put in place. main() exits 1."""
-
-
-class Mapping:
-    """One listen address and the upstreams its connections are piped to, plus its counters."""
-
-    __slots__ = ("bind", "port", "upstreams", "spec", "label",
-                 "active", "sessions", "failed", "up", "down")
-
-    def __init__(self, bind, port, upstreams, spec=""):
-        self.bind = bind            # None (all interfaces) or an IP address without brackets
-        self.port = port
-        self.upstreams = upstreams  # [(host, port)], host without brackets
-        self.spec = spec
-        self.label = format_address(bind or "", port)
-        self.active = self.sessions = self.failed = self.up = self.down = 0
-
-    def __repr__(self):
-        return "Mapping(%r, %r, %r)" % (self.bind, self.port, self.upstreams)
-
-
-PORT_RE = re.compile(r"[0-9]{1,5}\Z")
-HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})\Z")
-
-
-def is_ip(text, family):
-    try:
-        socket.inet_pton(family, text)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def format_address(host, port):
-    """('::1', 25) -> '[::1]:25'; ('', 25) -> ':25' (every interface)."""
-    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
-
-
-def parse_port(text, what, spec):
-    if not PORT_RE.match(text):
-        if not text:
-            raise ConfigError("%s is missing in %r; ports are numbers from 1 to 65535" % (what, spec))
-        raise ConfigError("%s %r in %r is not a number; ports are numbers from 1 to 65535"
-                          % (what, text, spec))
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ConfigError("%s %d in %r is out of range; ports are numbers from 1 to 65535"
-                          % (what, port, spec))
-    return port
-
-
-def split_address(text, what, spec):
-    """'host:port', 'a.b.c.d:port' or '[v6]:port' -> (host, port_text, bracketed)."""
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket:
-            raise ConfigError("%s %r in %r lacks its closing ']'; write IPv6 as [ADDRESS]:PORT"
-                              % (what, text, spec))
-        if not is_ip(host, socket.AF_INET6):
-            raise ConfigError("%r in %r is not an IPv6 address; brackets are only for IPv6, "
-                              "as in [::1]:993" % (host, spec))
-        if not rest.startswith(":"):
-            raise ConfigError("%s [%s] in %r has no port; write it as [%s]:PORT"
-                              % (what, host, spec, host))
-        return host, rest[1:], True
-    host, _, port = text.rpartition(":")
-    if ":" in host:
-        raise ConfigError("IPv6 address %r in %r needs brackets; write it as [%s]:%s"
-                          % (host, spec, host, port))
-    return host, port, False
-
-
-def parse_upstream(text, spec):
-    if not text:
-        raise ConfigError("mapping %r has an empty upstream; separate upstreams with one comma, "
-                          "as in 25=mx1:25,mx2:25" % spec)
-    if not text.startswith("[") and ":" not in text:
-        raise ConfigError("upstream %r in %r has no port; write it as %s:PORT, e.g. %s:25"
-                          % (text, spec, text, text))
-    host, port_text, bracketed = split_address(text, "upstream", spec)
-    if not host:
-        raise ConfigError("upstream %r in %r has no host; write it as HOST:PORT" % (text, spec))
-    if not bracketed and not HOST_RE.match(host):
-        raise ConfigError("upstream host %r in %r is not a host name or IP address"
-                          % (host, spec))
-    return host, parse_port(port_text, "upstream port", spec)
-
-
-def parse_mapping(text, default_upstream=None):
-    """'[BIND:]PORT=HOST:PORT[,HOST:PORT...]' (or '[BIND:]PORT' with a default upstream)."""
-    listen, eq, target = text.partition("=")
-    if not listen:
-        raise ConfigError("mapping %r has no listen port before '='; write it as "
-                          "PORT=HOST:PORT, e.g. 25=mail.example.net:25" % text)
-    bind = None
-    port_text = listen
-    if listen.startswith("[") or ":" in listen:
-        bind, port_text, bracketed = split_address(listen, "listen address", text)
-        if not bind:
-            bind = None          # ':25' = every interface, as if no address were given
-        elif not bracketed and not is_ip(bind, socket.AF_INET):
-            raise ConfigError("bind address %r in %r is not an IP address; use an IPv4 address, "
-                              "an IPv6 address in brackets, or none to listen everywhere"
-                              % (bind, text))
-    port = parse_port(port_text, "listen port", text)
-    if not eq:
-        if default_upstream is None:
-            raise ConfigError("mapping %r has no upstream; write it as %s=HOST:PORT, or give "
-                              "--upstream HOST to forward to the same port there" % (text, text))
-        upstreams = [(default_upstream, port)]
-    elif not target:
-        raise ConfigError("mapping %r has nothing after '='; write it as %s=HOST:PORT, e.g. "
-                          "%s=stalwart.tail7b1641.ts.net:%d" % (text, listen, listen, port))
-    else:
-        upstreams = [parse_upstream(part, text) for part in target.split(",")]
-    return Mapping(bind, port, upstreams, text)
-
-
-def overlapping(a, b):
-    """Would these two listen addresses collide when both are bound?"""
-    if a.port != b.port:
-        return False
-    families = lambda bind: {4, 6} if bind is None else {6} if ":" in bind else {4}
-    if not families(a.bind) & families(b.bind):
-        return False
-    return a.bind == b.bind or a.bind in (None, "0.0.0.0", "::") or b.bind in (None, "0.0.0.0", "::")
 
 
 class Parser(argparse.ArgumentParser):
@@ -223,6 +98,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def seconds(text, allow_zero=False):
+    """An option's value as a number of seconds (argparse type); finite, > 0 (or >= 0)."""
     try:
         value = float(text)
     except ValueError:
@@ -234,12 +110,14 @@ def seconds(text, allow_zero=False):
 
 
 def positive_int(text):
+    """An option's value as a whole number >= 1 (argparse type)."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError("%r is not a positive whole number" % text)
     return int(text)
 
 
 def build_parser():
+    """The argparse parser; its --help text is the module docstring."""
     head, _, tail = __doc__.partition("\nusage:")
     tail = tail.partition("\n\n")[2]        # the docstring's usage line is argparse's job
     parser = Parser(prog=PROG, description=head.strip(), epilog=tail,
@@ -304,6 +182,493 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Mappings: '[BIND:]PORT=HOST:PORT[,HOST:PORT...]' -> Mapping
+# ----------------------------------------------------------------------------------------------
+
+PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})\Z")
+
+
+class Mapping:
+    """One listen address and the upstreams its connections are piped to, plus its counters."""
+
+    __slots__ = ("bind", "port", "upstreams", "spec", "label",
+                 "active", "sessions", "failed", "up", "down")
+
+    def __init__(self, bind, port, upstreams, spec=""):
+        self.bind = bind            # None (all interfaces) or an IP address without brackets
+        self.port = port
+        self.upstreams = upstreams  # [(host, port)], host without brackets
+        self.spec = spec
+        self.label = format_address(bind or "", port)
+        self.active = self.sessions = self.failed = self.up = self.down = 0
+
+    def __repr__(self):
+        return "Mapping(%r, %r, %r)" % (self.bind, self.port, self.upstreams)
+
+
+def is_ip(text, family):
+    """Is `text` an address of `family` (AF_INET or AF_INET6)?"""
+    try:
+        socket.inet_pton(family, text)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def format_address(host, port):
+    """('::1', 25) -> '[::1]:25'; ('', 25) -> ':25' (every interface)."""
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+def parse_port(text, what, spec):
+    """A port number 1-65535; raises ConfigError naming `what` and the mapping `spec`."""
+    if not PORT_RE.match(text):
+        if not text:
+            raise ConfigError("%s is missing in %r; ports are numbers from 1 to 65535" % (what, spec))
+        raise ConfigError("%s %r in %r is not a number; ports are numbers from 1 to 65535"
+                          % (what, text, spec))
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ConfigError("%s %d in %r is out of range; ports are numbers from 1 to 65535"
+                          % (what, port, spec))
+    return port
+
+
+def split_address(text, what, spec):
+    """'host:port', 'a.b.c.d:port' or '[v6]:port' -> (host, port_text, bracketed)."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ConfigError("%s %r in %r lacks its closing ']'; write IPv6 as [ADDRESS]:PORT"
+                              % (what, text, spec))
+        if not is_ip(host, socket.AF_INET6):
+            raise ConfigError("%r in %r is not an IPv6 address; brackets are only for IPv6, "
+                              "as in [::1]:993" % (host, spec))
+        if not rest.startswith(":"):
+            raise ConfigError("%s [%s] in %r has no port; write it as [%s]:PORT"
+                              % (what, host, spec, host))
+        return host, rest[1:], True
+    host, _, port = text.rpartition(":")
+    if ":" in host:
+        raise ConfigError("IPv6 address %r in %r needs brackets; write it as [%s]:%s"
+                          % (host, spec, host, port))
+    return host, port, False
+
+
+def parse_upstream(text, spec):
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port)."""
+    if not text:
+        raise ConfigError("mapping %r has an empty upstream; separate upstreams with one comma, "
+                          "as in 25=mx1:25,mx2:25" % spec)
+    if not text.startswith("[") and ":" not in text:
+        raise ConfigError("upstream %r in %r has no port; write it as %s:PORT, e.g. %s:25"
+                          % (text, spec, text, text))
+    host, port_text, bracketed = split_address(text, "upstream", spec)
+    if not host:
+        raise ConfigError("upstream %r in %r has no host; write it as HOST:PORT" % (text, spec))
+    if not bracketed and not HOST_RE.match(host):
+        raise ConfigError("upstream host %r in %r is not a host name or IP address"
+                          % (host, spec))
+    return host, parse_port(port_text, "upstream port", spec)
+
+
+def parse_mapping(text, default_upstream=None):
+    """'[BIND:]PORT=HOST:PORT[,HOST:PORT...]' (or '[BIND:]PORT' with a default upstream)."""
+    listen, eq, target = text.partition("=")
+    if not listen:
+        raise ConfigError("mapping %r has no listen port before '='; write it as "
+                          "PORT=HOST:PORT, e.g. 25=mail.example.net:25" % text)
+    bind = None
+    port_text = listen
+    if listen.startswith("[") or ":" in listen:
+        bind, port_text, bracketed = split_address(listen, "listen address", text)
+        if not bind:
+            bind = None          # ':25' = every interface, as if no address were given
+        elif not bracketed and not is_ip(bind, socket.AF_INET):
+            raise ConfigError("bind address %r in %r is not an IP address; use an IPv4 address, "
+                              "an IPv6 address in brackets, or none to listen everywhere"
+                              % (bind, text))
+    port = parse_port(port_text, "listen port", text)
+    if not eq:
+        if default_upstream is None:
+            raise ConfigError("mapping %r has no upstream; write it as %s=HOST:PORT, or give "
+                              "--upstream HOST to forward to the same port there" % (text, text))
+        upstreams = [(default_upstream, port)]
+    elif not target:
+        raise ConfigError("mapping %r has nothing after '='; write it as %s=HOST:PORT, e.g. "
+                          "%s=stalwart.tail7b1641.ts.net:%d" % (text, listen, listen, port))
+    else:
+        upstreams = [parse_upstream(part, text) for part in target.split(",")]
+    return Mapping(bind, port, upstreams, text)
+
+
+def overlapping(a, b):
+    """Would these two listen addresses collide when both are bound?"""
+    if a.port != b.port:
+        return False
+    families = lambda bind: {4, 6} if bind is None else {6} if ":" in bind else {4}
+    if not families(a.bind) & families(b.bind):
+        return False
+    return a.bind == b.bind or a.bind in (None, "0.0.0.0", "::") or b.bind in (None, "0.0.0.0", "::")
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging: one line per event, key=value; journald priorities under systemd
+# ----------------------------------------------------------------------------------------------
+
+ERROR, WARNING, NOTICE, INFO, DEBUG = 3, 4, 5, 6, 7
+LEVEL_NAMES = {ERROR: "error", WARNING: "warning", NOTICE: "notice", INFO: "info", DEBUG: "debug"}
+
+
+class Log:
+    """Writes lines to stderr: `date time level message`, or `<N>message` for the journal.
+    `threshold` is the least important priority written (DEBUG with -v, NOTICE with -q)."""
+
+    __slots__ = ("threshold", "journal")
+
+    def __init__(self):
+        self.threshold = INFO
+        self.journal = False
+
+    def configure(self, verbose=False, quiet=False):
+        """Set the threshold from -v/-q, and the format from where stderr goes."""
+        self.threshold = DEBUG if verbose else NOTICE if quiet else INFO
+        self.journal = stderr_is_journal()
+
+    def __call__(self, priority, message):
+        """Write `message` at `priority` (ERROR ... DEBUG), unless it is below the threshold."""
+        if priority > self.threshold:
+            return
+        if self.journal:
+            line = "<%d>%s\n" % (priority, message)
+        else:
+            line = "%s %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), LEVEL_NAMES[priority],
+                                   message)
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass            # stderr is gone: keep relaying all the same
+
+
+def stderr_is_journal():
+    """sd-daemon(3): JOURNAL_STREAM=dev:ino names the stream stderr is connected to."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return stream == "%d:%d" % (st.st_dev, st.st_ino)
+
+
+log = Log()
+
+
+# ----------------------------------------------------------------------------------------------
+# Listeners: binding each mapping, or adopting the sockets systemd passed (socket activation)
+# ----------------------------------------------------------------------------------------------
+
+SD_LISTEN_FDS_START = 3
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 60, 15, 4  # a dead peer found in ~2 min
+KEEPALIVE_OPTIONS = [(getattr(socket, name), value) for name, value in (
+    ("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+    ("TCP_KEEPCNT", KEEPALIVE_COUNT)) if hasattr(socket, name)]
+# Linux copies these options from a listener to the sockets it accepts: set them once there.
+ACCEPTED_INHERIT_OPTIONS = sys.platform.startswith("linux")
+
+
+class Listener:
+    """A listening socket of a mapping (bound here, or `inherited` from systemd)."""
+
+    __slots__ = ("sock", "mapping", "fd", "family", "inherited")
+
+    def __init__(self, sock, mapping, inherited=False):
+        self.sock = sock
+        self.mapping = mapping
+        self.fd = sock.fileno()
+        self.family = int(sock.family)      # the property builds an enum member on each read
+        self.inherited = inherited
+
+    def describe(self):
+        """Where it listens, as the log says it: '127.0.0.1:25', '[::1]:993', '*:25' (dual
+        stack) or '[::]:25' (IPv6 only)."""
+        host, port = self.sock.getsockname()[:2]
+        if self.mapping.bind is None and self.sock.family == socket.AF_INET6:
+            host = "[::]" if dual_stack(self.sock) is False else "*"
+        elif ":" in host:
+            host = "[%s]" % host
+        return "%s:%d" % (host, port)
+
+
+def open_listeners(mappings, proxy_protocol):
+    """Listeners for every mapping: the sockets systemd passed where one matches, else bound
+    here. Each is non-blocking and carries the options accepted sockets inherit.
+    Raises StartupError when a port cannot be bound."""
+    inherited = systemd_sockets()
+    activated = bool(inherited)
+    listeners = []
+    for mapping in mappings:
+        socks = [s for s in inherited if listens_for(s, mapping)]
+        if socks:
+            for sock in socks:
+                inherited.remove(sock)
+                listeners.append(Listener(sock, mapping, inherited=True))
+            continue
+        if activated:
+            log(WARNING, "listen addr=%s has no socket from systemd; binding it here"
+                % mapping.label)
+        for sock in bind_listeners(mapping):
+            listeners.append(Listener(sock, mapping))
+    for sock in inherited:
+        log(WARNING, "socket %s from systemd matches no mapping; closing it"
+            % format_address(*sock.getsockname()[:2]))
+        sock.close()
+    for listener in listeners:
+        sock = listener.sock
+        sock.setblocking(False)
+        if ACCEPTED_INHERIT_OPTIONS:
+            tune_socket(sock)
+        mapping = listener.mapping
+        log(NOTICE, "listen addr=%s upstream=%s proxy=%s%s" % (
+            listener.describe(), ",".join(format_address(*u) for u in mapping.upstreams),
+            proxy_protocol, " (from systemd)" if listener.inherited else ""))
+    return listeners
+
+
+def bind_listeners(mapping):
+    """Listening sockets for a mapping: one dual-stack socket for 'every interface' where
+    the OS allows it (else IPv6 + IPv4 sockets, or IPv4 alone when IPv6 is off)."""
+    if mapping.bind is not None:
+        family = socket.AF_INET6 if ":" in mapping.bind else socket.AF_INET
+        # an explicit [::] means IPv6 only, as in nginx, so 0.0.0.0 can be bound beside it
+        return [open_listener(family, mapping.bind, mapping.port, v6only=True)]
+    if socket.has_ipv6:
+        try:
+            return [open_listener(socket.AF_INET6, "::", mapping.port, v6only=False)]
+        except StartupError as e:
+            if e.args[1] not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENOPROTOOPT,
+                                 errno.EINVAL, errno.EPROTONOSUPPORT):
+                raise
+            if e.args[1] in (errno.ENOPROTOOPT, errno.EINVAL):   # no dual-stack sockets here
+                v6 = open_listener(socket.AF_INET6, "::", mapping.port, v6only=True)
+                return [v6, open_listener(socket.AF_INET, "0.0.0.0", mapping.port)]
+    return [open_listener(socket.AF_INET, "0.0.0.0", mapping.port)]
+
+
+def open_listener(family, host, port, v6only=True):
+    """One bound, listening socket. Raises StartupError(line, errno) with the fix in the line."""
+    where = format_address(host, port)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise StartupError("cannot listen on %s: %s" % (where, e.strerror), e.errno)
+    try:
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+            except OSError as e:
+                raise StartupError("cannot listen on %s: %s" % (where, e.strerror), e.errno)
+        sock.bind((host, port))
+        sock.listen(4096)       # the kernel caps it at net.core.somaxconn
+    except OSError as e:
+        sock.close()
+        hint = ""
+        if e.errno in (errno.EACCES, errno.EPERM) and port < 1024:
+            hint = (" (ports below 1024 need root or CAP_NET_BIND_SERVICE: run as root with "
+                    "--user NAME, or use the systemd unit)")
+        elif e.errno == errno.EADDRINUSE:
+            hint = " (another program listens there; `ss -ltnp 'sport = :%d'` shows which)" % port
+        elif e.errno == errno.EADDRNOTAVAIL:
+            hint = " (no interface of this machine has that address)"
+        raise StartupError("cannot listen on %s: %s%s" % (where, e.strerror, hint), e.errno)
+    except StartupError:
+        sock.close()
+        raise
+    return sock
+
+
+def dual_stack(sock):
+    """True for an IPv6 socket that takes IPv4 too, False for IPv6 only, None if unknown."""
+    try:
+        return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    except (OSError, AttributeError):
+        return None
+
+
+def systemd_sockets():
+    """Listening sockets passed by systemd (sd_listen_fds(3)), as socket objects."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = os.environ.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)      # not for any child process
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count or 0)):
+        # Python < 3.7 does not detect a descriptor's family: ask the kernel (SO_DOMAIN)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+        try:
+            family = probe.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_DOMAIN", 39))
+            kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        except OSError:
+            family = kind = None
+        probe.detach()
+        if kind != socket.SOCK_STREAM or family not in (socket.AF_INET, socket.AF_INET6):
+            log(WARNING, "descriptor %d from systemd is not a TCP socket; ignoring it" % fd)
+            continue
+        socks.append(socket.socket(family, socket.SOCK_STREAM, 0, fd))
+    return socks
+
+
+def listens_for(sock, mapping):
+    """Is this socket from systemd bound to the mapping's address and port?"""
+    host, port = sock.getsockname()[:2]
+    if port != mapping.port:
+        return False
+    if mapping.bind is None:
+        return host in ("::", "0.0.0.0")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return (":" in mapping.bind) == (family == socket.AF_INET6) and \
+        socket.inet_pton(family, host) == socket.inet_pton(family, mapping.bind)
+
+
+def tune_socket(sock):
+    """TCP_NODELAY: pass small writes (SMTP replies) on at once, as the peers wrote them.
+    Keepalive: find peers that vanished from long silent sessions (IMAP IDLE) and free them."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in KEEPALIVE_OPTIONS:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Accept: batches fair to live sessions, the connection cap, the out-of-descriptors pause
+# ----------------------------------------------------------------------------------------------
+
+ACCEPT_BATCH = 64               # accepts per listener per loop turn: fair to live sessions
+ACCEPT_PAUSE = 0.5              # on EMFILE stop accepting this long, as nginx does
+RESERVED_FDS = 16               # stdio, selector, wake-up pair, notify socket, resolver...
+WARN_INTERVAL = 10.0            # at most one "out of file descriptors" line this often
+ACCEPT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}   # that client left already
+FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Acceptor:
+    """Owns the listeners and decides when to accept.
+
+    It accepts in batches of ACCEPT_BATCH per event (fair to live sessions), stops polling
+    the listeners while `max_sessions` are open (clients then wait in the kernel's listen
+    backlog; the server resumes it when a session ends), and stops for ACCEPT_PAUSE when
+    the process runs out of descriptors, instead of spinning on a backlog it cannot take.
+    """
+
+    __slots__ = ("server", "listeners", "by_fd", "max_sessions", "accepting", "warned_at")
+
+    def __init__(self, server, listeners, max_sessions):
+        self.server = server
+        self.listeners = listeners
+        self.by_fd = {listener.fd: listener for listener in listeners}
+        self.max_sessions = max_sessions
+        self.accepting = False
+        self.warned_at = -WARN_INTERVAL
+
+    def resume(self, _=None):
+        """Poll the listeners again, unless stopping or full."""
+        server = self.server
+        if self.accepting or server.stopping or len(server.sessions) >= self.max_sessions:
+            return
+        for listener in self.listeners:
+            server.selector.register(listener.fd, READ, self)
+        self.accepting = True
+
+    def pause(self):
+        """Stop polling the listeners; connecting clients wait in the backlog."""
+        if self.accepting:
+            for listener in self.listeners:
+                self.server.selector.unregister(listener.fd)
+            self.accepting = False
+
+    def close(self):
+        """Stop for good (the drain): the ports are released."""
+        self.pause()
+        for listener in self.listeners:
+            listener.sock.close()
+
+    def on_event(self, fd, mask):
+        """A listener is readable: accept until its backlog is empty or a batch is done."""
+        if not self.accepting:
+            return                      # paused while this event was waiting in the batch
+        listener = self.by_fd[fd]
+        sock, mapping, server = listener.sock, listener.mapping, self.server
+        sessions = server.sessions
+        for _ in range(ACCEPT_BATCH):
+            if len(sessions) >= self.max_sessions:
+                self.pause()            # resumed when a session ends
+                self.throttled_warning("max connections (%d) reached; new clients wait in "
+                                       "the listen backlog" % self.max_sessions)
+                return
+            try:
+                fd, peer = sock._accept()   # socket.accept() minus its Python wrapper
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in ACCEPT_GONE:
+                    continue            # that client is gone already; the next one may not be
+                self.out_of_fds("accept on %s" % mapping.label, e)
+                return
+            client = _socket.socket(listener.family, socket.SOCK_STREAM, 0, fd)
+            client.setblocking(False)
+            if not ACCEPTED_INHERIT_OPTIONS:
+                tune_socket(client)
+            server.start_session(mapping, client, peer)
+
+    def out_of_fds(self, what, error):
+        """Out of descriptors or memory: stop polling the listeners for a moment, so the loop
+        does not spin on a backlog it cannot take (HAProxy and nginx do the same)."""
+        self.pause()
+        self.server.timers.call_later(ACCEPT_PAUSE, self.resume)
+        self.throttled_warning("%s: %s; pausing accepts for %gs"
+                               % (what, error.strerror, ACCEPT_PAUSE))
+
+    def throttled_warning(self, message):
+        """Log a warning, at most one per WARN_INTERVAL: a full server says so once, not per
+        client."""
+        now = self.server.now
+        if now - self.warned_at >= WARN_INTERVAL:
+            self.warned_at = now
+            log(WARNING, message)
+
+
+def max_sessions_for(listeners):
+    """Sessions that fit in the open-file limit: two sockets each, plus headroom for the
+    splice pipe pool, listeners and the loop's own descriptors. Returns (sessions, pipes)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else 512
+    if limit == getattr(resource, "RLIM_INFINITY", -1):
+        limit = 1 << 20
+    spare = limit - RESERVED_FDS - 2 * listeners
+    pipes = max(1, min(PIPE_POOL, spare // 64))
+    return max(1, (spare - 2 * pipes) // 2), pipes
+
+
+def raise_fd_limit():
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as Go does at start."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass        # macOS refuses more than OPEN_MAX; keep what we have
+
+
+# ----------------------------------------------------------------------------------------------
 # PROXY protocol header (HAProxy doc/proxy-protocol.txt): pure functions, bytes out
 # ----------------------------------------------------------------------------------------------
 
@@ -358,57 +723,12 @@ HEADERS = {"v2": proxy_header_v2, "v1": proxy_header_v1, "off": None}
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging: one line per event, key=value; journald priorities under systemd
-# ----------------------------------------------------------------------------------------------
-
-ERROR, WARNING, NOTICE, INFO, DEBUG = 3, 4, 5, 6, 7
-LEVEL_NAMES = {ERROR: "error", WARNING: "warning", NOTICE: "notice", INFO: "info", DEBUG: "debug"}
-
-
-class Log:
-    """Writes lines to stderr: `date time level message`, or `<N>message` for the journal."""
-
-    __slots__ = ("threshold", "journal")
-
-    def __init__(self):
-        self.threshold = INFO
-        self.journal = False
-
-    def configure(self, verbose=False, quiet=False):
-        self.threshold = DEBUG if verbose else NOTICE if quiet else INFO
-        self.journal = stderr_is_journal()
-
-    def __call__(self, priority, message):
-        if priority > self.threshold:
-            return
-        if self.journal:
-            line = "<%d>%s\n" % (priority, message)
-        else:
-            line = "%s %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), LEVEL_NAMES[priority],
-                                   message)
-        try:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass            # stderr is gone: keep relaying all the same
-
-
-def stderr_is_journal():
-    """sd-daemon(3): JOURNAL_STREAM=dev:ino names the stream stderr is connected to."""
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        st = os.fstat(2)
-    except OSError:
-        return False
-    return stream == "%d:%d" % (st.st_dev, st.st_ino)
-
-
-log = Log()
-
-
-# ----------------------------------------------------------------------------------------------
 # Resolver: getaddrinfo() in worker threads, answers posted back to the event loop
 # ----------------------------------------------------------------------------------------------
+
+RESOLVE_TTL = 30.0              # getaddrinfo() tells no TTL; re-resolve this often
+RESOLVER_THREADS = 4
+
 
 class Resolver:
     """Resolves upstream names off the event loop and caches the answers.
@@ -450,6 +770,7 @@ class Resolver:
         self.jobs.put(host)
 
     def work(self):
+        """A worker thread: look names up for ever, posting each answer to `done`."""
         while True:
             host = self.jobs.get()
             try:
@@ -459,6 +780,13 @@ class Resolver:
                 result = (None, getattr(e, "strerror", None) or str(e))
             self.done.append((host, result))
             self.wake()
+
+    def warm(self, hosts):
+        """Look the upstream names up once at start: fills the cache, and the admin sees
+        the addresses (or the error) in the log."""
+        for host in hosts:
+            if literal_address(host, 0) is None:
+                self.resolve(host, 0, log_resolved)
 
     def dispatch(self):
         """Deliver finished lookups to those waiting for them (called from the loop)."""
@@ -480,6 +808,15 @@ class Resolver:
                 callback(host, entry and with_port(entry, port), error)
 
 
+def log_resolved(host, addrs, error):
+    """The answer to a lookup made at start, for the admin to see."""
+    if error is not None:
+        log(WARNING, "resolve host=%s error=%r; will retry for each connection" % (host, error))
+    else:
+        ips = sorted({sockaddr[0] for _, sockaddr in addrs})
+        log(NOTICE, "resolve host=%s addresses=%s" % (host, ",".join(ips)))
+
+
 def with_port(entry, port):
     """A cache entry's addresses with `port` set, made once per port and shared by every
     session (a sockaddr tuple per session would cost memory for nothing)."""
@@ -499,13 +836,158 @@ def literal_address(host, port):
 
 
 # ----------------------------------------------------------------------------------------------
-# Relay: a Session per client, a Flow per direction
+# Connecting: resolve, connect to each address of each upstream in turn, then the header
 # ----------------------------------------------------------------------------------------------
 
-BUFFER = bytearray(CHUNK)       # one read buffer for every copy: the loop is single-threaded
-VIEW = memoryview(BUFFER)
-SPLICE = getattr(os, "splice", None)
+CONNECT_PENDING = {0, errno.EINPROGRESS, getattr(errno, "WSAEWOULDBLOCK", errno.EINPROGRESS)}
+SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)     # Linux: non-blocking from the start
+STREAM_NONBLOCK = socket.SOCK_STREAM | SOCK_NONBLOCK
+
+# session stages (Session.stage)
+RESOLVING, CONNECTING, STREAMING, CLOSED = "resolving", "connecting", "streaming", "closed"
+
+
+class Connector:
+    """The connecting half of a session: failover through the mapping's upstreams.
+
+    For each upstream in order: resolve its name (RESOLVING), then try each address in
+    turn (CONNECTING, one non-blocking connect at a time). The first connect that
+    completes hands the socket to the session, which starts STREAMING; when every
+    address of every upstream has failed, the session closes as connect-failed with the
+    last error. `deadline` bounds the current step (one lookup, or one connect); the
+    server's sweep checks it and calls timed_out(), so no timer object exists per session.
+    The session drops its Connector once connected.
+    """
+
+    __slots__ = ("session", "upstream_index", "host", "port", "addrs", "deadline", "error")
+
+    def __init__(self, session):
+        self.session = session
+        self.upstream_index = 0         # the next upstream of the mapping to try
+        self.host = self.port = self.addrs = None
+        self.deadline = 0.0
+        self.error = "no upstream"
+
+    def try_next_upstream(self):
+        """Resolve the next upstream (its addresses come to resolved()), or give up."""
+        session = self.session
+        upstreams = session.mapping.upstreams
+        if self.upstream_index >= len(upstreams):
+            return session.close("connect-failed", self.error)
+        self.host, self.port = upstreams[self.upstream_index]
+        self.upstream_index += 1
+        session.stage = RESOLVING
+        server = session.server
+        self.deadline = server.now + server.connect_timeout
+        server.resolver.resolve(self.host, self.port, self.resolved)
+
+    def resolved(self, host, addrs, error):
+        """The resolver's answer (a callback from the loop)."""
+        if self.session.stage is not RESOLVING or host != self.host:
+            return              # closed meanwhile, or this lookup already timed out
+        if error is not None:
+            self.error = "cannot resolve %s: %s" % (self.host, error)
+            return self.try_next_upstream()
+        self.addrs = collections.deque(addrs)
+        self.connect_next_address()
+
+    def timed_out(self):
+        """The current step ran past its deadline (called by the server's sweep)."""
+        session = self.session
+        if session.stage is RESOLVING:
+            self.error = "resolving %s timed out" % self.host
+            self.try_next_upstream()
+        elif session.stage is CONNECTING:
+            self.address_failed("timed out after %gs" % session.server.connect_timeout)
+
+    def connect_next_address(self):
+        """Start a connect to the next address of the current upstream, or move on."""
+        session = self.session
+        server = session.server
+        while self.addrs:
+            family, sockaddr = self.addrs.popleft()
+            try:
+                sock = _socket.socket(family, STREAM_NONBLOCK)
+            except OSError as e:
+                self.error = "cannot open a socket: %s" % e.strerror
+                if e.errno in FD_EXHAUSTED:
+                    server.acceptor.out_of_fds("connect to %s" % self.host, e)
+                continue
+            if not SOCK_NONBLOCK:
+                sock.setblocking(False)
+            tune_socket(sock)
+            err = sock.connect_ex(sockaddr)
+            if err in CONNECT_PENDING:
+                session.upstream = sock
+                session.target = sockaddr
+                session.stage = CONNECTING
+                self.deadline = server.now + server.connect_timeout
+                session.update_events()
+                return
+            sock.close()
+            self.error = "connect to %s: %s" % (format_address(*sockaddr[:2]), os.strerror(err))
+        self.try_next_upstream()
+
+    def address_failed(self, why):
+        """The connect in flight failed: drop its socket and try the next address."""
+        session = self.session
+        self.error = "connect to %s: %s" % (format_address(*session.target[:2]), why)
+        session.server.watch(session.upstream.fileno(), session.upstream_events, 0, session)
+        session.upstream_events = 0
+        session.upstream.close()
+        session.upstream = session.target = None
+        self.connect_next_address()
+
+    def check_connected(self):
+        """The upstream socket is writable: did the connect succeed? If so, start
+        streaming and return True; if not, move on to the next address."""
+        session = self.session
+        err = session.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.address_failed(os.strerror(err))
+            return False
+        session.start_streaming()
+        return True
+
+    def describe(self):
+        """The upstream being tried, for the session line."""
+        return format_address(self.host, self.port) if self.host is not None else "-"
+
+
+# ----------------------------------------------------------------------------------------------
+# Relay: a Flow per direction; copy or splice; half-close
+# ----------------------------------------------------------------------------------------------
+#
+# The life of a connection:
+#
+#   accept ──▶ RESOLVING ──▶ CONNECTING ──▶ STREAMING ──▶ CLOSED
+#   (Acceptor)  (Connector: each upstream,   (two Flows)    (Session.close, the session line)
+#                each address, the header)
+#
+# The Acceptor accepts a client and the server starts a Session for it. The session's
+# Connector resolves the first upstream and connects to its addresses one at a time,
+# moving on to the next upstream when all fail; meanwhile what the client sends is kept
+# (preread). When a connect completes, the PROXY header and those early bytes leave in one
+# send, and the session streams: `up` moves client -> upstream, `down` upstream -> client.
+#
+# Every socket event goes to Session.on_event, which lets the flows move bytes and then
+# calls Session.update_events(): the one place that decides what to poll for on each
+# socket. A flow with bytes pending does not read (backpressure); a FIN from one side is
+# passed on with shutdown(SHUT_WR) once everything before it is delivered (half-close),
+# and the other direction keeps flowing. The session ends when both FINs have been passed
+# on, on a reset or error (passed on as a reset), on the idle timeout (the server's sweep),
+# or when a drain runs out. Session.close() may be called any number of times; the first
+# call closes both sockets, frees the pipes and writes the session line.
+
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+CHUNK = 256 * 1024              # most bytes moved per read (and the size of a splice pipe)
+PULL_ROUNDS = 4                 # chunks moved per readable event while the source stays full
+SPLICE_AFTER = 64 * 1024        # bytes in one event that turn a direction to splice (bulk)
+PIPE_POOL = 32                  # idle splice pipes kept for reuse
+os_splice = getattr(os, "splice", None)
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+# splice(2) on sockets refused by this kernel or sandbox: copy instead
+SPLICE_REFUSED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
 
 class PeerError(Exception):
@@ -517,18 +999,72 @@ class PeerError(Exception):
         self.error = error
 
 
+def io(call, side, *args):
+    """One non-blocking socket or splice call: its result, or None when it would block.
+
+    This is the relay's one errno policy: any other OSError means the peer on `side`
+    broke (a reset, a timeout from keepalive...), raised as PeerError(side) so the session
+    closes both sides and passes a reset on.
+    """
+    try:
+        return call(*args)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        raise PeerError(side, e)
+
+
+class Relay:
+    """How one server moves bytes: its mode, the read buffer, and the splice pipes.
+
+    `mode` is "copy" (recv_into/send through `buffer`, one buffer for every session: the
+    loop is single-threaded) or "splice": then each direction starts out copying and
+    turns to splice (socket -> pipe -> socket, never through Python) once one event
+    brings SPLICE_AFTER bytes, as HAProxy's splice-auto does: for an SMTP line or an IMAP
+    command, two splices through a pipe cost more than one copy. When the kernel refuses
+    splice, the mode turns to "copy" for good (splice_refused) and every flow that was
+    splicing copies from its next read on.
+    """
+
+    __slots__ = ("mode", "buffer", "view", "pipes")
+
+    def __init__(self, wanted):
+        self.mode = choose_relay(wanted)
+        self.buffer = bytearray(CHUNK)
+        self.view = memoryview(self.buffer)
+        self.pipes = PipePool()
+
+    def splice_refused(self, error):
+        """The kernel or a sandbox refused splice(2) (`error`): copy from now on."""
+        if self.mode == "splice":
+            log(WARNING, "splice unavailable (%s); relaying with recv/send" % error.strerror)
+            self.mode = "copy"
+
+
+def choose_relay(wanted):
+    """splice where the platform has it (Linux, Python >= 3.10), else copy."""
+    available = os_splice is not None and fcntl is not None and hasattr(os, "pipe2")
+    if wanted == "copy" or not available:
+        if wanted == "splice":
+            log(WARNING, "--relay splice needs Linux and Python >= 3.10; using copy")
+        return "copy"
+    return "splice"
+
+
 class Flow:
-    """The state of one direction of a session: what `src` sends is written to `dst`.
+    """One direction of a session: what `src` sends is written to `dst`.
     (The session owns the two sockets and hands them to each step.)
 
     `pending` holds bytes `dst` would not take yet (the PROXY header and early client
     bytes start there); it is None whenever the flow is idle, so an idle session owns
-    no buffer. While anything is pending, `src` is not read: that is the backpressure.
-    `eof` is set when `src` has sent FIN; `shut` once the FIN has been passed on to
-    `dst` with shutdown(SHUT_WR), after everything before it.
+    no buffer. `pipe` is a splice pipe lent while it holds `piped` bytes. While anything
+    is pending or piped, `src` is not read: that is the backpressure. `eof` is set when
+    `src` has sent FIN; `shut` once the FIN has been passed on to `dst` with
+    shutdown(SHUT_WR), after everything before it. `splicing`: this direction has
+    turned to splice (see Relay).
     """
 
-    __slots__ = ("pending", "pipe", "piped", "count", "eof", "shut")
+    __slots__ = ("pending", "pipe", "piped", "count", "eof", "shut", "splicing")
 
     def __init__(self):
         self.pending = None     # a memoryview of bytes not yet sent to dst
@@ -537,54 +1073,103 @@ class Flow:
         self.count = 0          # bytes read from src
         self.eof = False
         self.shut = False
+        self.splicing = False
 
-    def pull(self, src, dst):
-        """`src` is readable and nothing is pending: move what it has to `dst`. A read that
-        fills the whole buffer means more is waiting: read again now (a few times) rather
-        than after another trip through the loop."""
+    def pull(self, src, dst, relay):
+        """`src` is readable and nothing is pending: move what it has to `dst`.
+        Raises PeerError when a side broke."""
+        if self.splicing and relay.mode == "splice":
+            return self.pull_spliced(src, dst, relay)
+        before = self.count
+        self.pull_copied(src, dst, relay)
+        if self.count - before >= SPLICE_AFTER and relay.mode == "splice":
+            self.splicing = True
+
+    def pull_copied(self, src, dst, relay):
+        """recv_into the shared buffer, send at once, keep only what `dst` would not take.
+        A read that fills the whole buffer means more is waiting: read again now (a few
+        times) rather than after another trip through the loop."""
+        buffer, view = relay.buffer, relay.view
         for _ in range(PULL_ROUNDS):
-            try:
-                n = src.recv_into(BUFFER)
-            except (BlockingIOError, InterruptedError):
+            n = io(src.recv_into, src, buffer)
+            if n is None:
                 return
-            except OSError as e:
-                raise PeerError(src, e)
             if not n:
                 self.eof = True
-                self.finish(dst)
+                self.pass_fin(dst)
                 return
             self.count += n
-            try:
-                sent = dst.send(VIEW[:n])
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as e:
-                raise PeerError(dst, e)
+            sent = io(dst.send, dst, view[:n]) or 0
             if sent != n:
                 # buffer only what the kernel would not take
-                self.pending = memoryview(VIEW[sent:n].tobytes())
+                self.pending = memoryview(view[sent:n].tobytes())
                 return
             if n < CHUNK:
                 return
 
-    def push(self, dst):
-        """`dst` is writable again: send what is pending, then pass on a FIN if one came."""
+    def pull_spliced(self, src, dst, relay):
+        """splice src -> pipe -> dst. A pipe is borrowed from the pool for each pull and
+        given back once empty, so idle sessions hold no pipe (and no descriptors beyond
+        their two sockets)."""
+        pipes = relay.pipes
+        for _ in range(PULL_ROUNDS):
+            pipe = pipes.take()
+            if pipe is None:        # no descriptors left for a pipe: copy this chunk instead
+                return self.pull_copied(src, dst, relay)
+            try:
+                n = io(os_splice, src, src.fileno(), pipe[1], CHUNK, None, None, SPLICE_FLAGS)
+            except PeerError as e:
+                pipes.give(pipe)
+                if e.error.errno in SPLICE_REFUSED:
+                    relay.splice_refused(e.error)
+                    return self.pull_copied(src, dst, relay)
+                raise
+            if n is None:
+                pipes.give(pipe)
+                return
+            if not n:
+                pipes.give(pipe)
+                self.eof = True
+                self.pass_fin(dst)
+                return
+            self.count += n
+            self.pipe = pipe
+            self.piped = n
+            self.send_piped(dst, relay)     # gives the pipe back once it is empty
+            if self.piped or n < CHUNK // 4:
+                return      # dst is full (the pipe stays lent until it drains), or src is empty
+
+    def push(self, dst, relay):
+        """`dst` is writable again: send what is pending or piped, then pass on a FIN if
+        one came. Raises PeerError when `dst` broke."""
         pending = self.pending
         if pending is not None:
-            try:
-                sent = dst.send(pending)
-            except (BlockingIOError, InterruptedError):
+            sent = io(dst.send, dst, pending)
+            if sent is None:
                 return
-            except OSError as e:
-                raise PeerError(dst, e)
             if sent != len(pending):
                 self.pending = pending[sent:]
                 return
             self.pending = None
+        elif self.piped:
+            return self.send_piped(dst, relay)
         if self.eof:
-            self.finish(dst)
+            self.pass_fin(dst)
 
-    def finish(self, dst):
+    def send_piped(self, dst, relay):
+        """splice what the pipe holds on to `dst`; give the pipe back once it is empty."""
+        sent = io(os_splice, dst, self.pipe[0], dst.fileno(), self.piped, None, None,
+                  SPLICE_FLAGS)
+        if sent is None:
+            return
+        self.piped -= sent
+        if not self.piped:
+            relay.pipes.give(self.pipe)
+            self.pipe = None
+            if self.eof:
+                self.pass_fin(dst)
+
+    def pass_fin(self, dst):
         """Pass `src`'s FIN on to `dst` once everything before it has been delivered."""
         if self.shut or self.pending is not None or self.piped:
             return
@@ -602,85 +1187,8 @@ class Flow:
             self.pipe = None
 
 
-class SpliceFlow(Flow):
-    """A Flow that moves bytes socket -> pipe -> socket with splice(2), never through Python.
-
-    A pipe is borrowed from the pool for each pull and given back once empty, so idle
-    sessions hold no pipe (and no file descriptors beyond their two sockets).
-    """
-
-    __slots__ = ()
-
-    def pull(self, src, dst):
-        for _ in range(PULL_ROUNDS):
-            pipe = PIPES.take()
-            if pipe is None:        # no descriptors left for a pipe: copy this chunk instead
-                return Flow.pull(self, src, dst)
-            try:
-                n = SPLICE(src.fileno(), pipe[1], CHUNK, flags=SPLICE_FLAGS)
-            except (BlockingIOError, InterruptedError):
-                PIPES.give(pipe)
-                return
-            except OSError as e:
-                PIPES.give(pipe)
-                if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    return self.unsupported(e, src, dst)
-                raise PeerError(src, e)
-            if not n:
-                PIPES.give(pipe)
-                self.eof = True
-                self.finish(dst)
-                return
-            self.count += n
-            self.pipe = pipe
-            self.piped = n
-            self.drain_pipe(dst)        # gives the pipe back once it is empty
-            if self.piped or n < CHUNK // 4:
-                return      # dst is full (the pipe stays lent until it drains), or src is empty
-
-    def push(self, dst):
-        if self.pending is not None or not self.piped:
-            return Flow.push(self, dst)
-        self.drain_pipe(dst)
-
-    def drain_pipe(self, dst):
-        try:
-            sent = SPLICE(self.pipe[0], dst.fileno(), self.piped, flags=SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            raise PeerError(dst, e)
-        self.piped -= sent
-        if not self.piped:
-            PIPES.give(self.pipe)
-            self.pipe = None
-            if self.eof:
-                self.finish(dst)
-
-    def unsupported(self, error, src, dst):
-        # some kernels and sandboxes refuse splice on sockets: copy from here on
-        log(WARNING, "splice unavailable (%s); relaying with recv/send" % error.strerror)
-        Session.flow_class = Flow
-        self.__class__ = Flow
-        return self.pull(src, dst)
-
-
-class AutoFlow(Flow):
-    """The flow of --relay splice: a direction starts out copying, and turns to splice for
-    good once one event brings SPLICE_AFTER bytes (bulk data). For an SMTP line or an IMAP
-    command, two splices through a pipe cost more than one copy (as HAProxy's splice-auto)."""
-
-    __slots__ = ()
-
-    def pull(self, src, dst):
-        before = self.count
-        Flow.pull(self, src, dst)
-        if self.count - before >= SPLICE_AFTER and Session.flow_class is AutoFlow:
-            self.__class__ = SpliceFlow     # same slots: only the methods change
-
-
 class PipePool:
-    """Empty pipes for splice, sized to CHUNK, kept for reuse up to PIPE_POOL of them."""
+    """Empty pipes for splice, sized to CHUNK, kept for reuse up to `limit` of them."""
 
     __slots__ = ("free", "limit")
 
@@ -689,6 +1197,7 @@ class PipePool:
         self.limit = limit
 
     def take(self):
+        """An empty pipe (read_fd, write_fd), or None when no descriptor is left for one."""
         if self.free:
             return self.free.pop()
         try:
@@ -702,6 +1211,7 @@ class PipePool:
         return r, w
 
     def give(self, pipe):
+        """Take an empty pipe back: kept for the next pull, or closed when enough are kept."""
         if len(self.free) < self.limit:
             self.free.append(pipe)
         else:
@@ -709,42 +1219,28 @@ class PipePool:
             os.close(pipe[1])
 
 
-PIPES = PipePool()
+# ----------------------------------------------------------------------------------------------
+# Session: one client, its upstream, two flows; ending and the session line
+# ----------------------------------------------------------------------------------------------
 
-# session stages
-RESOLVING, CONNECTING, STREAMING, CLOSED = "resolving", "connecting", "streaming", "closed"
-
-
-class Attempt:
-    """Where a session's upstream connect stands. Dropped once connected.
-
-    `deadline` bounds the current step (resolving a name, or one connect); the
-    server's sweep checks it, so a session needs no timer object of its own."""
-
-    __slots__ = ("next_upstream", "host", "port", "addrs", "deadline", "error")
-
-    def __init__(self):
-        self.next_upstream = 0
-        self.host = self.port = self.addrs = None
-        self.deadline = 0.0
-        self.error = "no upstream"
+PREREAD_LIMIT = 64 * 1024       # client bytes held while the upstream connect is in flight
+LINGER_RST = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends a reset
 
 
 class Session:
     """One client connection and its upstream connection.
 
-    Stages: RESOLVING the upstream name, CONNECTING to one of its addresses, then
-    STREAMING until both directions have ended (or a reset, an error, the idle
-    timeout or the end of a drain), then CLOSED. While not yet STREAMING, what
-    the client sends is read into the `up` flow's pending buffer (up to
+    Stages: RESOLVING the upstream name and CONNECTING to one of its addresses (both
+    driven by `connector`), then STREAMING until both directions have ended (or a
+    reset, an error, the idle timeout or the end of a drain), then CLOSED. While not yet
+    STREAMING, what the client sends is read into the `up` flow's pending buffer (up to
     PREREAD_LIMIT) and goes out right behind the PROXY header, in the same send.
+    `client_events` and `upstream_events` are what the selector watches on each socket.
     """
 
     __slots__ = ("server", "mapping", "client", "upstream", "peer", "target",
-                 "stage", "started", "active_at", "up", "down", "attempt", "end",
-                 "cmask", "umask")
-
-    flow_class = Flow
+                 "stage", "started", "active_at", "up", "down", "connector", "end",
+                 "client_events", "upstream_events")
 
     def __init__(self, server, mapping, client, peer):
         self.server = server
@@ -755,39 +1251,46 @@ class Session:
         self.target = None              # the upstream address connected (or tried) to
         self.stage = RESOLVING
         self.started = self.active_at = server.now
-        self.up = self.flow_class()         # client -> upstream
-        self.down = self.flow_class()       # upstream -> client
-        self.attempt = Attempt()
+        self.up = Flow()                # client -> upstream
+        self.down = Flow()              # upstream -> client
+        self.connector = Connector(self)    # None once connected
         self.end = None                 # how it ended; the first FIN sets it
-        self.cmask = self.umask = 0     # what the selector watches on each socket
+        self.client_events = self.upstream_events = 0
+
+    def start(self):
+        """Read the client while the connector looks for an upstream."""
+        self.update_events()
+        self.connector.try_next_upstream()
 
     # -- events --------------------------------------------------------------------------------
 
     def on_event(self, fd, mask):
+        """A socket of this session is ready: move bytes, then decide what to wait for."""
         if self.stage is CLOSED:
             return
         self.active_at = self.server.now
+        relay = self.server.relay
         # Act only on what was asked for: selectors reports an error or hang-up as READ|WRITE,
         # and reading a side whose bytes cannot be passed on yet would reorder the stream.
         try:
             if fd == self.client.fileno():
-                mask &= self.cmask
+                mask &= self.client_events
                 if mask & READ:
                     if self.stage is STREAMING:
-                        self.up.pull(self.client, self.upstream)
+                        self.up.pull(self.client, self.upstream, relay)
                     else:
                         self.preread()
                 if mask & WRITE:
-                    self.down.push(self.client)
+                    self.down.push(self.client, relay)
             elif self.upstream is not None and fd == self.upstream.fileno():
-                mask &= self.umask
+                mask &= self.upstream_events
                 if self.stage is CONNECTING:
-                    if not self.connected():
+                    if not self.connector.check_connected():
                         return
                 if mask & READ:
-                    self.down.pull(self.upstream, self.client)
+                    self.down.pull(self.upstream, self.client, relay)
                 if mask & WRITE:
-                    self.up.push(self.upstream)
+                    self.up.push(self.upstream, relay)
             else:
                 return          # an event for a socket this session has already closed
         except PeerError as e:
@@ -797,130 +1300,53 @@ class Session:
             self.end = "client-fin" if up.eof else "upstream-fin"
         if up.shut and down.shut:
             return self.close(self.end)
-        self.update()
+        self.update_events()
 
-    def update(self):
-        """The one place that decides what to wait for on each socket."""
+    def update_events(self):
+        """The one place that decides what to wait for on each socket: read a side only
+        while its bytes can be passed on, write a side only while bytes wait for it."""
         up, down = self.up, self.down
         if self.stage is STREAMING:
-            cmask = ((0 if up.eof or up.pending is not None or up.piped else READ)
-                     | (WRITE if down.pending is not None or down.piped else 0))
-            umask = ((0 if down.eof or down.pending is not None or down.piped else READ)
-                     | (WRITE if up.pending is not None or up.piped else 0))
+            client_events = ((0 if up.eof or up.pending is not None or up.piped else READ)
+                             | (WRITE if down.pending is not None or down.piped else 0))
+            upstream_events = ((0 if down.eof or down.pending is not None or down.piped else READ)
+                               | (WRITE if up.pending is not None or up.piped else 0))
         else:
             full = up.pending is not None and len(up.pending) >= PREREAD_LIMIT
-            cmask = 0 if up.eof or full else READ
-            umask = WRITE if self.stage is CONNECTING else 0
-        if cmask != self.cmask:
-            self.server.watch(self.client.fileno(), self.cmask, cmask, self)
-            self.cmask = cmask
-        if umask != self.umask:
-            self.server.watch(self.upstream.fileno(), self.umask, umask, self)
-            self.umask = umask
+            client_events = 0 if up.eof or full else READ
+            upstream_events = WRITE if self.stage is CONNECTING else 0
+        if client_events != self.client_events:
+            self.server.watch(self.client.fileno(), self.client_events, client_events, self)
+            self.client_events = client_events
+        if upstream_events != self.upstream_events:
+            self.server.watch(self.upstream.fileno(), self.upstream_events, upstream_events, self)
+            self.upstream_events = upstream_events
 
     def preread(self):
         """Before the upstream is there: keep what the client sends (TLS ClientHello...)."""
-        try:
-            n = self.client.recv_into(BUFFER, PREREAD_LIMIT)
-        except (BlockingIOError, InterruptedError):
+        relay = self.server.relay
+        n = io(self.client.recv_into, self.client, relay.buffer, PREREAD_LIMIT)
+        if n is None:
             return
-        except OSError as e:
-            raise PeerError(self.client, e)
         up = self.up
         if not n:
             up.eof = True
             return
         up.count += n
-        data = VIEW[:n].tobytes()
+        data = relay.view[:n].tobytes()
         up.pending = memoryview(data if up.pending is None else up.pending.tobytes() + data)
 
-    # -- connecting ----------------------------------------------------------------------------
-
-    def start(self):
-        self.update()
-        self.next_upstream()
-
-    def next_upstream(self):
-        attempt = self.attempt
-        upstreams = self.mapping.upstreams
-        if attempt.next_upstream >= len(upstreams):
-            return self.close("connect-failed", attempt.error)
-        attempt.host, attempt.port = upstreams[attempt.next_upstream]
-        attempt.next_upstream += 1
-        self.stage = RESOLVING
-        attempt.deadline = self.server.now + self.server.connect_timeout
-        self.server.resolver.resolve(attempt.host, attempt.port, self.resolved)
-
-    def resolved(self, host, addrs, error):
-        attempt = self.attempt
-        if self.stage is not RESOLVING or host != attempt.host:
-            return              # closed meanwhile, or this lookup already timed out
-        if error is not None:
-            attempt.error = "cannot resolve %s: %s" % (attempt.host, error)
-            return self.next_upstream()
-        attempt.addrs = collections.deque(addrs)
-        self.next_address()
-
-    def timed_out(self):
-        """The current step ran past its deadline (called by the server's sweep)."""
-        if self.stage is RESOLVING:
-            self.attempt.error = "resolving %s timed out" % self.attempt.host
-            self.next_upstream()
-        elif self.stage is CONNECTING:
-            self.attempt_failed("timed out after %gs" % self.server.connect_timeout)
-
-    def next_address(self):
-        """Start a connect to the next address of the current upstream, or move on."""
-        attempt = self.attempt
-        while attempt.addrs:
-            family, sockaddr = attempt.addrs.popleft()
-            try:
-                sock = _socket.socket(family, STREAM_NONBLOCK)
-            except OSError as e:
-                attempt.error = "cannot open a socket: %s" % e.strerror
-                if e.errno in FD_EXHAUSTED:
-                    self.server.out_of_fds("connect to %s" % attempt.host, e)
-                continue
-            if not SOCK_NONBLOCK:
-                sock.setblocking(False)
-            tune_socket(sock)
-            err = sock.connect_ex(sockaddr)
-            if err in CONNECT_PENDING:
-                self.upstream = sock
-                self.target = sockaddr
-                self.stage = CONNECTING
-                attempt.deadline = self.server.now + self.server.connect_timeout
-                self.update()
-                return
-            sock.close()
-            attempt.error = "connect to %s: %s" % (format_address(*sockaddr[:2]), os.strerror(err))
-        self.next_upstream()
-
-    def attempt_failed(self, why):
-        attempt = self.attempt
-        attempt.error = "connect to %s: %s" % (format_address(*self.target[:2]), why)
-        self.server.watch(self.upstream.fileno(), self.umask, 0, self)
-        self.umask = 0
-        self.upstream.close()
-        self.upstream = self.target = None
-        self.next_address()
-
-    def connected(self):
-        """The connect finished: check how, then send the header and the early client bytes."""
-        err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.attempt_failed(os.strerror(err))
-            return False
-        self.attempt = None
+    def start_streaming(self):
+        """The connect completed: the header and what the client sent so far leave in one
+        send (one segment), then both directions stream."""
+        self.connector = None
         self.stage = STREAMING
         up = self.up
         header = self.server.header
         if header is not None:
-            # the header and what the client sent so far leave in one send (one segment)
             head = header(self.peer, self.client.getsockname())
             up.pending = memoryview(head + up.pending.tobytes() if up.pending is not None else head)
-        up.push(self.upstream)
-        return True
+        up.push(self.upstream, self.server.relay)
 
     # -- ending --------------------------------------------------------------------------------
 
@@ -936,13 +1362,15 @@ class Session:
         self.close(side + "-reset", reason)
 
     def close(self, end, reason=None):
+        """End the session (idempotent): stop watching, close both sockets, free the pipes,
+        and let the server count it and write the session line."""
         if self.stage is CLOSED:
             return
         server = self.server
-        if self.cmask:
-            server.watch(self.client.fileno(), self.cmask, 0, self)
-        if self.umask:
-            server.watch(self.upstream.fileno(), self.umask, 0, self)
+        if self.client_events:
+            server.watch(self.client.fileno(), self.client_events, 0, self)
+        if self.upstream_events:
+            server.watch(self.upstream.fileno(), self.upstream_events, 0, self)
         self.client.close()
         if self.upstream is not None:
             self.upstream.close()
@@ -951,68 +1379,63 @@ class Session:
         self.stage = CLOSED
         server.session_ended(self, end, reason)
 
-    def describe(self, end, reason):
-        mapping = self.mapping
-        if self.target is not None:
-            upstream = format_address(*self.target[:2])
-        elif self.attempt is not None and self.attempt.host is not None:
-            upstream = format_address(self.attempt.host, self.attempt.port)
-        else:
-            upstream = "-"
-        line = ("session client=%s listen=%s upstream=%s up=%d down=%d secs=%.2f end=%s"
-                % (format_address(plain_ip(self.peer[0]), self.peer[1]), mapping.label, upstream,
-                   self.up.count, self.down.count, self.server.now - self.started, end))
-        if reason:
-            line += ' reason="%s"' % reason.replace('"', "'")
-        return line
 
-
-def tune_socket(sock):
-    """TCP_NODELAY: pass small writes (SMTP replies) on at once, as the peers wrote them.
-    Keepalive: find peers that vanished from long silent sessions (IMAP IDLE) and free them."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in KEEPALIVE_OPTIONS:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
-    except OSError:
-        pass
-
-
-KEEPALIVE_OPTIONS = [(getattr(socket, name), value) for name, value in (
-    ("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-    ("TCP_KEEPCNT", KEEPALIVE_COUNT)) if hasattr(socket, name)]
-# Linux copies these options from a listener to the sockets it accepts: set them once there.
-ACCEPTED_INHERIT_OPTIONS = sys.platform.startswith("linux")
+def session_line(session, end, reason):
+    """`session client=... listen=... upstream=... up=N down=N secs=S end=HOW [reason="..."]`:
+    one line per session, written when it ends."""
+    if session.target is not None:
+        upstream = format_address(*session.target[:2])
+    elif session.connector is not None:
+        upstream = session.connector.describe()
+    else:
+        upstream = "-"
+    line = ("session client=%s listen=%s upstream=%s up=%d down=%d secs=%.2f end=%s"
+            % (format_address(plain_ip(session.peer[0]), session.peer[1]), session.mapping.label,
+               upstream, session.up.count, session.down.count,
+               session.server.now - session.started, end))
+    if reason:
+        line += ' reason="%s"' % reason.replace('"', "'")
+    return line
 
 
 # ----------------------------------------------------------------------------------------------
-# Server: listeners, the selectors loop, timers, signals, counters
+# The loop: timers, the sweep (timeouts), signals, drain, stats
 # ----------------------------------------------------------------------------------------------
 
-class Listener:
-    """A listening socket of a mapping."""
+class Timers:
+    """Callbacks due at a time, kept on a heap and run from the loop.
 
-    __slots__ = ("server", "sock", "mapping", "fd", "family", "inherited")
+    call_later() returns the entry; setting entry[2] to None cancels it. A callback that
+    raises is reported through server.handle_error() and the others still run.
+    """
 
-    def __init__(self, server, sock, mapping, inherited=False):
+    __slots__ = ("server", "heap", "seq")
+
+    def __init__(self, server):
         self.server = server
-        self.sock = sock
-        self.mapping = mapping
-        self.fd = sock.fileno()
-        self.family = int(sock.family)      # the property builds an enum member on each read
-        self.inherited = inherited
+        self.heap = []              # [when, seq, callback, argument]
+        self.seq = itertools.count()
 
-    def on_event(self, fd, mask):
-        self.server.accept(self)
+    def call_later(self, delay, callback, argument=None):
+        """Run callback(argument) from the loop after `delay` seconds."""
+        entry = [self.server.now + delay, next(self.seq), callback, argument]
+        heapq.heappush(self.heap, entry)
+        return entry
 
-    def describe(self):
-        host, port = self.sock.getsockname()[:2]
-        if self.mapping.bind is None and self.sock.family == socket.AF_INET6:
-            host = "[::]" if dual_stack(self.sock) is False else "*"
-        elif ":" in host:
-            host = "[%s]" % host
-        return "%s:%d" % (host, port)
+    def run_due(self):
+        """Run what is due (setting server.now); return how long the loop may sleep."""
+        heap, server = self.heap, self.server
+        server.now = now = time.monotonic()
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if entry[2] is not None:
+                try:
+                    entry[2](entry[3])
+                except Exception:
+                    server.handle_error(getattr(entry[2], "__self__", None))
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+        return max(0.0, heap[0][0] - now) if heap else None
 
 
 class Waker:
@@ -1027,12 +1450,14 @@ class Waker:
         self.wsock.setblocking(False)
 
     def __call__(self):
+        """Wake the loop (from any thread)."""
         try:
             self.wsock.send(b"\0")
         except OSError:
             pass            # full: the loop has a wake-up pending anyway
 
     def on_event(self, fd, mask):
+        """Empty the socketpair, then hand finished lookups to those waiting for them."""
         try:
             while self.rsock.recv(4096):
                 pass
@@ -1042,146 +1467,39 @@ class Waker:
 
 
 class Server:
-    """Listens, accepts and runs every session from one selectors loop."""
+    """Runs every session from one selectors loop.
 
-    def __init__(self, options, mappings):
+    It owns the selector, the timers, the acceptor, the resolver and the relay mode, and
+    keeps the set of live sessions. serve_forever() runs until a drain ends: timers first,
+    then the ready sockets (each key's data has on_event(fd, mask)), then the signals
+    that arrived. Errors that are bugs, not bad peers, are logged by handle_error() and
+    close only the session they happened in.
+    """
+
+    def __init__(self, options, mappings, listeners):
         self.mappings = mappings
         self.connect_timeout = options.connect_timeout
         self.idle_timeout = options.idle_timeout
         self.drain_timeout = options.drain_timeout
         self.header = HEADERS[options.proxy_protocol]
-        self.proxy_protocol = options.proxy_protocol
         self.selector = selectors.DefaultSelector()
         self.now = time.monotonic()
-        self.timers = []                # heap of [when, seq, callback, argument]
-        self.timer_seq = itertools.count()
-        self.listeners = []
+        self.timers = Timers(self)
         self.sessions = set()
         self.signals = collections.deque()
         self.running = False
-        self.accepting = False
         self.stopping = False
-        self.warned_at = -WARN_INTERVAL
         self.waker = Waker(self)
         self.resolver = Resolver(self.waker)
         self.selector.register(self.waker.rsock.fileno(), READ, self.waker)
-        self.relay = choose_relay(options.relay)
-        Session.flow_class = AutoFlow if self.relay == "splice" else Flow
-        self.max_sessions = options.max_connections or max_sessions_for(len(mappings))
-        self.watchdog_interval = watchdog_interval()
+        self.relay = Relay(options.relay)
+        max_sessions = options.max_connections
+        if not max_sessions:
+            max_sessions, self.relay.pipes.limit = max_sessions_for(len(mappings))
+        self.acceptor = Acceptor(self, listeners, max_sessions)
+        self.notifier = Notifier(self)
         # deadlines are checked this often: to a quarter of the shortest timeout, at most 1 s
         self.sweep_interval = max(0.05, min(1.0, self.idle_timeout / 4, self.connect_timeout / 4))
-
-    # -- timers --------------------------------------------------------------------------------
-
-    def call_later(self, delay, callback, argument=None):
-        """Run callback(argument) from the loop after `delay` seconds. Returns an entry
-        whose [2] may be set to None to cancel it."""
-        entry = [self.now + delay, next(self.timer_seq), callback, argument]
-        heapq.heappush(self.timers, entry)
-        return entry
-
-    def run_timers(self):
-        """Run what is due; return how long the loop may sleep."""
-        timers = self.timers
-        self.now = now = time.monotonic()
-        while timers and timers[0][0] <= now:
-            entry = heapq.heappop(timers)
-            if entry[2] is not None:
-                try:
-                    entry[2](entry[3])
-                except Exception:
-                    self.handle_error(getattr(entry[2], "__self__", None))
-        while timers and timers[0][2] is None:
-            heapq.heappop(timers)
-        return max(0.0, timers[0][0] - now) if timers else None
-
-    # -- listeners -----------------------------------------------------------------------------
-
-    def open_listeners(self):
-        """Bind every mapping (or adopt sockets from systemd). Raises StartupError."""
-        inherited = systemd_sockets()
-        activated = bool(inherited)
-        for mapping in self.mappings:
-            socks = [s for s in inherited if listens_for(s, mapping)]
-            if socks:
-                for sock in socks:
-                    inherited.remove(sock)
-                    self.listeners.append(Listener(self, sock, mapping, inherited=True))
-                continue
-            if activated:
-                log(WARNING, "listen addr=%s has no socket from systemd; binding it here"
-                    % mapping.label)
-            for sock in bind_listeners(mapping):
-                self.listeners.append(Listener(self, sock, mapping))
-        for sock in inherited:
-            log(WARNING, "socket %s from systemd matches no mapping; closing it"
-                % format_address(*sock.getsockname()[:2]))
-            sock.close()
-        for listener in self.listeners:
-            sock = listener.sock
-            sock.setblocking(False)
-            if ACCEPTED_INHERIT_OPTIONS:
-                tune_socket(sock)
-            mapping = listener.mapping
-            log(NOTICE, "listen addr=%s upstream=%s proxy=%s%s" % (
-                listener.describe(), ",".join(format_address(*u) for u in mapping.upstreams),
-                self.proxy_protocol, " (from systemd)" if listener.inherited else ""))
-
-    def resume_accept(self, _=None):
-        if self.accepting or self.stopping or len(self.sessions) >= self.max_sessions:
-            return
-        for listener in self.listeners:
-            self.selector.register(listener.fd, READ, listener)
-        self.accepting = True
-
-    def pause_accept(self):
-        if self.accepting:
-            for listener in self.listeners:
-                self.selector.unregister(listener.fd)
-            self.accepting = False
-
-    def accept(self, listener):
-        """Accept until the backlog is empty (or a batch is done, to stay fair)."""
-        sock, mapping, sessions = listener.sock, listener.mapping, self.sessions
-        if not self.accepting:
-            return                      # paused while this event was waiting in the batch
-        for _ in range(ACCEPT_BATCH):
-            if len(sessions) >= self.max_sessions:
-                self.pause_accept()     # resumed when a session ends; clients wait in the backlog
-                self.warn("max connections (%d) reached; new clients wait in the listen backlog"
-                          % self.max_sessions)
-                return
-            try:
-                fd, peer = sock._accept()   # socket.accept() minus its Python wrapper
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue            # that client is gone already; the next one may not be
-                self.out_of_fds("accept on %s" % mapping.label, e)
-                return
-            client = _socket.socket(listener.family, socket.SOCK_STREAM, 0, fd)
-            client.setblocking(False)
-            if not ACCEPTED_INHERIT_OPTIONS:
-                tune_socket(client)
-            session = Session(self, mapping, client, peer)
-            sessions.add(session)
-            mapping.active += 1
-            mapping.sessions += 1
-            session.start()
-
-    def out_of_fds(self, what, error):
-        """Out of descriptors or memory: stop polling the listeners for a moment, so the loop
-        does not spin on a backlog it cannot take (HAProxy and nginx do the same)."""
-        self.pause_accept()
-        self.call_later(ACCEPT_PAUSE, self.resume_accept)
-        self.warn("%s: %s; pausing accepts for %gs" % (what, error.strerror, ACCEPT_PAUSE))
-
-    def warn(self, message):
-        if self.now - self.warned_at >= WARN_INTERVAL:
-            self.warned_at = self.now
-            log(WARNING, message)
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -1194,7 +1512,16 @@ class Server:
         else:
             self.selector.modify(fd, new, data)
 
+    def start_session(self, mapping, client, peer):
+        """A client was accepted: count it and start its session."""
+        session = Session(self, mapping, client, peer)
+        self.sessions.add(session)
+        mapping.active += 1
+        mapping.sessions += 1
+        session.start()
+
     def session_ended(self, session, end, reason):
+        """Called once by Session.close(): count it, write its line, make room for the next."""
         mapping = session.mapping
         self.sessions.discard(session)
         mapping.active -= 1
@@ -1202,14 +1529,14 @@ class Server:
         mapping.down += session.down.count
         if end == "connect-failed":
             mapping.failed += 1
-            log(WARNING, session.describe(end, reason))
+            log(WARNING, session_line(session, end, reason))
         elif log.threshold >= INFO:
-            log(INFO, session.describe(end, reason))
+            log(INFO, session_line(session, end, reason))
         if self.stopping:
             if not self.sessions:
                 self.running = False
-        elif not self.accepting:
-            self.resume_accept()
+        elif not self.acceptor.accepting:
+            self.acceptor.resume()
 
     def sweep(self, _=None):
         """Every sweep interval: close sessions silent both ways for idle_timeout, and move
@@ -1218,13 +1545,13 @@ class Server:
         now = self.now
         cutoff = now - self.idle_timeout
         late = [s for s in self.sessions
-                if (s.active_at < cutoff if s.stage is STREAMING else s.attempt.deadline < now)]
+                if (s.active_at < cutoff if s.stage is STREAMING else s.connector.deadline < now)]
         for session in late:
             if session.stage is STREAMING:
                 session.close("idle-timeout")
             else:
-                session.timed_out()
-        self.call_later(self.sweep_interval, self.sweep)
+                session.connector.timed_out()
+        self.timers.call_later(self.sweep_interval, self.sweep)
 
     def handle_error(self, data):
         """A bug, not a bad peer: log it loudly, close the session it happened in, carry on."""
@@ -1241,22 +1568,21 @@ class Server:
     # -- running -------------------------------------------------------------------------------
 
     def serve_forever(self):
+        """Start accepting, tell systemd we are ready, and run the loop until the drain ends."""
         self.install_signals()
         self.running = True
-        self.resume_accept()
-        self.call_later(self.sweep_interval, self.sweep)
-        if self.watchdog_interval:
-            self.call_later(self.watchdog_interval, self.feed_watchdog)
-        for host in {host for m in self.mappings for host, _ in m.upstreams}:
-            if literal_address(host, 0) is None:
-                self.resolver.resolve(host, 0, self.log_resolved)   # warm the cache, tell the admin
+        self.acceptor.resume()
+        self.timers.call_later(self.sweep_interval, self.sweep)
+        self.resolver.warm({host for m in self.mappings for host, _ in m.upstreams})
         log(NOTICE, "ready pid=%d listeners=%d relay=%s max-connections=%d"
-            % (os.getpid(), len(self.listeners), self.relay, self.max_sessions))
-        sd_notify("READY=1", "STATUS=" + self.status())
+            % (os.getpid(), len(self.acceptor.listeners), self.relay.mode,
+               self.acceptor.max_sessions))
+        self.notifier.ready()
         select = self.selector.select
+        run_due = self.timers.run_due
         handle_error = self.handle_error
         while self.running:
-            timeout = self.run_timers()
+            timeout = run_due()
             if not self.running:
                 break
             events = select(timeout)
@@ -1270,170 +1596,101 @@ class Server:
                 self.on_signal(self.signals.popleft())
         log(NOTICE, "stopped sessions=%d" % sum(m.sessions for m in self.mappings))
 
-    def log_resolved(self, host, addrs, error):
-        if error is not None:
-            log(WARNING, "resolve host=%s error=%r; will retry for each connection"
-                % (host, error))
-        else:
-            ips = sorted({sockaddr[0] for _, sockaddr in addrs})
-            log(NOTICE, "resolve host=%s addresses=%s" % (host, ",".join(ips)))
-
-    def status(self):
-        return "%d active, %d sessions; listening on %s" % (
-            len(self.sessions), sum(m.sessions for m in self.mappings),
-            " ".join(m.label for m in self.mappings))
-
-    def feed_watchdog(self, _=None):
-        # sent from the loop: a loop that is stuck stops feeding, and systemd restarts us
-        sd_notify("WATCHDOG=1", "STATUS=" + self.status())
-        self.call_later(self.watchdog_interval, self.feed_watchdog)
+    # -- signals, drain, stats -----------------------------------------------------------------
 
     def install_signals(self):
+        """Signal handlers only queue the signal and wake the loop; on_signal acts on it."""
         def handler(signum, frame):
-            self.signals.append(signum)     # the loop does the work; see on_signal
+            """Queue the signal; the wake-up fd wakes the loop."""
+            self.signals.append(signum)
         signal.set_wakeup_fd(self.waker.wsock.fileno())
         for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), handler)
 
     def on_signal(self, signum):
+        """USR1: log the counters. TERM, INT: drain."""
         if signum == getattr(signal, "SIGUSR1", None):
-            self.log_stats()
+            log(NOTICE, stats_line(self.mappings, self.sessions))
         else:
             self.begin_drain()
 
     def begin_drain(self):
+        """Stop accepting and release the ports; let open sessions finish, up to
+        drain_timeout. A second TERM/INT closes what is left at once."""
         if self.stopping:
             log(NOTICE, "second stop signal; closing %d sessions now" % len(self.sessions))
-            return self.finish_drain()
+            return self.end_drain()
         self.stopping = True
-        self.pause_accept()
-        for listener in self.listeners:
-            listener.sock.close()
-        sd_notify("STOPPING=1", "STATUS=draining %d sessions" % len(self.sessions))
+        self.acceptor.close()
+        self.notifier.stopping()
         log(NOTICE, "stopping active=%d drain=%gs" % (len(self.sessions), self.drain_timeout))
         if not self.sessions:
             self.running = False
         else:
-            self.call_later(self.drain_timeout, self.finish_drain)
+            self.timers.call_later(self.drain_timeout, self.end_drain)
 
-    def finish_drain(self, _=None):
+    def end_drain(self, _=None):
+        """The drain ran out: close every session left, and leave the loop."""
         for session in list(self.sessions):
             session.close("drain")
         self.running = False
 
-    def log_stats(self):
-        live = collections.defaultdict(lambda: [0, 0])
-        for session in self.sessions:
-            counts = live[session.mapping]
-            counts[0] += session.up.count
-            counts[1] += session.down.count
-        parts, totals = [], [0, 0, 0, 0, 0]
-        for m in self.mappings:
-            row = (m.active, m.sessions, m.failed, m.up + live[m][0], m.down + live[m][1])
-            totals = [a + b for a, b in zip(totals, row)]
-            parts.append("%s active=%d sessions=%d failed=%d up=%d down=%d" % ((m.label,) + row))
-        log(NOTICE, "stats active=%d sessions=%d failed=%d up=%d down=%d | %s"
+
+def stats_line(mappings, sessions):
+    """The `stats` line of SIGUSR1: totals, then per mapping (live sessions' bytes included)."""
+    live = collections.defaultdict(lambda: [0, 0])
+    for session in sessions:
+        counts = live[session.mapping]
+        counts[0] += session.up.count
+        counts[1] += session.down.count
+    parts, totals = [], [0, 0, 0, 0, 0]
+    for m in mappings:
+        row = (m.active, m.sessions, m.failed, m.up + live[m][0], m.down + live[m][1])
+        totals = [a + b for a, b in zip(totals, row)]
+        parts.append("%s active=%d sessions=%d failed=%d up=%d down=%d" % ((m.label,) + row))
+    return ("stats active=%d sessions=%d failed=%d up=%d down=%d | %s"
             % (tuple(totals) + (" | ".join(parts),)))
 
 
-def choose_relay(wanted):
-    """splice where the platform has it (Linux, Python >= 3.10), else copy."""
-    available = SPLICE is not None and fcntl is not None and hasattr(os, "pipe2")
-    if wanted == "copy" or not available:
-        if wanted == "splice":
-            log(WARNING, "--relay splice needs Linux and Python >= 3.10; using copy")
-        return "copy"
-    return "splice"
-
-
-def max_sessions_for(listeners):
-    """Sessions that fit in the open-file limit: two sockets each, plus headroom for
-    the splice pipe pool, listeners and the loop's own descriptors."""
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else 512
-    if limit == getattr(resource, "RLIM_INFINITY", -1):
-        limit = 1 << 20
-    spare = limit - RESERVED_FDS - 2 * listeners
-    PIPES.limit = max(1, min(PIPE_POOL, spare // 64))
-    return max(1, (spare - 2 * PIPES.limit) // 2)
-
-
-def raise_fd_limit():
-    """Raise the soft RLIMIT_NOFILE to the hard limit, as Go does at start."""
-    if resource is None:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass        # macOS refuses more than OPEN_MAX; keep what we have
-
-
-def dual_stack(sock):
-    try:
-        return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-    except (OSError, AttributeError):
-        return None
-
-
-def bind_listeners(mapping):
-    """Listening sockets for a mapping: one dual-stack socket for 'every interface' where
-    the OS allows it (else IPv6 + IPv4 sockets, or IPv4 alone when IPv6 is off)."""
-    if mapping.bind is not None:
-        family = socket.AF_INET6 if ":" in mapping.bind else socket.AF_INET
-        # an explicit [::] means IPv6 only, as in nginx, so 0.0.0.0 can be bound beside it
-        return [open_listener(family, mapping.bind, mapping.port, v6only=True)]
-    if socket.has_ipv6:
-        try:
-            return [open_listener(socket.AF_INET6, "::", mapping.port, v6only=False)]
-        except StartupError as e:
-            if e.args[1] not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENOPROTOOPT,
-                                 errno.EINVAL, errno.EPROTONOSUPPORT):
-                raise
-            if e.args[1] in (errno.ENOPROTOOPT, errno.EINVAL):   # no dual-stack sockets here
-                v6 = open_listener(socket.AF_INET6, "::", mapping.port, v6only=True)
-                return [v6, open_listener(socket.AF_INET, "0.0.0.0", mapping.port)]
-    return [open_listener(socket.AF_INET, "0.0.0.0", mapping.port)]
-
-
-def open_listener(family, host, port, v6only=True):
-    where = format_address(host, port)
-    try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as e:
-        raise StartupError("cannot listen on %s: %s" % (where, e.strerror), e.errno)
-    try:
-        if os.name == "posix":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            try:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
-            except OSError as e:
-                raise StartupError("cannot listen on %s: %s" % (where, e.strerror), e.errno)
-        sock.bind((host, port))
-        sock.listen(4096)       # the kernel caps it at net.core.somaxconn
-    except OSError as e:
-        sock.close()
-        hint = ""
-        if e.errno in (errno.EACCES, errno.EPERM) and port < 1024:
-            hint = (" (ports below 1024 need root or CAP_NET_BIND_SERVICE: run as root with "
-                    "--user NAME, or use the systemd unit)")
-        elif e.errno == errno.EADDRINUSE:
-            hint = " (another program listens there; `ss -ltnp 'sport = :%d'` shows which)" % port
-        elif e.errno == errno.EADDRNOTAVAIL:
-            hint = " (no interface of this machine has that address)"
-        raise StartupError("cannot listen on %s: %s%s" % (where, e.strerror, hint), e.errno)
-    except StartupError:
-        sock.close()
-        raise
-    return sock
-
-
 # ----------------------------------------------------------------------------------------------
-# systemd glue: sd_notify, watchdog, socket activation, privilege drop
+# systemd glue: sd_notify, watchdog, privilege drop (socket activation is with the listeners)
 # ----------------------------------------------------------------------------------------------
+
+class Notifier:
+    """Tells systemd how the server is: READY once the listeners accept, STATUS lines for
+    `systemctl status`, WATCHDOG pings, STOPPING when the drain begins. The pings are sent
+    from the loop, at half of WatchdogSec: a loop that is stuck stops feeding the watchdog,
+    and systemd restarts us. Without systemd every call is a no-op."""
+
+    __slots__ = ("server", "watchdog_interval")
+
+    def __init__(self, server):
+        self.server = server
+        self.watchdog_interval = watchdog_interval()
+
+    def status(self):
+        """The one-line STATUS= for systemctl status."""
+        server = self.server
+        return "%d active, %d sessions; listening on %s" % (
+            len(server.sessions), sum(m.sessions for m in server.mappings),
+            " ".join(m.label for m in server.mappings))
+
+    def ready(self):
+        """The listeners accept: READY=1, and the watchdog pings begin."""
+        sd_notify("READY=1", "STATUS=" + self.status())
+        if self.watchdog_interval:
+            self.server.timers.call_later(self.watchdog_interval, self.feed_watchdog)
+
+    def feed_watchdog(self, _=None):
+        """WATCHDOG=1 with a fresh STATUS, then again in half the watchdog time."""
+        sd_notify("WATCHDOG=1", "STATUS=" + self.status())
+        self.server.timers.call_later(self.watchdog_interval, self.feed_watchdog)
+
+    def stopping(self):
+        """The drain began."""
+        sd_notify("STOPPING=1", "STATUS=draining %d sessions" % len(self.server.sessions))
+
 
 def sd_notify(*lines):
     """Tell systemd how we are (sd_notify(3)); a no-op when not started by it."""
@@ -1463,45 +1720,8 @@ def watchdog_interval():
     return int(usec) / 2e6
 
 
-SD_LISTEN_FDS_START = 3
-
-
-def systemd_sockets():
-    """Listening sockets passed by systemd (sd_listen_fds(3)), as socket objects."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
-    count = os.environ.get("LISTEN_FDS", "")
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)      # not for any child process
-    socks = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count or 0)):
-        # Python < 3.7 does not detect a descriptor's family: ask the kernel (SO_DOMAIN)
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
-        try:
-            family = probe.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_DOMAIN", 39))
-            kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        except OSError:
-            family = kind = None
-        probe.detach()
-        if kind != socket.SOCK_STREAM or family not in (socket.AF_INET, socket.AF_INET6):
-            log(WARNING, "descriptor %d from systemd is not a TCP socket; ignoring it" % fd)
-            continue
-        socks.append(socket.socket(family, socket.SOCK_STREAM, 0, fd))
-    return socks
-
-
-def listens_for(sock, mapping):
-    host, port = sock.getsockname()[:2]
-    if port != mapping.port:
-        return False
-    if mapping.bind is None:
-        return host in ("::", "0.0.0.0")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return (":" in mapping.bind) == (family == socket.AF_INET6) and \
-        socket.inet_pton(family, host) == socket.inet_pton(family, mapping.bind)
-
-
 def lookup_user(name):
+    """The pwd entry of --user NAME; raises StartupError."""
     try:
         import pwd
         return pwd.getpwnam(name)
@@ -1540,8 +1760,8 @@ def main(argv=None):
     raise_fd_limit()
     try:
         user = lookup_user(options.user) if options.user else None
-        server = Server(options, mappings)
-        server.open_listeners()
+        listeners = open_listeners(mappings, options.proxy_protocol)
+        server = Server(options, mappings, listeners)
         if user is not None:
             drop_privileges(user)
     except StartupError as e:
