@@ -29,7 +29,7 @@ not start (e.g. a port is taken), 2 bad command line.
 #   Mappings ............ the mapping grammar -> Mapping      parse_mapping, overlapping
 #   Logging ............. one key=value line per event       Log, log
 #   Listeners ........... binding, systemd socket adoption   Listener, open_listeners
-#   Accept .............. batches, the connection cap,       Acceptor, max_sessions_for
+#   Accept .............. batches, the connection cap,       Acceptor, capacity
 #                         the out-of-descriptors pause
 #   PROXY header ........ the codec: pure functions          proxy_header_v1, proxy_header_v2
 #   Resolver ............ names off the event loop           Resolver
@@ -39,19 +39,43 @@ not start (e.g. a port is taken), 2 bad command line.
 #   Session ............. events -> flows, ending, the line  Session
 #   The loop ............ timers, sweep (idle timeout),      Timers, Waker, Server
 #                         signals, drain, stats
-#   systemd ............. notify, watchdog, privileges       sd_notify, drop_privileges
+#   systemd ............. notify, watchdog, privileges       Notifier, drop_privileges
 #   main ................ parse, bind, serve                 main
 
-import argparse
 import collections
+import signal
+
+# Signals are caught first thing, before the imports below take their ~20 ms: a HUP or
+# USR1 during start-up must not kill the relay (their default action), nor a Ctrl-C print
+# a traceback. The handler only queues the number; the loop acts on it (Server.on_signals).
+SIGNALS = collections.deque()
+CAUGHT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
+
+
+def queue_signal(signum, frame):
+    """The handler of every signal we act on (see catch_signals)."""
+    SIGNALS.append(signum)
+
+
+def catch_signals():
+    """Queue TERM, INT, HUP and USR1 for the loop instead of their default actions."""
+    for name in CAUGHT_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), queue_signal)
+
+
+if __name__ == "__main__":
+    catch_signals()
+
+import argparse     # noqa: E402  (after catch_signals, on purpose)
 import errno
 import heapq
 import itertools
 import os
 import queue
 import re
+import select
 import selectors
-import signal
 import socket
 import struct
 import sys
@@ -60,10 +84,6 @@ import time
 import traceback
 import _socket      # the C socket type under socket.socket: half the memory per connection
 
-try:
-    import fcntl
-except ImportError:  # not on Windows
-    fcntl = None
 try:
     import resource
 except ImportError:  # not on Windows
@@ -137,6 +157,9 @@ def build_parser():
     parser.add_argument("--drain-timeout", type=lambda t: seconds(t, allow_zero=True),
                         default=DEFAULT_DRAIN_TIMEOUT, metavar="SECS",
                         help="on TERM/INT, let open sessions finish this long (default: 30)")
+    parser.add_argument("--dns-ttl", type=seconds, default=DEFAULT_DNS_TTL, metavar="SECS",
+                        help="look upstream names up again after this long; an older answer "
+                        "is still used while a lookup is slow or failing (default: 30)")
     parser.add_argument("--max-connections", type=positive_int, metavar="N",
                         help="most sessions at once; more wait in the listen backlog "
                         "(default: as many as the open-file limit allows)")
@@ -321,35 +344,106 @@ ERROR, WARNING, NOTICE, INFO, DEBUG = 3, 4, 5, 6, 7
 LEVEL_NAMES = {ERROR: "error", WARNING: "warning", NOTICE: "notice", INFO: "info", DEBUG: "debug"}
 
 
+LOG_BACKLOG = 2000             # lines held for a slow stderr before lines are dropped
+LOG_EXIT_WAIT = 2.0            # at exit, how long a blocked stderr may hold the last lines
+
+
 class Log:
     """Writes lines to stderr: `date time level message`, or `<N>message` for the journal.
-    `threshold` is the least important priority written (DEBUG with -v, NOTICE with -q)."""
+    `threshold` is the least important priority written (DEBUG with -v, NOTICE with -q).
 
-    __slots__ = ("threshold", "journal")
+    Once start()ed, the loop never writes to stderr itself: a line goes onto `lines` and
+    a writer thread writes it out, so a stderr that blocks (a pipe nobody reads, a stalled
+    journald) cannot stop the relay. While it blocks, at most LOG_BACKLOG lines wait; the
+    ones after are counted, and a line says how many once stderr takes lines again.
+    """
+
+    __slots__ = ("threshold", "journal", "lines", "dropped", "wake", "writer")
 
     def __init__(self):
         self.threshold = INFO
         self.journal = False
+        self.lines = collections.deque()
+        self.dropped = 0
+        self.wake = threading.Event()
+        self.writer = None
 
     def configure(self, verbose=False, quiet=False):
         """Set the threshold from -v/-q, and the format from where stderr goes."""
         self.threshold = DEBUG if verbose else NOTICE if quiet else INFO
         self.journal = stderr_is_journal()
 
+    def start(self):
+        """From now on, lines are written by a thread of their own."""
+        if self.writer is None:
+            self.writer = threading.Thread(target=self.write_lines, name="log", daemon=True)
+            self.writer.start()
+
     def __call__(self, priority, message):
         """Write `message` at `priority` (ERROR ... DEBUG), unless it is below the threshold."""
         if priority > self.threshold:
             return
+        line = self.format(priority, message)
+        if self.writer is None:
+            return write_stderr(line)
+        lines = self.lines
+        if len(lines) >= LOG_BACKLOG:
+            self.dropped += 1
+            return
+        if self.dropped:
+            lines.append(self.format(WARNING, "log: %d lines dropped while stderr was blocked"
+                                     % self.dropped))
+            self.dropped = 0
+        lines.append(line)
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def format(self, priority, message):
+        """One line, as __call__ writes it."""
         if self.journal:
-            line = "<%d>%s\n" % (priority, message)
-        else:
-            line = "%s %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), LEVEL_NAMES[priority],
-                                   message)
+            return "<%d>%s\n" % (priority, message)
+        return "%s %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), LEVEL_NAMES[priority],
+                                message)
+
+    def write_lines(self):
+        """The writer thread: write what is queued, many lines per write."""
+        lines, wake = self.lines, self.wake
+        while True:
+            wake.wait()
+            wake.clear()
+            while lines:
+                batch = []
+                while lines and len(batch) < 256:
+                    batch.append(lines[0])
+                    lines.popleft()
+                write_stderr("".join(batch))
+
+    def flush(self, timeout=LOG_EXIT_WAIT):
+        """At exit: give the writer a moment to write what is left (never longer)."""
+        deadline = time.monotonic() + timeout
+        while self.writer is not None and self.lines and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def write_stderr(text):
+    """Write all of `text` to file descriptor 2 (blocking; a non-blocking stderr is waited
+    for), or nothing if stderr is gone. Never raises."""
+    data = text.encode("utf-8", "replace")
+    while data:
         try:
-            sys.stderr.write(line)
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass            # stderr is gone: keep relaying all the same
+            data = data[os.write(2, data):]
+        except (BlockingIOError, InterruptedError):
+            select_writable(2)
+        except OSError:
+            return
+
+
+def select_writable(fd):
+    """Wait up to a second for fd to take data (someone made stderr non-blocking)."""
+    try:
+        select.select([], [fd], [], 1.0)
+    except (OSError, ValueError):
+        time.sleep(0.1)
 
 
 def stderr_is_journal():
@@ -536,8 +630,11 @@ def listens_for(sock, mapping):
 
 def tune_socket(sock):
     """TCP_NODELAY: pass small writes (SMTP replies) on at once, as the peers wrote them.
-    Keepalive: find peers that vanished from long silent sessions (IMAP IDLE) and free them."""
+    Keepalive: find peers that vanished from long silent sessions (IMAP IDLE) and free them.
+    SO_OOBINLINE: a byte sent as TCP urgent data is relayed in its place in the stream, as
+    RFC 6093 advises, instead of being dropped (a relay cannot pass urgency on)."""
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in KEEPALIVE_OPTIONS:
@@ -552,7 +649,9 @@ def tune_socket(sock):
 
 ACCEPT_BATCH = 64               # accepts per listener per loop turn: fair to live sessions
 ACCEPT_PAUSE = 0.5              # on EMFILE stop accepting this long, as nginx does
-RESERVED_FDS = 16               # stdio, selector, wake-up pair, notify socket, resolver...
+RESERVED_FDS = 24               # stdio, selector, wake-up pipe, notify socket, resolver...
+MAX_PIPES = 1024                # splice pipes open at once, at most (2 descriptors each)
+SESSION_MEMORY = 2 * 64 * 1024 + 4096   # the most a session holds: 2 x CHUNK (see Relay)
 WARN_INTERVAL = 10.0            # at most one "out of file descriptors" line this often
 ACCEPT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}   # that client left already
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -644,15 +743,57 @@ class Acceptor:
             log(WARNING, message)
 
 
-def max_sessions_for(listeners):
-    """Sessions that fit in the open-file limit: two sockets each, plus headroom for the
-    splice pipe pool, listeners and the loop's own descriptors. Returns (sessions, pipes)."""
+def capacity(listeners, wanted=None):
+    """(sessions, pipes): how many sessions may be open at once, and splice pipes beside them.
+
+    Every session needs two descriptors (client and upstream) and may hold 2 x CHUNK of
+    data; a client that cannot be given both is never accepted (it waits in the backlog).
+    So the cap is what the open-file limit allows after the loop's own descriptors and the
+    pipes (an eighth of the rest), and, unless --max-connections says otherwise, what half
+    the memory this process may use holds. --max-connections above the descriptor
+    cap is lowered to it, with a warning.
+    """
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else 512
     if limit == getattr(resource, "RLIM_INFINITY", -1):
         limit = 1 << 20
-    spare = limit - RESERVED_FDS - 2 * listeners
-    pipes = max(1, min(PIPE_POOL, spare // 64))
-    return max(1, (spare - 2 * pipes) // 2), pipes
+    spare = max(0, limit - RESERVED_FDS - 2 * listeners)
+    pipes = min(MAX_PIPES, spare // 8 // 2)
+    by_fds = max(1, (spare - 2 * pipes) // 2)
+    if wanted:
+        if wanted > by_fds:
+            log(WARNING, "max-connections=%d is more than the open-file limit (%d) allows: out "
+                "of file descriptors past %d sessions; using %d (raise it with ulimit -n or "
+                "LimitNOFILE=)" % (wanted, limit, by_fds, by_fds))
+        return min(wanted, by_fds), pipes
+    budget = memory_budget()
+    by_memory = budget // SESSION_MEMORY if budget else by_fds
+    return max(1, min(by_fds, by_memory)), pipes
+
+
+def memory_budget():
+    """Half of the memory this process may use: physical memory, or its cgroup's limit
+    (systemd's MemoryMax=, a container) when lower. None when unknown."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    paths = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::/"):
+                    paths.append("/sys/fs/cgroup%s/memory.max" % line[3:].strip().rstrip("/"))
+    except OSError:
+        pass
+    for path in paths:
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total // 2
 
 
 def raise_fd_limit():
@@ -726,44 +867,60 @@ HEADERS = {"v2": proxy_header_v2, "v1": proxy_header_v1, "off": None}
 # Resolver: getaddrinfo() in worker threads, answers posted back to the event loop
 # ----------------------------------------------------------------------------------------------
 
-RESOLVE_TTL = 30.0              # getaddrinfo() tells no TTL; re-resolve this often
+DEFAULT_DNS_TTL = 30.0          # getaddrinfo() tells no TTL; re-resolve this often
+STALE_LIMIT = 86400.0           # serve an expired answer this long at most (RFC 8767: 1-3 days)
 RESOLVER_THREADS = 4
 
 
 class Resolver:
     """Resolves upstream names off the event loop and caches the answers.
 
-    A fresh answer (younger than RESOLVE_TTL) is used at once; otherwise a worker
-    thread asks getaddrinfo() and posts the answer to `done`, waking the loop. When
-    DNS fails, the last good answer is used instead, so a DNS outage does not stop
-    mail to an upstream whose address has not changed. Lookups of the same name
-    in flight together are made once.
+    An answer younger than `ttl` is used at once. An older one is still used at once
+    (serve-stale, RFC 8767), up to STALE_LIMIT, while a worker thread looks the name up
+    again in the background: a name server that goes silent delays no session. With no
+    usable answer, the caller waits for the lookup. Lookups of one name run once at a
+    time. A worker thread posts each answer to `done` and wakes the loop, which calls
+    dispatch(); whatever getaddrinfo() raises becomes that lookup's error, so a worker
+    never dies. Each caller passes a `tag` that comes back with its answer: a session
+    tells an answer for its current attempt from a late one for an earlier attempt.
     """
 
-    def __init__(self, wake):
+    def __init__(self, wake, ttl=DEFAULT_DNS_TTL):
         self.wake = wake
-        self.cache = {}                 # host -> (expires, [(family, sockaddr)], {port: addrs})
-        self.waiting = {}               # host -> [(port, callback)]
+        self.ttl = ttl
+        # host -> (fresh until, [(family, sockaddr)], {port: addrs}, usable until)
+        self.cache = {}
+        self.waiting = {}               # host -> [(port, callback, tag)]
+        self.in_flight = set()
         self.jobs = queue.Queue()
         self.done = collections.deque()
         self.threads = []
 
-    def resolve(self, host, port, callback):
-        """Call callback(host, addrs, error) from the loop: now if cached, else later.
-        `addrs` is a list of (family, sockaddr) with `port` in each sockaddr."""
+    def resolve(self, host, port, callback, tag):
+        """Call callback(tag, addrs, error) from the loop: now if an answer is cached,
+        else once the lookup ends. `addrs` is a list of (family, sockaddr) with `port` in
+        each sockaddr."""
         hit = self.cache.get(host)
         if hit is None:
             literal = literal_address(host, 0)
             if literal is not None:
-                hit = self.cache[host] = (float("inf"), [literal], {})
-        if hit is not None and hit[0] > time.monotonic():
-            callback(host, with_port(hit, port), None)
+                hit = self.cache[host] = (float("inf"), [literal], {}, float("inf"))
+        if hit is not None:
+            now = time.monotonic()
+            if hit[0] <= now < hit[3]:
+                self.look_up(host)          # in the background; this session takes the old answer
+                log(DEBUG, "resolve host=%s stale=yes age=%ds" % (host, now - hit[0] + self.ttl))
+            if now < hit[3]:
+                return callback(tag, with_port(hit, port), None)
+        self.waiting.setdefault(host, []).append((port, callback, tag))
+        self.look_up(host)
+
+    def look_up(self, host):
+        """Ask a worker thread for `host`, unless a lookup of it is under way."""
+        if host in self.in_flight:
             return
-        if host in self.waiting:
-            self.waiting[host].append((port, callback))
-            return
-        self.waiting[host] = [(port, callback)]
-        if len(self.threads) < RESOLVER_THREADS and len(self.waiting) > len(self.threads):
+        self.in_flight.add(host)
+        if len(self.threads) < RESOLVER_THREADS and len(self.in_flight) > len(self.threads):
             thread = threading.Thread(target=self.work, name="resolver", daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -776,36 +933,45 @@ class Resolver:
             try:
                 infos = socket.getaddrinfo(host, 0, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
                 result = ([(info[0], info[4]) for info in infos], None)
-            except (OSError, UnicodeError) as e:
-                result = (None, getattr(e, "strerror", None) or str(e))
+            except Exception as e:      # the lookup's error, whatever it is: never die here
+                result = (None, getattr(e, "strerror", None) or "%s: %s" % (type(e).__name__, e))
             self.done.append((host, result))
             self.wake()
+
+    def expire(self):
+        """Treat every cached answer as expired: the next use looks the name up again."""
+        for host, entry in self.cache.items():
+            if entry[0] != float("inf"):
+                self.cache[host] = (0.0,) + entry[1:]
 
     def warm(self, hosts):
         """Look the upstream names up once at start: fills the cache, and the admin sees
         the addresses (or the error) in the log."""
         for host in hosts:
             if literal_address(host, 0) is None:
-                self.resolve(host, 0, log_resolved)
+                self.resolve(host, 0, log_resolved, host)
 
     def dispatch(self):
         """Deliver finished lookups to those waiting for them (called from the loop)."""
         while self.done:
             host, (addrs, error) = self.done.popleft()
+            self.in_flight.discard(host)
+            now = time.monotonic()
             entry = None
             if addrs:
-                entry = self.cache[host] = (time.monotonic() + RESOLVE_TTL, addrs, {})
+                entry = self.cache[host] = (now + self.ttl, addrs, {}, now + self.ttl + STALE_LIMIT)
             else:
                 stale = self.cache.get(host)
-                if stale is not None:
-                    log(WARNING, "resolve host=%s error=%r; using the last good answer"
-                        % (host, error))
-                    entry = self.cache[host] = (time.monotonic() + RESOLVE_TTL / 3,) + stale[1:]
+                if stale is not None and now < stale[3]:
+                    log(WARNING, "resolve host=%s error=%r; serving the stale answer, %ds old"
+                        % (host, error, now - stale[0] + self.ttl))
+                    # ask again after a third of the TTL, not for every new session
+                    entry = self.cache[host] = (now + self.ttl / 3,) + stale[1:]
                     error = None
                 elif not error:
                     error = "no address"
-            for port, callback in self.waiting.pop(host, ()):
-                callback(host, entry and with_port(entry, port), error)
+            for port, callback, tag in self.waiting.pop(host, ()):
+                callback(tag, entry and with_port(entry, port), error)
 
 
 def log_resolved(host, addrs, error):
@@ -879,12 +1045,12 @@ class Connector:
         session.stage = RESOLVING
         server = session.server
         self.deadline = server.now + server.connect_timeout
-        server.resolver.resolve(self.host, self.port, self.resolved)
+        server.resolver.resolve(self.host, self.port, self.resolved, self.upstream_index)
 
-    def resolved(self, host, addrs, error):
-        """The resolver's answer (a callback from the loop)."""
-        if self.session.stage is not RESOLVING or host != self.host:
-            return              # closed meanwhile, or this lookup already timed out
+    def resolved(self, tag, addrs, error):
+        """The resolver's answer to lookup number `tag` (a callback from the loop)."""
+        if self.session.stage is not RESOLVING or tag != self.upstream_index:
+            return              # closed meanwhile, or an answer for an attempt given up on
         if error is not None:
             self.error = "cannot resolve %s: %s" % (self.host, error)
             return self.try_next_upstream()
@@ -980,14 +1146,15 @@ class Connector:
 # call closes both sockets, frees the pipes and writes the session line.
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
-CHUNK = 256 * 1024              # most bytes moved per read (and the size of a splice pipe)
-PULL_ROUNDS = 4                 # chunks moved per readable event while the source stays full
+CHUNK = 64 * 1024               # most bytes read at once, and so held per direction: the
+                                # memory bound of a session (a splice pipe's default size too)
+PULL_ROUNDS = 16                # chunks moved per readable event while the source stays full
 SPLICE_AFTER = 64 * 1024        # bytes in one event that turn a direction to splice (bulk)
 PIPE_POOL = 32                  # idle splice pipes kept for reuse
 os_splice = getattr(os, "splice", None)
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-# splice(2) on sockets refused by this kernel or sandbox: copy instead
-SPLICE_REFUSED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+# splice(2) on sockets refused by this kernel or sandbox (EPERM: a seccomp filter): copy instead
+SPLICE_REFUSED = {errno.EPERM, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
 
 class PeerError(Exception):
@@ -1043,7 +1210,7 @@ class Relay:
 
 def choose_relay(wanted):
     """splice where the platform has it (Linux, Python >= 3.10), else copy."""
-    available = os_splice is not None and fcntl is not None and hasattr(os, "pipe2")
+    available = os_splice is not None and hasattr(os, "pipe2")
     if wanted == "copy" or not available:
         if wanted == "splice":
             log(WARNING, "--relay splice needs Linux and Python >= 3.10; using copy")
@@ -1112,9 +1279,9 @@ class Flow:
         given back once empty, so idle sessions hold no pipe (and no descriptors beyond
         their two sockets)."""
         pipes = relay.pipes
-        for _ in range(PULL_ROUNDS):
+        for turn in range(PULL_ROUNDS):
             pipe = pipes.take()
-            if pipe is None:        # no descriptors left for a pipe: copy this chunk instead
+            if pipe is None:        # no pipe to spare: copy this chunk instead
                 return self.pull_copied(src, dst, relay)
             try:
                 n = io(os_splice, src, src.fileno(), pipe[1], CHUNK, None, None, SPLICE_FLAGS)
@@ -1126,6 +1293,10 @@ class Flow:
                 raise
             if n is None:
                 pipes.give(pipe)
+                if not turn:
+                    # Readable, yet splice has nothing: it stops at TCP urgent data (the
+                    # kernel's tcp_read_sock), for good. recv() reads past the mark.
+                    self.pull_copied(src, dst, relay)
                 return
             if not n:
                 pipes.give(pipe)
@@ -1179,44 +1350,51 @@ class Flow:
         except OSError:
             pass            # dst is already gone; reading from it will tell
 
-    def release(self):
+    def release(self, relay):
         """The session is closing: free the pipe, whatever it still holds."""
         if self.pipe is not None:
-            for fd in self.pipe:
-                os.close(fd)
+            relay.pipes.close(self.pipe)
             self.pipe = None
 
 
 class PipePool:
-    """Empty pipes for splice, sized to CHUNK, kept for reuse up to `limit` of them."""
+    """The splice pipes: at most `limit` open at once (lent or idle), the descriptors the
+    connection cap left for them, and up to PIPE_POOL idle ones kept for reuse. A pipe
+    has the default size, 64 KiB: what one direction may hold (CHUNK)."""
 
-    __slots__ = ("free", "limit")
+    __slots__ = ("free", "open", "limit")
 
     def __init__(self, limit=PIPE_POOL):
         self.free = []
+        self.open = 0
         self.limit = limit
 
     def take(self):
-        """An empty pipe (read_fd, write_fd), or None when no descriptor is left for one."""
+        """An empty pipe (read_fd, write_fd), or None when no more may be open (or the
+        process is out of descriptors): the caller copies instead."""
         if self.free:
             return self.free.pop()
-        try:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
+        if self.open >= self.limit:
             return None
         try:
-            fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), CHUNK)
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            pass            # over the user's pipe quota: the default 64 KiB works too
-        return r, w
+            return None
+        self.open += 1
+        return pipe
 
     def give(self, pipe):
         """Take an empty pipe back: kept for the next pull, or closed when enough are kept."""
-        if len(self.free) < self.limit:
+        if len(self.free) < PIPE_POOL:
             self.free.append(pipe)
         else:
-            os.close(pipe[0])
-            os.close(pipe[1])
+            self.close(pipe)
+
+    def close(self, pipe):
+        """Close a pipe for good (a closing session's, whatever it holds)."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+        self.open -= 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1324,11 +1502,11 @@ class Session:
 
     def preread(self):
         """Before the upstream is there: keep what the client sends (TLS ClientHello...)."""
-        relay = self.server.relay
-        n = io(self.client.recv_into, self.client, relay.buffer, PREREAD_LIMIT)
+        relay, up = self.server.relay, self.up
+        held = len(up.pending) if up.pending is not None else 0
+        n = io(self.client.recv_into, self.client, relay.buffer, PREREAD_LIMIT - held)
         if n is None:
             return
-        up = self.up
         if not n:
             up.eof = True
             return
@@ -1374,8 +1552,8 @@ class Session:
         self.client.close()
         if self.upstream is not None:
             self.upstream.close()
-        self.up.release()
-        self.down.release()
+        self.up.release(server.relay)
+        self.down.release(server.relay)
         self.stage = CLOSED
         server.session_ended(self, end, reason)
 
@@ -1406,7 +1584,9 @@ class Timers:
     """Callbacks due at a time, kept on a heap and run from the loop.
 
     call_later() returns the entry; setting entry[2] to None cancels it. A callback that
-    raises is reported through server.handle_error() and the others still run.
+    raises is reported through server.handle_error() and the others still run. every()
+    schedules the next run before the callback runs, so a periodic job that raises once
+    (the sweep: every idle and connect timeout) still runs next time.
     """
 
     __slots__ = ("server", "heap", "seq")
@@ -1421,6 +1601,13 @@ class Timers:
         entry = [self.server.now + delay, next(self.seq), callback, argument]
         heapq.heappush(self.heap, entry)
         return entry
+
+    def every(self, interval, callback):
+        """Run callback() from the loop every `interval` seconds, whatever it raises."""
+        def periodic(_):
+            self.call_later(interval, periodic)
+            callback()
+        self.call_later(interval, periodic)
 
     def run_due(self):
         """Run what is due (setting server.now); return how long the loop may sleep."""
@@ -1439,30 +1626,59 @@ class Timers:
 
 
 class Waker:
-    """A socketpair that wakes the loop for signals (set_wakeup_fd) and resolver answers."""
+    """Wakes the loop: for signals (set_wakeup_fd writes a byte on each) and for resolver
+    answers (called from the worker threads).
 
-    __slots__ = ("server", "rsock", "wsock")
+    A pipe, where the OS has one: it holds 64 KiB of wake-ups, where a socketpair fills
+    after a few hundred. The resolver writes at most one byte per trip through the loop
+    (`pending`), and a wake-up lost to a full pipe changes nothing: the loop empties the
+    whole pipe and then looks at every queue anyway. So it never overflows noisily.
+    """
+
+    __slots__ = ("server", "fd", "wfd", "read", "write", "pending", "keep")
 
     def __init__(self, server):
         self.server = server
-        self.rsock, self.wsock = socket.socketpair()
-        self.rsock.setblocking(False)
-        self.wsock.setblocking(False)
+        self.pending = False
+        if os.name == "posix":
+            self.fd, self.wfd = os.pipe()
+            self.read = lambda fd=self.fd: os.read(fd, 4096)
+            self.write = lambda fd=self.wfd: os.write(fd, b"\0")
+            self.keep = None
+            for fd in (self.fd, self.wfd):
+                os.set_blocking(fd, False)
+        else:                       # Windows: select() and set_wakeup_fd() take sockets only
+            rsock, wsock = self.keep = socket.socketpair()
+            rsock.setblocking(False)
+            wsock.setblocking(False)
+            self.fd, self.wfd = rsock.fileno(), wsock.fileno()
+            self.read = lambda: rsock.recv(4096)
+            self.write = lambda: wsock.send(b"\0")
 
     def __call__(self):
-        """Wake the loop (from any thread)."""
+        """Wake the loop (from a resolver thread)."""
+        if not self.pending:
+            self.pending = True
+            try:
+                self.write()
+            except OSError:
+                pass            # full: the loop has a wake-up coming anyway
+
+    def for_signals(self):
+        """Let signals wake the loop too; no warning (from Python >= 3.7) if the pipe fills."""
         try:
-            self.wsock.send(b"\0")
-        except OSError:
-            pass            # full: the loop has a wake-up pending anyway
+            signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        except TypeError:       # Python 3.6
+            signal.set_wakeup_fd(self.wfd)
 
     def on_event(self, fd, mask):
-        """Empty the socketpair, then hand finished lookups to those waiting for them."""
+        """Empty the pipe, then hand finished lookups to those waiting for them."""
         try:
-            while self.rsock.recv(4096):
+            while self.read():
                 pass
         except OSError:
             pass
+        self.pending = False    # before dispatch: an answer posted from now on wakes us again
         self.server.resolver.dispatch()
 
 
@@ -1486,16 +1702,13 @@ class Server:
         self.now = time.monotonic()
         self.timers = Timers(self)
         self.sessions = set()
-        self.signals = collections.deque()
         self.running = False
         self.stopping = False
         self.waker = Waker(self)
-        self.resolver = Resolver(self.waker)
-        self.selector.register(self.waker.rsock.fileno(), READ, self.waker)
+        self.resolver = Resolver(self.waker, options.dns_ttl)
+        self.selector.register(self.waker.fd, READ, self.waker)
         self.relay = Relay(options.relay)
-        max_sessions = options.max_connections
-        if not max_sessions:
-            max_sessions, self.relay.pipes.limit = max_sessions_for(len(mappings))
+        max_sessions, self.relay.pipes.limit = capacity(len(mappings), options.max_connections)
         self.acceptor = Acceptor(self, listeners, max_sessions)
         self.notifier = Notifier(self)
         # deadlines are checked this often: to a quarter of the shortest timeout, at most 1 s
@@ -1538,7 +1751,7 @@ class Server:
         elif not self.acceptor.accepting:
             self.acceptor.resume()
 
-    def sweep(self, _=None):
+    def sweep(self):
         """Every sweep interval: close sessions silent both ways for idle_timeout, and move
         on those whose resolve or connect ran past its deadline. One pass over all sessions
         a second is cheaper, in time and memory, than a timer per session."""
@@ -1551,12 +1764,13 @@ class Server:
                 session.close("idle-timeout")
             else:
                 session.connector.timed_out()
-        self.timers.call_later(self.sweep_interval, self.sweep)
 
     def handle_error(self, data):
         """A bug, not a bad peer: log it loudly, close the session it happened in, carry on."""
-        kind, error, _ = sys.exc_info()
-        log(ERROR, "internal error: %s: %s" % (kind.__name__, error))
+        kind, error, trace = sys.exc_info()
+        where = traceback.extract_tb(trace)[-1]
+        log(ERROR, "internal error: %s: %s at %s:%d in %s()" % (
+            kind.__name__, error, os.path.basename(where[0]), where[1], where[2]))
         for line in traceback.format_exc().rstrip().splitlines():
             log(DEBUG, line)
         if isinstance(data, Session):
@@ -1569,10 +1783,11 @@ class Server:
 
     def serve_forever(self):
         """Start accepting, tell systemd we are ready, and run the loop until the drain ends."""
-        self.install_signals()
+        catch_signals()
+        self.waker.for_signals()
         self.running = True
         self.acceptor.resume()
-        self.timers.call_later(self.sweep_interval, self.sweep)
+        self.timers.every(self.sweep_interval, self.sweep)
         self.resolver.warm({host for m in self.mappings for host, _ in m.upstreams})
         log(NOTICE, "ready pid=%d listeners=%d relay=%s max-connections=%d"
             % (os.getpid(), len(self.acceptor.listeners), self.relay.mode,
@@ -1581,6 +1796,8 @@ class Server:
         select = self.selector.select
         run_due = self.timers.run_due
         handle_error = self.handle_error
+        if SIGNALS:
+            self.on_signals()       # those that came during start-up
         while self.running:
             timeout = run_due()
             if not self.running:
@@ -1592,28 +1809,31 @@ class Server:
                     key.data.on_event(key.fd, mask)
                 except Exception:
                     handle_error(key.data)
-            while self.signals:
-                self.on_signal(self.signals.popleft())
+            if SIGNALS:
+                self.on_signals()
         log(NOTICE, "stopped sessions=%d" % sum(m.sessions for m in self.mappings))
 
     # -- signals, drain, stats -----------------------------------------------------------------
 
-    def install_signals(self):
-        """Signal handlers only queue the signal and wake the loop; on_signal acts on it."""
-        def handler(signum, frame):
-            """Queue the signal; the wake-up fd wakes the loop."""
-            self.signals.append(signum)
-        signal.set_wakeup_fd(self.waker.wsock.fileno())
-        for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), handler)
-
-    def on_signal(self, signum):
-        """USR1: log the counters. TERM, INT: drain."""
-        if signum == getattr(signal, "SIGUSR1", None):
-            log(NOTICE, stats_line(self.mappings, self.sessions))
-        else:
-            self.begin_drain()
+    def on_signals(self):
+        """Act once on each kind of signal queued since the last time (a storm of USR1
+        writes one stats line): USR1 logs the counters, HUP looks the upstream names up
+        again, TERM and INT drain."""
+        kinds = []
+        while SIGNALS:
+            signum = SIGNALS.popleft()
+            if signum not in kinds:
+                kinds.append(signum)
+        for signum in kinds:
+            if signum == getattr(signal, "SIGUSR1", None):
+                log(NOTICE, stats_line(self.mappings, self.sessions))
+            elif signum == getattr(signal, "SIGHUP", None):
+                log(NOTICE, "reload: looking up the upstream names again (other settings "
+                    "take a restart)")
+                self.resolver.expire()
+                self.resolver.warm({host for m in self.mappings for host, _ in m.upstreams})
+            else:
+                self.begin_drain()
 
     def begin_drain(self):
         """Stop accepting and release the ports; let open sessions finish, up to
@@ -1654,20 +1874,43 @@ def stats_line(mappings, sessions):
 
 
 # ----------------------------------------------------------------------------------------------
-# systemd glue: sd_notify, watchdog, privilege drop (socket activation is with the listeners)
+# systemd glue: notify, watchdog, privilege drop (socket activation is with the listeners)
 # ----------------------------------------------------------------------------------------------
 
 class Notifier:
-    """Tells systemd how the server is: READY once the listeners accept, STATUS lines for
-    `systemctl status`, WATCHDOG pings, STOPPING when the drain begins. The pings are sent
-    from the loop, at half of WatchdogSec: a loop that is stuck stops feeding the watchdog,
-    and systemd restarts us. Without systemd every call is a no-op."""
+    """Tells systemd how the server is (sd_notify(3)): READY once the listeners accept,
+    STATUS lines for `systemctl status`, WATCHDOG pings, STOPPING when the drain begins.
 
-    __slots__ = ("server", "watchdog_interval")
+    The pings are sent from the loop, at half of WatchdogSec: a loop that is stuck stops
+    feeding the watchdog, and systemd restarts us. One datagram socket, opened at start,
+    serves every message (a ping must not need a new descriptor when they run out).
+    Without NOTIFY_SOCKET every call is a no-op.
+    """
+
+    __slots__ = ("server", "watchdog_interval", "path", "sock")
 
     def __init__(self, server):
         self.server = server
         self.watchdog_interval = watchdog_interval()
+        self.path = notify_socket_path()
+        self.sock = None
+        if self.path is not None:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)
+            except OSError as e:
+                log(WARNING, "sd_notify: cannot open a socket: %s" % e.strerror)
+
+    def send(self, *lines):
+        """One notification; failures are logged at debug level and otherwise ignored."""
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendto("\n".join(lines).encode("utf-8", "replace"), self.path)
+        except OSError as e:
+            log(DEBUG, "sd_notify %s: %s" % (self.path, e))
+            return False
+        return True
 
     def status(self):
         """The one-line STATUS= for systemctl status."""
@@ -1678,37 +1921,25 @@ class Notifier:
 
     def ready(self):
         """The listeners accept: READY=1, and the watchdog pings begin."""
-        sd_notify("READY=1", "STATUS=" + self.status())
+        self.send("READY=1", "STATUS=" + self.status())
         if self.watchdog_interval:
-            self.server.timers.call_later(self.watchdog_interval, self.feed_watchdog)
+            self.server.timers.every(self.watchdog_interval, self.feed_watchdog)
 
-    def feed_watchdog(self, _=None):
-        """WATCHDOG=1 with a fresh STATUS, then again in half the watchdog time."""
-        sd_notify("WATCHDOG=1", "STATUS=" + self.status())
-        self.server.timers.call_later(self.watchdog_interval, self.feed_watchdog)
+    def feed_watchdog(self):
+        """WATCHDOG=1, with a fresh STATUS."""
+        self.send("WATCHDOG=1", "STATUS=" + self.status())
 
     def stopping(self):
         """The drain began."""
-        sd_notify("STOPPING=1", "STATUS=draining %d sessions" % len(self.server.sessions))
+        self.send("STOPPING=1", "STATUS=draining %d sessions" % len(self.server.sessions))
 
 
-def sd_notify(*lines):
-    """Tell systemd how we are (sd_notify(3)); a no-op when not started by it."""
+def notify_socket_path():
+    """NOTIFY_SOCKET as an address for sendto(), or None when systemd did not set one."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path or not hasattr(socket, "AF_UNIX"):
-        return False
-    if path[0] == "@":
-        path = "\0" + path[1:]          # an abstract socket
-    try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.sendto("\n".join(lines).encode("utf-8", "replace"), path)
-        finally:
-            sock.close()
-    except OSError as e:
-        log(DEBUG, "sd_notify %s: %s" % (path, e))
-        return False
-    return True
+        return None
+    return "\0" + path[1:] if path[0] == "@" else path    # @: an abstract socket
 
 
 def watchdog_interval():
@@ -1751,13 +1982,17 @@ def drop_privileges(user):
 
 def main(argv=None):
     """Parse, bind, drop privileges, serve. Returns the exit code."""
+    catch_signals()
+    open_standard_fds()
     try:
         options, mappings = parse_args(argv)
     except ConfigError as e:
-        sys.stderr.write("%s: error: %s\n" % (PROG, e))
+        write_stderr("%s: error: %s\n" % (PROG, e))
         return 2
     log.configure(options.verbose, options.quiet)
+    log.start()
     raise_fd_limit()
+    "tailwart".encode("idna")   # getaddrinfo() needs this codec: load it while files are readable
     try:
         user = lookup_user(options.user) if options.user else None
         listeners = open_listeners(mappings, options.proxy_protocol)
@@ -1765,13 +2000,28 @@ def main(argv=None):
         if user is not None:
             drop_privileges(user)
     except StartupError as e:
-        sys.stderr.write("%s: error: %s\n" % (PROG, e.args[0]))
+        log.flush()
+        write_stderr("%s: error: %s\n" % (PROG, e.args[0]))
         return 1
     if hasattr(os, "getuid") and os.getuid() == 0 and user is None:
         log(WARNING, "running as root; pass --user NAME to drop privileges once the "
             "listeners are bound")
     server.serve_forever()
+    log.flush()
     return 0
+
+
+def open_standard_fds():
+    """Started with stdin, stdout or stderr closed (`2>&-`), put /dev/null there: else the
+    first socket would take descriptor 2, and log lines would go into a client's stream."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 if __name__ == "__main__":
