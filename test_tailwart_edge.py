@@ -9,6 +9,7 @@ Postfix, HAProxy, nginx), systemd (`systemd`). Real-peer and systemd tests skip 
 software is missing, naming the package; TAILWART_REQUIRE_PEERS=1 (set by CI) makes that a failure.
 """
 
+import errno
 import hashlib
 import os
 import random
@@ -40,6 +41,8 @@ WAIT = 15           # seconds any single wait may take before a test gives up
 # ----------------------------------------------------------------------------------------------
 
 def free_port(host="127.0.0.1"):
+    """A port nothing uses right now. The probe socket is closed before the caller binds the
+    port, so another process may take it meanwhile: Edge retries a start that finds it taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
         s.bind((host, 0))
@@ -55,11 +58,47 @@ def has_ipv6():
         return False
 
 
-class Edge:
-    """The script as a subprocess; the constructor returns once it logged `ready`."""
+class PortInUse(AssertionError):
+    """The script exited 1 at start: an address it was to listen on is in use."""
 
-    def __init__(self, *args, env=None, preexec_fn=None, timeout=WAIT):
+
+class Edge:
+    """The script as a subprocess; the constructor returns once it logged `ready`.
+
+    A port from free_port() can be taken between the probe and the script's bind: by a parallel
+    test run's bind, or by an outgoing connection that the kernel gives that port as its source.
+    When the script exits 1 saying an address is "in use", the constructor starts it again with
+    the same command line, up to `tries` times with growing pauses (1.5 s in all): enough for a
+    holder that lets go soon. A port that an outgoing connection used stays blocked for a minute
+    (its TIME_WAIT), and a parallel run's listener stays for its test: only another port helps.
+    So a test that can take whatever port it is given starts the script with Edge.on_free_port(),
+    which retries each start on a fresh port. Either way a taken port ends in PortInUse.
+    """
+
+    def __init__(self, *args, env=None, preexec_fn=None, timeout=WAIT, tries=5):
         self.args = [PYTHON, SCRIPT] + list(args)
+        for attempt in range(tries):
+            try:
+                self._start(env, preexec_fn, timeout)
+                return
+            except PortInUse:
+                if attempt == tries - 1:
+                    raise
+                time.sleep(0.1 * 2 ** attempt)
+
+    @classmethod
+    def on_free_port(cls, build, host="127.0.0.1", tries=5, **options):
+        """(edge, port): build(port) returns the command line for a port from free_port(host);
+        a start that finds the port in use is retried with a fresh one."""
+        for attempt in range(tries):
+            port = free_port(host)
+            try:
+                return cls(*build(port), tries=1, **options), port
+            except PortInUse:
+                if attempt == tries - 1:
+                    raise
+
+    def _start(self, env, preexec_fn, timeout):
         self.lines = []
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      universal_newlines=True, preexec_fn=preexec_fn,
@@ -69,6 +108,12 @@ class Edge:
         self.reader.start()
         try:
             self.wait_for(r"\bready\b", timeout)
+        except AssertionError as e:
+            self.kill()
+            lines = self.output().splitlines()
+            if self.proc.returncode == 1 and lines and re.search(r"\bin use\b", lines[-1]):
+                raise PortInUse(str(e)) from None
+            raise
         except BaseException:
             self.kill()
             raise
@@ -712,16 +757,48 @@ def test_integrity_16_connections_8mib_each_way(relay):
         assert "up=%d down=%d" % (count * size, count * size) in stats
 
 
+def received_before_the_edge_closed(port, payload, half_close):
+    """A client that sends `payload` (then FIN if half_close) and reads until the edge closes:
+    what it received (the socket's timeout fails a session the edge never closes).
+
+    When the upstream cannot be reached the edge closes the client without reading what it sent,
+    so the close is a FIN or a reset, depending on timing alone: bytes still unread in the edge's
+    socket when it closes turn its close into a reset, and bytes that reach it after the close are
+    answered with one. On a loaded machine the client can be late enough for either: the reset
+    then shows as ECONNRESET/EPIPE on a send or receive, or as ENOTCONN on shutdown() (the socket
+    is already closed). Each is the edge's close, as much as EOF is."""
+    got = bytearray()
+    with connect(("127.0.0.1", port)) as c:
+        try:
+            c.sendall(payload)
+            if half_close:
+                c.shutdown(socket.SHUT_WR)
+            while True:
+                chunk = c.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise
+    return bytes(got)
+
+
 def test_upstream_refused_closes_the_client_and_says_why():
-    port, dead = free_port(), free_port()       # nothing listens on `dead`
-    with Edge("127.0.0.1:%d=127.0.0.1:%d" % (port, dead)) as proxy:
-        with connect(("127.0.0.1", port)) as c:
-            c.sendall(b"hello")
-            assert recv_all(c) == b""
+    dead = free_port()                          # nothing listens on `dead`
+    proxy, port = Edge.on_free_port(lambda port: ["127.0.0.1:%d=127.0.0.1:%d" % (port, dead)])
+    with proxy:
+        # no FIN from the client: the edge closes on its own
+        assert received_before_the_edge_closed(port, b"hello", half_close=False) == b""
         line = proxy.wait_for(r"session client=")
         assert "end=connect-failed" in line and "warning" in line
         assert re.search(r'reason="[^"]*refused', line, re.I), line
-        assert round_trip(port) == b""          # and it carries on serving
+        mark = proxy.mark()                     # and it carries on serving
+        assert received_before_the_edge_closed(port, b"hello\r\n", half_close=True) == b""
+        line = proxy.wait_for(r"session client=", start=mark)
+        assert "end=connect-failed" in line, line
         assert proxy.proc.poll() is None
 
 
