@@ -100,6 +100,7 @@ PROG = "tailwart_edge.py"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 3600.0   # > IMAP IDLE's 29 minutes (RFC 2177), so IDLE is never cut
 DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_HALF_CLOSE_TIMEOUT = 60.0   # HAProxy's `timeout client-fin`/`server-fin`
 
 
 class ConfigError(Exception):
@@ -141,7 +142,7 @@ def build_parser():
     head, _, tail = __doc__.partition("\nusage:")
     tail = tail.partition("\n\n")[2]        # the docstring's usage line is argparse's job
     parser = Parser(prog=PROG, description=head.strip(), epilog=tail,
-                    usage="%(prog)s [OPTIONS] MAPPING [MAPPING ...]",
+                    usage="%(prog)s [OPTIONS] MAPPING [MAPPING ...]", allow_abbrev=False,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mappings", nargs="*", metavar="MAPPING",
                         help="[BIND_ADDR:]LISTEN_PORT=UPSTREAM_HOST:UPSTREAM_PORT")
@@ -160,6 +161,10 @@ def build_parser():
     parser.add_argument("--dns-ttl", type=seconds, default=DEFAULT_DNS_TTL, metavar="SECS",
                         help="look upstream names up again after this long; an older answer "
                         "is still used while a lookup is slow or failing (default: 30)")
+    parser.add_argument("--half-close-timeout", type=seconds,
+                        default=DEFAULT_HALF_CLOSE_TIMEOUT, metavar="SECS",
+                        help="once one side has closed, end the session after this long "
+                        "with no traffic (default: 60)")
     parser.add_argument("--max-connections", type=positive_int, metavar="N",
                         help="most sessions at once; more wait in the listen backlog "
                         "(default: as many as the open-file limit allows)")
@@ -167,7 +172,8 @@ def build_parser():
                         help="how bytes move: splice (zero-copy, Linux with Python >= 3.10), "
                         "copy, or auto (default: the fastest this system has)")
     parser.add_argument("--user", metavar="NAME",
-                        help="when started as root: bind, then run as this user")
+                        help="when started as root: bind, then run as this user (a name or "
+                        "a numeric uid)")
     loud = parser.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="log more (debug)")
     loud.add_argument("-q", "--quiet", action="store_true",
@@ -177,8 +183,13 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """argv -> (options, [Mapping]); raises ConfigError."""
-    options = build_parser().parse_args(argv)
+    """argv -> (options, [Mapping]); raises ConfigError. Mappings may come before, after
+    and between the options."""
+    options, rest = build_parser().parse_known_args(argv)
+    unknown = [arg for arg in rest if arg.startswith("-")]
+    if unknown:
+        raise ConfigError("unrecognized arguments: %s" % " ".join(unknown))
+    options.mappings += rest
     upstream = options.upstream
     if upstream is not None:
         if upstream.startswith("[") and upstream.endswith("]"):
@@ -201,6 +212,7 @@ def parse_args(argv=None):
                                   "and port may be listened on once"
                                   % (mapping.label, mapping.spec, other.spec))
         mappings.append(mapping)
+    refuse_self_loops(mappings)
     return options, mappings
 
 
@@ -208,7 +220,8 @@ def parse_args(argv=None):
 # Mappings: '[BIND:]PORT=HOST:PORT[,HOST:PORT...]' -> Mapping
 # ----------------------------------------------------------------------------------------------
 
-PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+DIGITS_RE = re.compile(r"[0-9]+\Z")
+COLON_MAPPING_RE = re.compile(r"([0-9]+):([^:\[\]=]+):([0-9]+)\Z")     # 25:host:25
 HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})\Z")
 
 
@@ -246,7 +259,7 @@ def format_address(host, port):
 
 def parse_port(text, what, spec):
     """A port number 1-65535; raises ConfigError naming `what` and the mapping `spec`."""
-    if not PORT_RE.match(text):
+    if not DIGITS_RE.match(text):
         if not text:
             raise ConfigError("%s is missing in %r; ports are numbers from 1 to 65535" % (what, spec))
         raise ConfigError("%s %r in %r is not a number; ports are numbers from 1 to 65535"
@@ -299,6 +312,13 @@ def parse_upstream(text, spec):
 def parse_mapping(text, default_upstream=None):
     """'[BIND:]PORT=HOST:PORT[,HOST:PORT...]' (or '[BIND:]PORT' with a default upstream)."""
     listen, eq, target = text.partition("=")
+    if "," in listen:
+        raise ConfigError("mapping %r names several ports; separate mappings with spaces, "
+                          "as in %s" % (text, " ".join(listen.split(","))))
+    colon_form = COLON_MAPPING_RE.match(text)
+    if colon_form and not eq:
+        raise ConfigError("mapping %r: write it as %s=%s:%s (a listen port, '=', then "
+                          "HOST:PORT)" % ((text,) + colon_form.groups()))
     if not listen:
         raise ConfigError("mapping %r has no listen port before '='; write it as "
                           "PORT=HOST:PORT, e.g. 25=mail.example.net:25" % text)
@@ -324,6 +344,62 @@ def parse_mapping(text, default_upstream=None):
     else:
         upstreams = [parse_upstream(part, text) for part in target.split(",")]
     return Mapping(bind, port, upstreams, text)
+
+
+def refuse_self_loops(mappings):
+    """A literal upstream that is one of our own listen addresses would make every session
+    connect to the relay itself, again and again: refuse it (ConfigError)."""
+    for mapping in mappings:
+        for host, port in mapping.upstreams:
+            if literal_address(host, port) is None:
+                continue            # a name: checked each time it resolves (Connector)
+            own = own_listener(mappings, host, port)
+            if own is not None:
+                raise ConfigError("upstream %s in %r is this relay's own listen address "
+                                  "(%s); point it at the mail server instead"
+                                  % (format_address(host, port), mapping.spec, own.spec))
+
+
+def own_listener(mappings, ip, port):
+    """The mapping that listens on ip:port (an IP address string), or None."""
+    for mapping in mappings:
+        if mapping.port == port and listens_on(mapping.bind, ip):
+            return mapping
+    return None
+
+
+def listens_on(bind, ip):
+    """Does a listener bound to `bind` (None = every interface) take connections to `ip`?"""
+    ip = plain_ip(ip)
+    six = ":" in ip
+    if bind is None or bind in ("0.0.0.0", "::"):
+        if bind is not None and (":" in bind) != six:
+            return False
+        return is_local_address(ip)
+    if (":" in bind) != six:
+        return False
+    family = socket.AF_INET6 if six else socket.AF_INET
+    return socket.inet_pton(family, bind) == socket.inet_pton(family, ip)
+
+
+LOCAL_ADDRESSES = {}            # ip -> is it an address of this machine? (asked once each)
+
+
+def is_local_address(ip):
+    """Is `ip` an address of this machine? Loopback always is; else the kernel lets us bind
+    a socket to it only if an interface has it. (An IP literal that is not valid: False.)"""
+    local = LOCAL_ADDRESSES.get(ip)
+    if local is None:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.bind((ip, 0))
+            local = True
+        except (OSError, ValueError, OverflowError):
+            local = False
+        if len(LOCAL_ADDRESSES) < 1024:
+            LOCAL_ADDRESSES[ip] = local
+    return local
 
 
 def overlapping(a, b):
@@ -498,7 +574,8 @@ class Listener:
 def open_listeners(mappings, proxy_protocol):
     """Listeners for every mapping: the sockets systemd passed where one matches, else bound
     here. Each is non-blocking and carries the options accepted sockets inherit.
-    Raises StartupError when a port cannot be bound."""
+    Raises StartupError when a port cannot be bound, ConfigError when a socket from systemd
+    matches no mapping."""
     inherited = systemd_sockets()
     activated = bool(inherited)
     listeners = []
@@ -515,9 +592,11 @@ def open_listeners(mappings, proxy_protocol):
         for sock in bind_listeners(mapping):
             listeners.append(Listener(sock, mapping))
     for sock in inherited:
-        log(WARNING, "socket %s from systemd matches no mapping; closing it"
-            % format_address(*sock.getsockname()[:2]))
-        sock.close()
+        # closing it here would leave it open in systemd, where clients would hang
+        host, port = sock.getsockname()[:2]
+        raise ConfigError("socket %s from systemd matches no mapping; add a mapping for it "
+                          "(e.g. %d=HOST:%d) or remove its ListenStream= line"
+                          % (format_address(host, port), port, port))
     for listener in listeners:
         sock = listener.sock
         sock.setblocking(False)
@@ -1072,6 +1151,13 @@ class Connector:
         server = session.server
         while self.addrs:
             family, sockaddr = self.addrs.popleft()
+            if sockaddr[1] in server.listen_ports and \
+                    own_listener(server.mappings, sockaddr[0], sockaddr[1]) is not None:
+                self.error = ("%s is this relay's own listen address; point %s at the mail "
+                              "server" % (format_address(*sockaddr[:2]), self.host))
+                log(ERROR, "upstream %s resolves to %s, this relay's own listen address: not "
+                    "connecting to itself" % (self.host, format_address(*sockaddr[:2])))
+                continue
             try:
                 sock = _socket.socket(family, STREAM_NONBLOCK)
             except OSError as e:
@@ -1696,6 +1782,8 @@ class Server:
         self.mappings = mappings
         self.connect_timeout = options.connect_timeout
         self.idle_timeout = options.idle_timeout
+        self.half_close_timeout = options.half_close_timeout
+        self.listen_ports = {m.port for m in mappings}
         self.drain_timeout = options.drain_timeout
         self.header = HEADERS[options.proxy_protocol]
         self.selector = selectors.DefaultSelector()
@@ -1712,7 +1800,8 @@ class Server:
         self.acceptor = Acceptor(self, listeners, max_sessions)
         self.notifier = Notifier(self)
         # deadlines are checked this often: to a quarter of the shortest timeout, at most 1 s
-        self.sweep_interval = max(0.05, min(1.0, self.idle_timeout / 4, self.connect_timeout / 4))
+        self.sweep_interval = max(0.05, min(1.0, self.idle_timeout / 4, self.connect_timeout / 4,
+                                            self.half_close_timeout / 4))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -1752,18 +1841,22 @@ class Server:
             self.acceptor.resume()
 
     def sweep(self):
-        """Every sweep interval: close sessions silent both ways for idle_timeout, and move
-        on those whose resolve or connect ran past its deadline. One pass over all sessions
-        a second is cheaper, in time and memory, than a timer per session."""
+        """Every sweep interval: close sessions silent both ways for idle_timeout (or, once
+        one side has sent FIN, for half_close_timeout), and move on those whose resolve or
+        connect ran past its deadline. One pass over all sessions a second is cheaper, in
+        time and memory, than a timer per session."""
         now = self.now
-        cutoff = now - self.idle_timeout
+        idle, half_closed = now - self.idle_timeout, now - self.half_close_timeout
         late = [s for s in self.sessions
-                if (s.active_at < cutoff if s.stage is STREAMING else s.connector.deadline < now)]
+                if (s.active_at < (idle if s.end is None else half_closed)
+                    if s.stage is STREAMING else s.connector.deadline < now)]
         for session in late:
-            if session.stage is STREAMING:
+            if session.stage is not STREAMING:
+                session.connector.timed_out()
+            elif session.end is None:
                 session.close("idle-timeout")
             else:
-                session.connector.timed_out()
+                session.close("half-close-timeout")
 
     def handle_error(self, data):
         """A bug, not a bad peer: log it loudly, close the session it happened in, carry on."""
@@ -1952,9 +2045,15 @@ def watchdog_interval():
 
 
 def lookup_user(name):
-    """The pwd entry of --user NAME; raises StartupError."""
+    """The pwd entry of --user NAME (or a numeric uid: then its entry, or that uid with a
+    group of the same number when none exists); raises StartupError."""
     try:
         import pwd
+        if DIGITS_RE.match(name):
+            try:
+                return pwd.getpwuid(int(name))
+            except KeyError:
+                return pwd.struct_passwd((name, "x", int(name), int(name), "", "/", ""))
         return pwd.getpwnam(name)
     except ImportError:
         raise StartupError("--user works only on Unix")
@@ -1987,7 +2086,7 @@ def main(argv=None):
     try:
         options, mappings = parse_args(argv)
     except ConfigError as e:
-        write_stderr("%s: error: %s\n" % (PROG, e))
+        write_stderr("%s: error: %s\n" % (PROG, one_line(str(e))))
         return 2
     log.configure(options.verbose, options.quiet)
     log.start()
@@ -1999,16 +2098,21 @@ def main(argv=None):
         server = Server(options, mappings, listeners)
         if user is not None:
             drop_privileges(user)
-    except StartupError as e:
+    except (StartupError, ConfigError) as e:
         log.flush()
-        write_stderr("%s: error: %s\n" % (PROG, e.args[0]))
-        return 1
+        write_stderr("%s: error: %s\n" % (PROG, one_line(e.args[0])))
+        return 1 if isinstance(e, StartupError) else 2
     if hasattr(os, "getuid") and os.getuid() == 0 and user is None:
         log(WARNING, "running as root; pass --user NAME to drop privileges once the "
             "listeners are bound")
     server.serve_forever()
     log.flush()
     return 0
+
+
+def one_line(message):
+    """An error message as one line, whatever the arguments it quotes hold."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def open_standard_fds():
