@@ -37,8 +37,9 @@ not start (e.g. a port is taken), 2 bad command line.
 #                         connect timeout, the header
 #   Relay ............... flows, half-close, splice, pipes   Flow, Relay, PipePool
 #   Session ............. events -> flows, ending, the line  Session
-#   The loop ............ timers, sweep (idle timeout),      Timers, Waker, Server
-#                         signals, drain, stats
+#   The loop ............ timers, the sweep (idle and half-  Timers, Timeouts, Waker,
+#                         close timeouts), signals, drain,   Server
+#                         stats
 #   systemd ............. notify, watchdog, privileges       Notifier, drop_privileges
 #   main ................ parse, bind, serve                 main
 
@@ -1768,11 +1769,45 @@ class Waker:
         self.server.resolver.dispatch()
 
 
+class Timeouts:
+    """The connect, idle and half-close timeouts, checked for every session by one sweep.
+
+    One pass over all sessions every `sweep_interval` (a quarter of the shortest timeout,
+    at most 1 s) is cheaper, in time and memory, than a timer per session: a session only
+    notes when it was last active (`active_at`) or when its current connect step is due
+    (`connector.deadline`).
+    """
+
+    __slots__ = ("idle", "half_close", "sweep_interval")
+
+    def __init__(self, options):
+        self.idle = options.idle_timeout
+        self.half_close = options.half_close_timeout
+        self.sweep_interval = max(0.05, min(1.0, options.idle_timeout / 4,
+                                            options.connect_timeout / 4,
+                                            options.half_close_timeout / 4))
+
+    def sweep(self, sessions, now):
+        """Close sessions silent both ways for the idle timeout (or, once one side has sent
+        FIN, for the half-close timeout); move on those whose lookup or connect is late."""
+        idle, half_closed = now - self.idle, now - self.half_close
+        late = [s for s in sessions
+                if (s.active_at < (idle if s.end is None else half_closed)
+                    if s.stage is STREAMING else s.connector.deadline < now)]
+        for session in late:
+            if session.stage is not STREAMING:
+                session.connector.timed_out()
+            elif session.end is None:
+                session.close("idle-timeout")
+            else:
+                session.close("half-close-timeout")
+
+
 class Server:
     """Runs every session from one selectors loop.
 
-    It owns the selector, the timers, the acceptor, the resolver and the relay mode, and
-    keeps the set of live sessions. serve_forever() runs until a drain ends: timers first,
+    It owns the selector, the timers and timeouts, the acceptor, the resolver and the relay
+    mode, and keeps the set of live sessions. serve_forever() runs until a drain ends: timers first,
     then the ready sockets (each key's data has on_event(fd, mask)), then the signals
     that arrived. Errors that are bugs, not bad peers, are logged by handle_error() and
     close only the session they happened in.
@@ -1780,11 +1815,10 @@ class Server:
 
     def __init__(self, options, mappings, listeners):
         self.mappings = mappings
-        self.connect_timeout = options.connect_timeout
-        self.idle_timeout = options.idle_timeout
-        self.half_close_timeout = options.half_close_timeout
         self.listen_ports = {m.port for m in mappings}
+        self.connect_timeout = options.connect_timeout
         self.drain_timeout = options.drain_timeout
+        self.timeouts = Timeouts(options)
         self.header = HEADERS[options.proxy_protocol]
         self.selector = selectors.DefaultSelector()
         self.now = time.monotonic()
@@ -1799,9 +1833,6 @@ class Server:
         max_sessions, self.relay.pipes.limit = capacity(len(mappings), options.max_connections)
         self.acceptor = Acceptor(self, listeners, max_sessions)
         self.notifier = Notifier(self)
-        # deadlines are checked this often: to a quarter of the shortest timeout, at most 1 s
-        self.sweep_interval = max(0.05, min(1.0, self.idle_timeout / 4, self.connect_timeout / 4,
-                                            self.half_close_timeout / 4))
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -1840,24 +1871,6 @@ class Server:
         elif not self.acceptor.accepting:
             self.acceptor.resume()
 
-    def sweep(self):
-        """Every sweep interval: close sessions silent both ways for idle_timeout (or, once
-        one side has sent FIN, for half_close_timeout), and move on those whose resolve or
-        connect ran past its deadline. One pass over all sessions a second is cheaper, in
-        time and memory, than a timer per session."""
-        now = self.now
-        idle, half_closed = now - self.idle_timeout, now - self.half_close_timeout
-        late = [s for s in self.sessions
-                if (s.active_at < (idle if s.end is None else half_closed)
-                    if s.stage is STREAMING else s.connector.deadline < now)]
-        for session in late:
-            if session.stage is not STREAMING:
-                session.connector.timed_out()
-            elif session.end is None:
-                session.close("idle-timeout")
-            else:
-                session.close("half-close-timeout")
-
     def handle_error(self, data):
         """A bug, not a bad peer: log it loudly, close the session it happened in, carry on."""
         kind, error, trace = sys.exc_info()
@@ -1880,7 +1893,8 @@ class Server:
         self.waker.for_signals()
         self.running = True
         self.acceptor.resume()
-        self.timers.every(self.sweep_interval, self.sweep)
+        timeouts = self.timeouts
+        self.timers.every(timeouts.sweep_interval, lambda: timeouts.sweep(self.sessions, self.now))
         self.resolver.warm({host for m in self.mappings for host, _ in m.upstreams})
         log(NOTICE, "ready pid=%d listeners=%d relay=%s max-connections=%d"
             % (os.getpid(), len(self.acceptor.listeners), self.relay.mode,
