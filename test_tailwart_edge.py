@@ -1966,3 +1966,65 @@ def test_systemd_nspawn_socket_activation_from_readme_needs_no_capability(booted
                      "/etc/systemd/system/tailwart-edge.service.d\n"
                      "install -m 0644 /mnt/tailwart/tailwart-edge.env /etc/default/tailwart-edge\n"
                      "systemctl daemon-reload; systemctl reset-failed", check=False, timeout=60)
+
+
+# ----------------------------------------------------------------------------------------------
+# Unattended for months: faults found running as a hostile internet and a flaky host would
+# (issue 10). Each test failed on the code before its fix. `-k abuse` is the heavy group.
+# ----------------------------------------------------------------------------------------------
+
+class FakeServer:
+    """Just enough of a Server for Timers: a clock and an error hook."""
+
+    def __init__(self):
+        self.now = time.monotonic()
+        self.errors = []
+
+    def handle_error(self, data):
+        self.errors.append(sys.exc_info()[1])
+
+
+def test_periodic_timer_keeps_running_after_its_callback_raises():
+    """Fault 10: the sweep (every idle and connect timeout) rescheduled itself on its last
+    line, so one exception inside it switched every timeout off for good."""
+    server = FakeServer()
+    timers = edge.Timers(server)
+    calls = []
+
+    def job():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    timers.every(0.01, job)
+    deadline = time.monotonic() + WAIT
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(timers.run_due() or 0)
+    assert len(calls) >= 3 and [str(e) for e in server.errors] == ["boom"]
+
+
+def test_internal_error_is_logged_with_file_and_line_without_verbose(capfd):
+    """Fault 10: an internal error said only `internal error: ValueError: boom`; where it
+    happened was logged at debug level, invisible without -v."""
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        edge.Server.handle_error(None, None)
+    err = capfd.readouterr().err
+    assert re.search(r"error internal error: ValueError: boom at test_tailwart_edge\.py:\d+ "
+                     r"in test_internal_error_is_logged_with_file_and_line_without_verbose\(\)",
+                     err), err
+
+
+def test_sd_notify_uses_one_socket_for_every_message(notify_socket, monkeypatch):
+    """Fault 10: each sd_notify message opened a socket of its own, so a watchdog ping near
+    the descriptor limit could fail with EMFILE, and systemd would kill a healthy relay."""
+    monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.path)
+    notifier = edge.Notifier(None)
+    opened = []
+    real_socket = socket.socket
+    monkeypatch.setattr(edge.socket, "socket", lambda *a: opened.append(a) or real_socket(*a))
+    for i in range(20):
+        assert notifier.send("STATUS=%d" % i)
+        assert notify_socket.next(WAIT) == {"STATUS": str(i)}
+    assert opened == []
