@@ -40,6 +40,8 @@ not start (e.g. a port is taken), 2 bad command line.
 #   The loop ............ timers, the sweep (idle and half-  Timers, Timeouts, Waker,
 #                         close timeouts), signals, drain,   Server
 #                         stats
+#   Reload .............. HUP: a new process takes the       Reload, reload_client
+#                         listeners, the old one drains
 #   systemd ............. notify, watchdog, privileges       Notifier, drop_privileges
 #   main ................ parse, bind, serve                 main
 
@@ -77,8 +79,10 @@ import queue
 import re
 import select
 import selectors
+import shlex
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -90,8 +94,9 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 PROG = "tailwart_edge.py"
+SCRIPT = os.path.abspath(__file__)      # what a reload runs again, as it is on disk then
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +107,10 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_IDLE_TIMEOUT = 3600.0   # > IMAP IDLE's 29 minutes (RFC 2177), so IDLE is never cut
 DEFAULT_DRAIN_TIMEOUT = 30.0
 DEFAULT_HALF_CLOSE_TIMEOUT = 60.0   # HAProxy's `timeout client-fin`/`server-fin`
+DEFAULT_RELOAD_DRAIN = 1800.0   # after a reload the old process ends its sessions after this
+                                # long: past IMAP IDLE's 29 minutes, as servers cut IDLE at 30
+DEFAULT_PORTS = ["25", "465", "587", "143", "993", "4190"]
+SETTINGS_KEYS = ("UPSTREAM", "PORTS", "OPTIONS")
 
 
 class ConfigError(Exception):
@@ -166,12 +175,22 @@ def build_parser():
                         default=DEFAULT_HALF_CLOSE_TIMEOUT, metavar="SECS",
                         help="once one side has closed, end the session after this long "
                         "with no traffic (default: 60)")
+    parser.add_argument("--reload-drain", type=lambda t: seconds(t, allow_zero=True),
+                        default=DEFAULT_RELOAD_DRAIN, metavar="SECS",
+                        help="after a reload (HUP), the old process lets its sessions finish "
+                        "this long (default: 1800)")
     parser.add_argument("--max-connections", type=positive_int, metavar="N",
                         help="most sessions at once; more wait in the listen backlog "
                         "(default: as many as the open-file limit allows)")
     parser.add_argument("--relay", choices=("auto", "splice", "copy"), default="auto",
                         help="how bytes move: splice (zero-copy, Linux with Python >= 3.10), "
                         "copy, or auto (default: the fastest this system has)")
+    parser.add_argument("--settings", metavar="FILE",
+                        help="read UPSTREAM=, PORTS= and OPTIONS= lines from FILE (as "
+                        "/etc/default/tailwart-edge); a reload (HUP) reads it again")
+    parser.add_argument("--reload", type=positive_int, metavar="PID",
+                        help="reload the relay running as PID (SIGHUP) and, under systemd, "
+                        "wait for the outcome: exit 0 when the new process took over")
     parser.add_argument("--user", metavar="NAME",
                         help="when started as root: bind, then run as this user (a name or "
                         "a numeric uid)")
@@ -185,12 +204,19 @@ def build_parser():
 
 def parse_args(argv=None):
     """argv -> (options, [Mapping]); raises ConfigError. Mappings may come before, after
-    and between the options."""
-    options, rest = build_parser().parse_known_args(argv)
+    and between the options. With --settings FILE, the file's words come first."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    settings = settings_file(argv)
+    if settings is not None:
+        argv = settings_words(settings) + argv
+    options, rest = parser.parse_known_args(argv)
     unknown = [arg for arg in rest if arg.startswith("-")]
     if unknown:
         raise ConfigError("unrecognized arguments: %s" % " ".join(unknown))
     options.mappings += rest
+    if options.reload is not None:
+        return options, []
     upstream = options.upstream
     if upstream is not None:
         if upstream.startswith("[") and upstream.endswith("]"):
@@ -215,6 +241,49 @@ def parse_args(argv=None):
         mappings.append(mapping)
     refuse_self_loops(mappings)
     return options, mappings
+
+
+def settings_file(argv):
+    """The FILE of `--settings FILE` (or `--settings=FILE`) in argv, or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--settings" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--settings="):
+            return arg.partition("=")[2]
+    return None
+
+
+def settings_words(path):
+    """The command-line words a settings file stands for: OPTIONS, then --upstream UPSTREAM,
+    then PORTS (default: the six mail ports). The file holds KEY=VALUE lines, # comments and
+    blank lines; a value is split into words as a shell would (quotes, backslashes)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeError) as e:
+        raise ConfigError("--settings %s: %s" % (path, getattr(e, "strerror", None) or e))
+    values = {"PORTS": DEFAULT_PORTS}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, eq, value = line.partition("=")
+        key = key.strip()
+        if not eq or key not in SETTINGS_KEYS:
+            raise ConfigError("%s line %d: %r is not a setting; write UPSTREAM=HOST, PORTS=... "
+                              "or OPTIONS=..." % (path, number, line))
+        try:
+            values[key] = shlex.split(value, comments=True)
+        except ValueError as e:
+            raise ConfigError("%s line %d: %s" % (path, number, e))
+    words = list(values.get("OPTIONS", ()))
+    upstream = values.get("UPSTREAM")
+    if upstream is not None:
+        if len(upstream) != 1:
+            raise ConfigError("%s: UPSTREAM= takes one host name or address, not %r"
+                              % (path, " ".join(upstream)))
+        words += ["--upstream", upstream[0]]
+    return words + list(values["PORTS"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,16 +619,17 @@ ACCEPTED_INHERIT_OPTIONS = sys.platform.startswith("linux")
 
 
 class Listener:
-    """A listening socket of a mapping (bound here, or `inherited` from systemd)."""
+    """A listening socket of a mapping: bound here, or passed by systemd or by the process
+    this one replaced (`origin`)."""
 
-    __slots__ = ("sock", "mapping", "fd", "family", "inherited")
+    __slots__ = ("sock", "mapping", "fd", "family", "origin")
 
-    def __init__(self, sock, mapping, inherited=False):
+    def __init__(self, sock, mapping, origin=None):
         self.sock = sock
         self.mapping = mapping
         self.fd = sock.fileno()
         self.family = int(sock.family)      # the property builds an enum member on each read
-        self.inherited = inherited
+        self.origin = origin                # None (bound here), "from systemd", "handed over"
 
     def describe(self):
         """Where it listens, as the log says it: '127.0.0.1:25', '[::1]:993', '*:25' (dual
@@ -577,27 +647,32 @@ def open_listeners(mappings, proxy_protocol):
     here. Each is non-blocking and carries the options accepted sockets inherit.
     Raises StartupError when a port cannot be bound, ConfigError when a socket from systemd
     matches no mapping."""
-    inherited = systemd_sockets()
-    activated = bool(inherited)
+    handed_over = inherited_sockets("TAILWART_LISTENERS")     # a reload: the old process's
+    inherited = handed_over or systemd_sockets()
+    origin = "handed over" if handed_over else "from systemd"
     listeners = []
     for mapping in mappings:
         socks = [s for s in inherited if listens_for(s, mapping)]
         if socks:
             for sock in socks:
                 inherited.remove(sock)
-                listeners.append(Listener(sock, mapping, inherited=True))
+                listeners.append(Listener(sock, mapping, origin))
             continue
-        if activated:
+        if inherited and not handed_over:
             log(WARNING, "listen addr=%s has no socket from systemd; binding it here"
                 % mapping.label)
         for sock in bind_listeners(mapping):
             listeners.append(Listener(sock, mapping))
     for sock in inherited:
-        # closing it here would leave it open in systemd, where clients would hang
         host, port = sock.getsockname()[:2]
-        raise ConfigError("socket %s from systemd matches no mapping; add a mapping for it "
-                          "(e.g. %d=HOST:%d) or remove its ListenStream= line"
-                          % (format_address(host, port), port, port))
+        if not handed_over:
+            # closing it here would leave it open in systemd, where clients would hang
+            raise ConfigError("socket %s from systemd matches no mapping; add a mapping for "
+                              "it (e.g. %d=HOST:%d) or remove its ListenStream= line"
+                              % (format_address(host, port), port, port))
+        log(NOTICE, "listen addr=%s is no longer in the settings; closing it"
+            % format_address(host, port))
+        sock.close()        # the old process closes its own copy when it hands over
     for listener in listeners:
         sock = listener.sock
         sock.setblocking(False)
@@ -606,7 +681,7 @@ def open_listeners(mappings, proxy_protocol):
         mapping = listener.mapping
         log(NOTICE, "listen addr=%s upstream=%s proxy=%s%s" % (
             listener.describe(), ",".join(format_address(*u) for u in mapping.upstreams),
-            proxy_protocol, " (from systemd)" if listener.inherited else ""))
+            proxy_protocol, " (%s)" % listener.origin if listener.origin else ""))
     return listeners
 
 
@@ -679,21 +754,33 @@ def systemd_sockets():
     count = os.environ.get("LISTEN_FDS", "")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)      # not for any child process
-    socks = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count or 0)):
-        # Python < 3.7 does not detect a descriptor's family: ask the kernel (SO_DOMAIN)
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
-        try:
-            family = probe.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_DOMAIN", 39))
-            kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        except OSError:
-            family = kind = None
-        probe.detach()
-        if kind != socket.SOCK_STREAM or family not in (socket.AF_INET, socket.AF_INET6):
-            log(WARNING, "descriptor %d from systemd is not a TCP socket; ignoring it" % fd)
-            continue
-        socks.append(socket.socket(family, socket.SOCK_STREAM, 0, fd))
-    return socks
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count or 0))
+    return [sock for sock in map(tcp_socket, fds) if sock is not None]
+
+
+def inherited_sockets(variable):
+    """The listening sockets named in an environment variable ("5,6,7") by the process
+    that started this one (a reload), as socket objects. The variable is removed."""
+    fds = os.environ.pop(variable, "")
+    return [sock for sock in (tcp_socket(int(fd)) for fd in fds.split(",") if fd.isdigit())
+            if sock is not None]
+
+
+def tcp_socket(fd):
+    """A socket object for an inherited descriptor, or None (and a warning) if it is not a
+    TCP socket."""
+    # Python < 3.7 does not detect a descriptor's family: ask the kernel (SO_DOMAIN)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    try:
+        family = probe.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_DOMAIN", 39))
+        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    except OSError:
+        family = kind = None
+    probe.detach()
+    if kind != socket.SOCK_STREAM or family not in (socket.AF_INET, socket.AF_INET6):
+        log(WARNING, "descriptor %d passed to us is not a TCP socket; ignoring it" % fd)
+        return None
+    return socket.socket(family, socket.SOCK_STREAM, 0, fd)
 
 
 def listens_for(sock, mapping):
@@ -1813,11 +1900,14 @@ class Server:
     close only the session they happened in.
     """
 
-    def __init__(self, options, mappings, listeners):
+    def __init__(self, options, mappings, listeners, argv=()):
+        self.argv = list(argv)          # as given: a reload starts the new process with them
         self.mappings = mappings
         self.listen_ports = {m.port for m in mappings}
         self.connect_timeout = options.connect_timeout
         self.drain_timeout = options.drain_timeout
+        self.reload_drain = options.reload_drain
+        self.drain_end = None           # the timer that ends the drain
         self.timeouts = Timeouts(options)
         self.header = HEADERS[options.proxy_protocol]
         self.selector = selectors.DefaultSelector()
@@ -1833,6 +1923,7 @@ class Server:
         max_sessions, self.relay.pipes.limit = capacity(len(mappings), options.max_connections)
         self.acceptor = Acceptor(self, listeners, max_sessions)
         self.notifier = Notifier(self)
+        self.reload = Reload(self)
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -1887,8 +1978,9 @@ class Server:
 
     # -- running -------------------------------------------------------------------------------
 
-    def serve_forever(self):
-        """Start accepting, tell systemd we are ready, and run the loop until the drain ends."""
+    def serve_forever(self, predecessor=None):
+        """Start accepting, tell systemd we are ready (and the process this one replaces, on
+        `predecessor`), and run the loop until the drain ends."""
         catch_signals()
         self.waker.for_signals()
         self.running = True
@@ -1896,15 +1988,18 @@ class Server:
         timeouts = self.timeouts
         self.timers.every(timeouts.sweep_interval, lambda: timeouts.sweep(self.sessions, self.now))
         self.resolver.warm({host for m in self.mappings for host, _ in m.upstreams})
-        log(NOTICE, "ready pid=%d listeners=%d relay=%s max-connections=%d"
-            % (os.getpid(), len(self.acceptor.listeners), self.relay.mode,
+        log(NOTICE, "ready pid=%d version=%s listeners=%d relay=%s max-connections=%d"
+            % (os.getpid(), __version__, len(self.acceptor.listeners), self.relay.mode,
                self.acceptor.max_sessions))
-        self.notifier.ready()
+        if predecessor is not None:
+            send_line(predecessor, "ready %d" % os.getpid())
+            predecessor.close()
+        self.notifier.ready(main_pid=predecessor is not None)
         select = self.selector.select
         run_due = self.timers.run_due
         handle_error = self.handle_error
         if SIGNALS:
-            self.on_signals()       # those that came during start-up
+            self.on_signals(starting=True)      # those that came during start-up
         while self.running:
             timeout = run_due()
             if not self.running:
@@ -1922,10 +2017,10 @@ class Server:
 
     # -- signals, drain, stats -----------------------------------------------------------------
 
-    def on_signals(self):
+    def on_signals(self, starting=False):
         """Act once on each kind of signal queued since the last time (a storm of USR1
-        writes one stats line): USR1 logs the counters, HUP looks the upstream names up
-        again, TERM and INT drain."""
+        writes one stats line): USR1 logs the counters, HUP reloads (not while `starting`:
+        a HUP in start-up only must not kill us), TERM and INT drain."""
         kinds = []
         while SIGNALS:
             signum = SIGNALS.popleft()
@@ -1935,27 +2030,35 @@ class Server:
             if signum == getattr(signal, "SIGUSR1", None):
                 log(NOTICE, stats_line(self.mappings, self.sessions))
             elif signum == getattr(signal, "SIGHUP", None):
-                log(NOTICE, "reload: looking up the upstream names again (other settings "
-                    "take a restart)")
-                self.resolver.expire()
-                self.resolver.warm({host for m in self.mappings for host, _ in m.upstreams})
+                if starting:
+                    log(NOTICE, "reload: a HUP came during start-up; ignoring it")
+                else:
+                    self.reload.start()
             else:
-                self.begin_drain()
+                self.reload.abort()
+                self.begin_drain(self.drain_timeout)
 
-    def begin_drain(self):
-        """Stop accepting and release the ports; let open sessions finish, up to
-        drain_timeout. A second TERM/INT closes what is left at once."""
+    def begin_drain(self, timeout, handed_over=False):
+        """Stop accepting and release the ports; let open sessions finish, up to `timeout`.
+        TERM/INT: the drain timeout; a second one closes what is left at once. A hand-over
+        (reload): the reload drain, which a TERM/INT then shortens to the drain timeout."""
         if self.stopping:
+            if self.drain_end is not None and self.drain_end[0] - self.now > timeout:
+                log(NOTICE, "stopping active=%d drain=%gs" % (len(self.sessions), timeout))
+                self.drain_end[2] = None
+                self.drain_end = self.timers.call_later(timeout, self.end_drain)
+                return
             log(NOTICE, "second stop signal; closing %d sessions now" % len(self.sessions))
             return self.end_drain()
         self.stopping = True
         self.acceptor.close()
-        self.notifier.stopping()
-        log(NOTICE, "stopping active=%d drain=%gs" % (len(self.sessions), self.drain_timeout))
+        if not handed_over:
+            self.notifier.stopping()
+            log(NOTICE, "stopping active=%d drain=%gs" % (len(self.sessions), timeout))
         if not self.sessions:
             self.running = False
         else:
-            self.timers.call_later(self.drain_timeout, self.end_drain)
+            self.drain_end = self.timers.call_later(timeout, self.end_drain)
 
     def end_drain(self, _=None):
         """The drain ran out: close every session left, and leave the loop."""
@@ -1978,6 +2081,198 @@ def stats_line(mappings, sessions):
         parts.append("%s active=%d sessions=%d failed=%d up=%d down=%d" % ((m.label,) + row))
     return ("stats active=%d sessions=%d failed=%d up=%d down=%d | %s"
             % (tuple(totals) + (" | ".join(parts),)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reload: on SIGHUP a new process, started from the script on disk, takes the listeners over
+# ----------------------------------------------------------------------------------------------
+
+RELOAD_WAIT = 90.0              # `--reload PID` waits this long for the outcome (systemd's own)
+REAP_EVERY, REAP_TRIES = 0.5, 20    # a failed new process is waited for this often, this long
+
+
+class Reload:
+    """SIGHUP: replace this process with a fresh one, cutting nothing and refusing no one.
+
+    The new process is the script as it is on disk now (so `scp` + HUP is an upgrade), run
+    with this process's arguments (so --settings FILE is read again). It inherits the
+    listening sockets (TAILWART_LISTENERS: their descriptors; no port is ever closed, and
+    a connecting client is served by one process or the other), binds only what is new,
+    closes what its settings dropped, looks its upstream names up once, and then writes
+    `ready PID` on a socketpair (TAILWART_REPORT_FD). Only then does this process stop
+    accepting, fall silent towards systemd (the new one sends MAINPID=) and drain, up to
+    --reload-drain. If the new process fails, its one error line comes back instead:
+    `reload failed: ...` is logged, and this process serves on as if nothing happened.
+    Under systemd the outcome is also written to $RUNTIME_DIRECTORY/reload-status, where
+    `--reload PID` (the unit's ExecReload=) waits for it.
+    """
+
+    __slots__ = ("server", "child", "channel", "received")
+
+    def __init__(self, server):
+        self.server = server
+        self.child = self.channel = None
+        self.received = b""
+
+    def start(self):
+        """Start the new process (once at a time; not while stopping)."""
+        server = self.server
+        if self.child is not None:
+            return log(NOTICE, "reload: already in progress")
+        if server.stopping:
+            return log(NOTICE, "reload: this process is stopping; ignoring HUP")
+        ours, theirs = socket.socketpair()
+        fds = [listener.fd for listener in server.acceptor.listeners]
+        env = dict(os.environ, TAILWART_LISTENERS=",".join(map(str, fds)),
+                   TAILWART_REPORT_FD=str(theirs.fileno()))
+        env.pop("WATCHDOG_PID", None)       # the watchdog goes with MAINPID to the new one
+        log(NOTICE, "reload: starting a new process")
+        try:
+            self.child = subprocess.Popen([sys.executable, SCRIPT] + server.argv, env=env,
+                                          pass_fds=fds + [theirs.fileno()],
+                                          stdin=subprocess.DEVNULL)
+        except OSError as e:
+            ours.close()
+            return self.finished("failed cannot start %s: %s" % (sys.executable, e.strerror))
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.channel = ours
+        server.selector.register(ours.fileno(), READ, self)
+
+    def on_event(self, fd, mask):
+        """The new process said something, or ended: `ready PID` or `failed LINE`."""
+        try:
+            data = self.channel.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self.received += data
+        if data and b"\n" not in self.received:
+            return
+        line = self.received.partition(b"\n")[0].decode("utf-8", "replace")
+        if not line:
+            line = "failed the new process ended without a word (see the lines above)"
+        self.finished(line)
+
+    def finished(self, line):
+        """The outcome: hand over to the new process, or carry on after logging why not."""
+        server, child = self.server, self.child
+        if self.channel is not None:
+            server.selector.unregister(self.channel.fileno())
+            self.channel.close()
+        self.channel, self.received = None, b""
+        word, _, rest = line.partition(" ")
+        if word == "ready" and rest.isdigit():
+            self.child = None
+            write_reload_status("ok pid=%s" % rest)
+            log(NOTICE, "reload: pid=%s took over; draining %d sessions (up to %gs)"
+                % (rest, len(server.sessions), server.reload_drain))
+            server.notifier.silence()
+            return server.begin_drain(server.reload_drain, handed_over=True)
+        write_reload_status("failed %s" % rest)
+        log(WARNING, "reload failed: %s" % rest)
+        if child is not None:
+            server.timers.call_later(REAP_EVERY, self.reap, [child, REAP_TRIES])
+        self.child = None
+
+    def reap(self, state):
+        """Collect a failed new process's exit status (never blocking), killing it if it
+        lingers."""
+        child, tries = state
+        if child.poll() is None:
+            if tries <= 0:
+                child.kill()
+            state[1] -= 1
+            self.server.timers.call_later(REAP_EVERY, self.reap, state)
+
+    def abort(self):
+        """TERM/INT while a new process is starting: stop it too."""
+        if self.child is not None:
+            log(NOTICE, "reload: stopping the new process pid=%d" % self.child.pid)
+            try:
+                self.child.terminate()
+            except OSError:
+                pass
+            if self.channel is not None:
+                self.server.selector.unregister(self.channel.fileno())
+                self.channel.close()
+            self.channel, self.received, self.child = None, b"", None
+
+
+def send_line(sock, line):
+    """One line to the process that started this one (a reload); failures are ignored."""
+    try:
+        sock.sendall(line.encode("utf-8", "replace") + b"\n")
+    except OSError:
+        pass
+
+
+def reload_status_path():
+    """$RUNTIME_DIRECTORY/reload-status (systemd's RuntimeDirectory=), or None."""
+    directory = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return os.path.join(directory, "reload-status") if directory else None
+
+
+def write_reload_status(outcome):
+    """Tell `--reload PID` how the reload went: a fresh stamp, then `ok ...` or `failed ...`."""
+    path = reload_status_path()
+    if path is None:
+        return
+    try:
+        with open(path + ".new", "w") as f:
+            f.write("%.6f %s\n" % (time.time(), outcome))
+        os.replace(path + ".new", path)
+    except OSError as e:
+        log(WARNING, "reload: cannot write %s: %s" % (path, e.strerror))
+
+
+def read_text(path):
+    """A file's text, or None."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, TypeError):
+        return None
+
+
+def reload_client(pid):
+    """`--reload PID`: send SIGHUP, and where the relay writes its reload status (under
+    systemd), wait for the outcome. Returns the exit code: 0 taken over, 1 failed."""
+    path = reload_status_path()
+    before = read_text(path)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as e:
+        write_stderr("%s: error: cannot signal pid %d: %s\n" % (PROG, pid, e.strerror))
+        return 1
+    if path is None:
+        return 0
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        now = read_text(path)
+        if now is not None and now != before:
+            outcome = now.strip().partition(" ")[2]
+            if outcome.startswith("ok "):
+                write_stderr("reload: %s took over\n" % outcome[3:])
+                return 0
+            write_stderr("%s: error: reload failed: %s\n" % (PROG, outcome[7:]))
+            return 1
+        time.sleep(0.05)
+    write_stderr("%s: error: pid %d gave no reload outcome in %gs\n" % (PROG, pid, RELOAD_WAIT))
+    return 1
+
+
+def resolve_once(mappings):
+    """A new process of a reload looks every upstream name up before it takes over: a
+    relay that can resolve them is never replaced by one that cannot. Raises StartupError."""
+    for host in sorted({host for m in mappings for host, _ in m.upstreams}):
+        if literal_address(host, 0) is None:
+            try:
+                socket.getaddrinfo(host, 0, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            except (OSError, UnicodeError) as e:
+                raise StartupError("cannot resolve %s: %s" % (host, getattr(e, "strerror", e)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2026,9 +2321,11 @@ class Notifier:
             len(server.sessions), sum(m.sessions for m in server.mappings),
             " ".join(m.label for m in server.mappings))
 
-    def ready(self):
-        """The listeners accept: READY=1, and the watchdog pings begin."""
-        self.send("READY=1", "STATUS=" + self.status())
+    def ready(self, main_pid=False):
+        """The listeners accept: READY=1 (and after a reload MAINPID=, so that systemd
+        watches this process from now on), and the watchdog pings begin."""
+        lines = ["MAINPID=%d" % os.getpid()] if main_pid else []
+        self.send(*lines + ["READY=1", "STATUS=" + self.status()])
         if self.watchdog_interval:
             self.server.timers.every(self.watchdog_interval, self.feed_watchdog)
 
@@ -2039,6 +2336,12 @@ class Notifier:
     def stopping(self):
         """The drain began."""
         self.send("STOPPING=1", "STATUS=draining %d sessions" % len(self.server.sessions))
+
+    def silence(self):
+        """Another process is the service now: say nothing more to systemd."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def notify_socket_path():
@@ -2097,11 +2400,14 @@ def main(argv=None):
     """Parse, bind, drop privileges, serve. Returns the exit code."""
     catch_signals()
     open_standard_fds()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    predecessor = reload_channel()      # set when a reload started this process
     try:
         options, mappings = parse_args(argv)
     except ConfigError as e:
-        write_stderr("%s: error: %s\n" % (PROG, one_line(str(e))))
-        return 2
+        return failed(2, str(e), predecessor)
+    if options.reload is not None:
+        return reload_client(options.reload)
     log.configure(options.verbose, options.quiet)
     log.start()
     raise_fd_limit()
@@ -2109,19 +2415,40 @@ def main(argv=None):
     try:
         user = lookup_user(options.user) if options.user else None
         listeners = open_listeners(mappings, options.proxy_protocol)
-        server = Server(options, mappings, listeners)
+        server = Server(options, mappings, listeners, argv)
+        if predecessor is not None:
+            resolve_once(mappings)
         if user is not None:
             drop_privileges(user)
     except (StartupError, ConfigError) as e:
         log.flush()
-        write_stderr("%s: error: %s\n" % (PROG, one_line(e.args[0])))
-        return 1 if isinstance(e, StartupError) else 2
+        return failed(1 if isinstance(e, StartupError) else 2, e.args[0], predecessor)
     if hasattr(os, "getuid") and os.getuid() == 0 and user is None:
         log(WARNING, "running as root; pass --user NAME to drop privileges once the "
             "listeners are bound")
-    server.serve_forever()
+    server.serve_forever(predecessor)
     log.flush()
     return 0
+
+
+def failed(code, message, predecessor):
+    """Say why we cannot start, in one line (to the old process too, on a reload)."""
+    line = one_line(message)
+    write_stderr("%s: error: %s\n" % (PROG, line))
+    if predecessor is not None:
+        send_line(predecessor, "failed " + line)
+    return code
+
+
+def reload_channel():
+    """The socket to the process that started this one in a reload, or None."""
+    fd = os.environ.pop("TAILWART_REPORT_FD", "")
+    if not fd.isdigit():
+        return None
+    try:
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, int(fd))
+    except OSError:
+        return None
 
 
 def one_line(message):

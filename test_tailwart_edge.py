@@ -11,6 +11,7 @@ software is missing, naming the package; TAILWART_REQUIRE_PEERS=1 (set by CI) ma
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import inspect
 import os
@@ -103,9 +104,10 @@ class Edge:
 
     def _start(self, env, preexec_fn, timeout):
         self.lines = []
+        # a session of its own: kill() ends the processes a reload starts too (one group)
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      universal_newlines=True, preexec_fn=preexec_fn,
-                                     env=dict(os.environ, **(env or {})))
+                                     env=dict(os.environ, **(env or {})), start_new_session=True)
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -165,9 +167,15 @@ class Edge:
         return code
 
     def kill(self):
+        """Kill the script, and every process that took over from it by a reload (HUP): they
+        are all in the process group the script was started in."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass                # none left
         self.reader.join(WAIT)
 
     def stop(self, timeout=WAIT):
@@ -2031,6 +2039,990 @@ def test_sd_notify_uses_one_socket_for_every_message(notify_socket, monkeypatch)
         assert notifier.send("STATUS=%d" % i)
         assert notify_socket.next(WAIT) == {"STATUS": str(i)}
     assert opened == []
+
+
+# -- urgent bytes, a blocked or closed stderr, stray signals, wake-up overflow, half-close;
+#    then the opt-in abuse run (`-k abuse`) --------------------------------------------------
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/stat"),
+                                reason="reads CPU time and signal masks from /proc (Linux)")
+needs_splice = pytest.mark.skipif(not (sys.platform.startswith("linux")
+                                       and hasattr(os, "splice")),
+                                  reason="splice needs Linux and Python >= 3.10")
+TROUBLE = re.compile(r"Traceback|Exception ignored")     # never on our stderr, whatever happens
+
+
+def spin_seconds(pid, settle=0.5, window=2.0):
+    """CPU seconds a process spends over `window` seconds once `settle` has passed."""
+    time.sleep(settle)
+    before = cpu_seconds(pid)
+    time.sleep(window)
+    return cpu_seconds(pid) - before
+
+
+def settle(predicate, timeout):
+    """Waits up to `timeout` for predicate() (no assertion: the caller reports the figures)."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def random_bytes(rng, n):
+    """n bytes from a seeded random.Random: the same run after run."""
+    return rng.getrandbits(8 * n).to_bytes(n, "little") if n else b""
+
+
+def trouble(text):
+    """The lines of stderr that show a traceback or an ignored exception."""
+    return [line for line in text.splitlines() if TROUBLE.search(line)]
+
+
+def send_with_urgent_bytes(sock, parts):
+    """Sends each part in order; a part that is an int N is the one byte b"!" sent MSG_OOB
+    (TCP urgent data) N times in a row (1 in practice). Returns what the peer must receive."""
+    sent = bytearray()
+    for part in parts:
+        if isinstance(part, int):
+            for _ in range(part):
+                sock.send(b"!", socket.MSG_OOB)
+                sent += b"!"
+        else:
+            sock.sendall(part)
+            sent += part
+    return bytes(sent)
+
+
+class Collector:
+    """Reads a socket to EOF in a thread; `data` grows as bytes come (for progress checks)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.data = bytearray()
+        self.error = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                self.data += chunk
+        except Exception as e:
+            self.error = e
+        finally:
+            self.done.set()
+
+    def wait_for_length(self, n, timeout):
+        """Waits up to `timeout` for n bytes (no assertion: the caller checks the bytes)."""
+        deadline = time.monotonic() + timeout
+        while len(self.data) < n and not self.done.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+class UnreadEdge(Edge):
+    """The script with stderr to a pipe that nobody reads until drain() (a stalled journald,
+    a `| less` left open). The pipe is shrunk to `pipe_size` so a few dozen lines fill it.
+    (pipe_size=None: the default, 64 KiB on Linux.) Ready once its port accepts (one session:
+    the probe), as no `ready` line can be read.
+    closed=True starts it with stderr closed instead (`2>&-`)."""
+
+    def __init__(self, *args, port, pipe_size=4096, closed=False, preexec_fn=None,
+                 timeout=WAIT):
+        self.lines = []
+        self.cond = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        if closed:
+            self.args = ["/bin/sh", "-c", 'exec "$0" "$@" 2>&-', PYTHON, SCRIPT] + list(args)
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, preexec_fn=preexec_fn)
+            self.proc.stderr = None
+        else:
+            self.args = [PYTHON, SCRIPT] + list(args)
+            rfd, wfd = os.pipe()
+            try:
+                if pipe_size:
+                    fcntl.fcntl(wfd, getattr(fcntl, "F_SETPIPE_SZ", 1031), pipe_size)
+            except OSError:
+                pass                    # not Linux: the default pipe fills too, later
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=wfd,
+                                         preexec_fn=preexec_fn)
+            os.close(wfd)
+            self.proc.stderr = open(rfd, "r", errors="replace")
+        try:
+            wait_accepting(self.proc, port, timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def drain(self):
+        """Start reading stderr: the lines go to `lines`, wait_for() and output() work."""
+        if self.proc.stderr is not None and self.reader.ident is None:
+            self.reader.start()
+
+    def wait(self, timeout=WAIT):
+        code = self.proc.wait(timeout)
+        if self.reader.is_alive():
+            self.reader.join(timeout)
+        return code
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.reader.is_alive():
+            self.reader.join(WAIT)
+        elif self.proc.stderr is not None and not self.reader.ident:
+            self.proc.stderr.close()
+
+
+def wait_accepting(proc, port, timeout=WAIT, host="127.0.0.1"):
+    """Polls until the port accepts a connection (closed at once), or fails if proc exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise AssertionError("%s exited %d before it accepted on port %d"
+                                 % (" ".join(proc.args), code, port))
+        try:
+            connect((host, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError("port %d not accepting after %gs" % (port, timeout))
+            time.sleep(0.05)
+
+
+def closed_by_edge(port, timeout=5):
+    """Connects and reads to EOF (for sessions the edge ends itself); b"" or an error text."""
+    try:
+        with connect(("127.0.0.1", port), timeout=timeout) as c:
+            return recv_all(c)
+    except (OSError, EOFError) as e:
+        return "%s: %s" % (type(e).__name__, e)
+
+
+def exchange(port, payload, timeout=5):
+    """One short session: send, FIN, read to EOF; what came back, or an error text."""
+    try:
+        with connect(("127.0.0.1", port), timeout=timeout) as c:
+            c.sendall(payload)
+            c.shutdown(socket.SHUT_WR)
+            return recv_all(c)
+    except (OSError, EOFError) as e:
+        return "%s: %s" % (type(e).__name__, e)
+
+
+# -- fault 1: urgent data ----------------------------------------------------------------------
+
+URGENT_BEFORE, URGENT_AFTER = 300000, 100000
+
+
+def urgent_byte_run(relay, direction):
+    """300,000 bytes, one urgent b"!", 100,000 bytes, sent through the edge one way
+    ("up": client -> upstream, "down": upstream -> client). Returns (what arrived by the time
+    the sender's FIN came through, CPU seconds the edge spent in 2 s once the bytes were out,
+    the session's log line, what was sent)."""
+    rng = random.Random(1)
+    before, after = random_bytes(rng, URGENT_BEFORE), random_bytes(rng, URGENT_AFTER)
+    box = {}
+    sender_go = threading.Event()
+
+    def upstream(conn):
+        read_proxy_header(conn)
+        if direction == "up":
+            box["collector"] = Collector(conn)
+            box["collector"].done.wait(WAIT * 2)
+        else:
+            sender_go.wait(WAIT)
+            conn.sendall(before)
+            box["first"].wait_for_length(URGENT_BEFORE, WAIT)
+            send_with_urgent_bytes(conn, [1, after])
+            box["sent"].set()
+            box["fin"].wait(WAIT * 2)
+            conn.shutdown(socket.SHUT_WR)
+            box["first"].done.wait(WAIT)
+
+    port = free_port()
+    with Upstream(upstream) as up, \
+            Edge("--relay", relay, "127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+        with connect(("127.0.0.1", port)) as c:
+            if direction == "up":
+                c.sendall(before)
+                eventually(lambda: "collector" in box)
+                far = box["collector"]
+                far.wait_for_length(URGENT_BEFORE, WAIT)    # the direction has turned to splice
+                send_with_urgent_bytes(c, [1, after])
+            else:
+                far = box["first"] = Collector(c)
+                box["sent"], box["fin"] = threading.Event(), threading.Event()
+                sender_go.set()
+                assert box["sent"].wait(WAIT)
+            far.wait_for_length(URGENT_BEFORE + 1 + URGENT_AFTER, 5)
+            spent = spin_seconds(proxy.pid)
+            if direction == "up":
+                c.shutdown(socket.SHUT_WR)
+            else:
+                box["fin"].set()
+            assert far.done.wait(WAIT), "the FIN never came through"
+        line = proxy.wait_for(r"session client=")
+        assert not up.errors and far.error is None, (up.errors, far.error)
+        bad = trouble(proxy.output())
+        assert not bad, bad[:5]
+    return bytes(far.data), spent, line, before + b"!" + after
+
+
+def urgent_report(got, want, spent):
+    mark = got.find(b"!", URGENT_BEFORE - 1, URGENT_BEFORE + 1)
+    return ("%d of %d bytes delivered, b'!' at offset %s, %.2f CPU s in 2 s"
+            % (len(got), len(want), mark if mark >= 0 else "none", spent))
+
+
+@needs_proc
+@needs_splice
+@pytest.mark.parametrize("direction", ["up", "down"])
+@pytest.mark.parametrize("relay", ["splice", "auto"])
+def test_urgent_byte_in_splice_mode_is_relayed_inline_without_spinning(relay, direction):
+    """Fault 1: once a direction turned to splice, one MSG_OOB byte stopped it for good:
+    splice(2) stops at the urgent mark, epoll says readable forever, the loop spins at 100 %
+    CPU and the bytes after the mark are lost at FIN."""
+    got, spent, line, want = urgent_byte_run(relay, direction)
+    exact = got == want
+    assert exact and spent < 0.5, urgent_report(got, want, spent)
+    assert ("up=%d " if direction == "up" else "down=%d ") % len(want) in line, line
+
+
+@needs_proc
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_urgent_byte_in_copy_mode_is_relayed_inline(direction):
+    """Fault 1, copy mode: without SO_OOBINLINE, recv() takes the urgent byte out of the stream,
+    so the far side got 400,000 of the 400,001 bytes sent."""
+    got, spent, line, want = urgent_byte_run("copy", direction)
+    exact = got == want
+    assert exact and spent < 0.5, urgent_report(got, want, spent)
+
+
+# -- fault 2: a stderr that blocks, or is closed -----------------------------------------------
+
+def test_a_blocked_stderr_does_not_stop_relaying():
+    """Fault 2: with stderr a pipe nobody reads, once it was full (64 KiB, here 4 KiB) the loop
+    blocked in write(2): no accepts, no relaying, no timers."""
+    port = free_port()
+    served = 0
+    with Upstream(header_echo) as up, \
+            UnreadEdge("127.0.0.1:%d=%s" % (port, up.address), port=port) as proxy:
+        for i in range(300):            # ~150 bytes of log each: 10 times what the pipe holds
+            payload = b"mail %03d\r\n" % i
+            got = exchange(port, payload)
+            assert got == payload, "session %d of 300: %r (%d served)" % (i, got, served)
+            served += 1
+        assert proxy.proc.poll() is None
+
+
+def test_sigterm_stops_the_edge_while_stderr_is_blocked():
+    """Fault 2: blocked in write(2) on a full stderr, the edge could not act on SIGTERM."""
+    port = free_port()
+    with Upstream(header_echo) as up, \
+            UnreadEdge("127.0.0.1:%d=%s" % (port, up.address), port=port) as proxy:
+        for _ in range(100):            # enough log lines to fill the pipe many times over
+            connect(("127.0.0.1", port)).close()
+        time.sleep(1)
+        proxy.signal(signal.SIGTERM)
+        try:
+            code = proxy.proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            code = "still running %ds after SIGTERM" % WAIT
+        assert code == 0
+
+
+def test_a_closed_stderr_still_starts_relays_and_exits_0():
+    """Fault 2: started with stderr closed (`2>&-`), the edge exited 1 at start, silently."""
+    port = free_port()
+    with Upstream(header_echo) as up, \
+            UnreadEdge("127.0.0.1:%d=%s" % (port, up.address), port=port, closed=True) as proxy:
+        assert exchange(port, b"no stderr\r\n") == b"no stderr\r\n"
+        proxy.signal(signal.SIGTERM)
+        assert proxy.wait() == 0
+
+
+def test_log_lines_dropped_while_stderr_was_blocked_are_counted_once_it_drains():
+    """Fault 2: while stderr is blocked, lines beyond the in-memory queue are dropped, not
+    waited for, and once it drains a warning says how many. (The old code stalled instead:
+    after a few dozen lines no refused client was closed any more.)"""
+    port, dead = free_port(), free_port()       # nothing listens on `dead`: every session fails
+    count = 8000                                # ~1.6 MB of log lines, in a few seconds
+    with UnreadEdge("127.0.0.1:%d=127.0.0.1:%d" % (port, dead), port=port) as proxy:
+        for i in range(count):
+            got = closed_by_edge(port)
+            assert got == b"", "client %d of %d: %r (the edge never closed it)" % (i, count, got)
+        proxy.drain()
+        with connect(("127.0.0.1", port)) as c:     # one line more once stderr flows again
+            last = c.getsockname()[1]
+            assert recv_all(c) == b""
+        proxy.wait_for(r"session client=127\.0\.0\.1:%d " % last)
+        produced = count + 2                    # the readiness probe, the sessions, the last
+        if proxy.output().count("session client=") < produced:
+            proxy.wait_for(r"lines dropped while stderr was blocked")
+        text = proxy.output()
+        received = text.count("session client=")
+        dropped = sum(int(n) for n in re.findall(
+            r"\bwarning\b.*\blog: (\d+) lines dropped while stderr was blocked", text))
+        assert received + dropped >= produced, (received, dropped, produced)
+        bad = trouble(text)
+        assert not bad, bad[:5]
+        assert proxy.stop() == 0
+
+
+# -- fault 4: SIGHUP and early signals ---------------------------------------------------------
+
+def handled_signals(pid):
+    """The signals a process catches, ignores or blocks, from /proc/PID/status."""
+    mask = 0
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("SigBlk", "SigIgn", "SigCgt"):
+                mask |= int(value, 16)
+    return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+
+
+def default_signals():
+    """preexec_fn: HUP and USR1 at their default action (terminate) and not blocked, whatever
+    the test runner had (nohup ignores HUP), so only the script can make them harmless."""
+    for signum in (signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGUSR1})
+
+
+STORM = """
+import os, sys, time
+pid, seconds, most, gap = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+signums = [int(n) for n in sys.argv[5:]]
+sent, deadline = 0, time.monotonic() + seconds
+def zombie():
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rpartition(")")[2].split()[0] in "ZX"
+try:
+    while sent < most and time.monotonic() < deadline:
+        os.kill(pid, signums[sent % len(signums)])
+        sent += 1
+        if gap:
+            time.sleep(gap)
+        if sent % 1000 == 0 and zombie():
+            break
+except (ProcessLookupError, FileNotFoundError):
+    pass
+print(sent)
+"""
+
+
+def signal_storm(pid, signums, seconds=1.0, most=500000, gap=0.0):
+    """Sends the signals in turn to pid (as fast as a process can, or `gap` seconds apart) for
+    `seconds`, at most `most` of them, from a helper process, off this one's GIL. Returns how
+    many went."""
+    out = subprocess.run([sys.executable, "-c", STORM, str(pid), str(seconds), str(most),
+                          str(gap)] + [str(int(s)) for s in signums], stdout=subprocess.PIPE,
+                         timeout=seconds + WAIT, check=True, universal_newlines=True).stdout
+    return int(out)
+
+
+class StormedEdge(Edge):
+    """The script, sent HUP and USR1 in turn (every `gap` seconds, at most `most` of them) from
+    the moment it has shown it is running its own code (it catches, ignores or blocks both
+    signals, or has written a line) until `after` seconds past `ready`. Unlike Edge, the
+    constructor returns when it is ready or has exited: `sent` says how many signals went."""
+
+    def __init__(self, *args, gap=0.001, most=5000, after=0.3, timeout=WAIT):
+        self.args = [PYTHON, SCRIPT] + list(args)
+        self.lines = []
+        self.sent = 0
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     universal_newlines=True, preexec_fn=default_signals,
+                                     start_new_session=True)     # kill() ends reloads' too
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        try:
+            self._storm(gap, most, after, time.monotonic() + timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _storm(self, gap, most, after, deadline):
+        pid, wanted = self.proc.pid, {signal.SIGHUP, signal.SIGUSR1}
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if wanted <= handled_signals(pid) or self.lines:
+                    break
+            except OSError:
+                break
+            time.sleep(0.0005)
+        ready_at = None
+        while self.sent < most and self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                os.kill(pid, signal.SIGUSR1 if self.sent % 2 == 0 else signal.SIGHUP)
+            except ProcessLookupError:
+                break
+            self.sent += 1
+            if ready_at is None and any(line and re.search(r"\bready\b", line)
+                                        for line in self.lines):
+                ready_at = time.monotonic()
+            if ready_at is not None and time.monotonic() - ready_at > after:
+                break
+            time.sleep(gap)
+        if self.proc.poll() is None and ready_at is None:
+            self.wait_for(r"\bready\b", max(0.1, deadline - time.monotonic()))
+
+
+def test_sighup_is_a_reload_that_cuts_no_session():
+    """Fault 4: SIGHUP (an SSH session closing on a hand-started relay) killed the edge and
+    every session with it; under systemd death by HUP is a clean exit, so no restart."""
+    port = free_port()
+    with Upstream(header_echo) as up, Edge("127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(b"before")
+            assert recv_exactly(c, 6) == b"before"
+            mark = proxy.mark()
+            proxy.signal(signal.SIGHUP)
+            try:
+                proxy.wait_for(r"\bnotice reload\b", start=mark)
+            except AssertionError:
+                try:
+                    code = proxy.proc.wait(2)
+                except subprocess.TimeoutExpired:
+                    code = None
+                pytest.fail("no reload line after SIGHUP; exit code %r" % code)
+            c.sendall(b"after the reload")          # the open session still relays
+            assert recv_exactly(c, 16) == b"after the reload"
+            assert round_trip(port, b"new") == b"new"   # and new ones are served
+            c.shutdown(socket.SHUT_WR)
+            assert recv_all(c) == b""
+        assert "end=client-fin" in proxy.wait_for(r"session client=.*up=22 ")
+
+
+@needs_proc
+def test_hup_and_usr1_during_startup_do_not_kill_the_edge():
+    """Fault 4: a HUP or USR1 in the first ~50 ms of start-up (before the loop installed its
+    handlers) killed the edge."""
+    port = free_port()
+    with Upstream(header_echo) as up, \
+            StormedEdge("127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+        got = exchange(port, b"up")
+        assert got == b"up", "%r; exit code %r after %d signals in start-up" % (
+            got, proxy.proc.poll(), proxy.sent)
+        bad = trouble(proxy.output())
+        assert not bad, bad[:5]
+
+
+# -- fault 11: the wake-up socket ---------------------------------------------------------------
+
+UNRESOLVABLE = ",".join("tailwart-nx%d.invalid:25" % i for i in range(8))
+
+
+@needs_proc
+def test_a_usr1_storm_with_lookups_finishing_never_prints_exception_ignored():
+    """Fault 11: signals and resolver answers share one wake-up socketpair; a burst of them
+    filled it and Python printed `Exception ignored when trying to write to the signal wakeup
+    fd` tracebacks on stderr."""
+    port, named = free_port(), free_port()
+    with Upstream(header_echo) as up, \
+            Edge("--connect-timeout", "2", "127.0.0.1:%d=%s" % (port, up.address),
+                 "127.0.0.1:%d=%s" % (named, UNRESOLVABLE)) as proxy:
+        burst = []                  # 50 sessions, each trying 8 names that never resolve
+        try:
+            for _ in range(50):
+                s = socket.socket()
+                burst.append(s)
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", named))
+            sent = signal_storm(proxy.pid, [signal.SIGUSR1], seconds=1.5)
+        finally:
+            for s in burst:
+                s.close()
+        mark = proxy.mark()
+        proxy.signal(signal.SIGUSR1)
+        try:
+            answered = bool(proxy.wait_for(r"\bstats ", start=mark))
+        except AssertionError:
+            answered = False            # the old code could deadlock on its stderr lock here
+        served = exchange(port, b"still here")
+        bad = trouble(proxy.output())
+        assert not bad, "%d signals: %d 'Exception ignored' blocks (e.g. %s); USR1 after it " \
+            "answered: %s" % (sent, proxy.output().count("Exception ignored"), bad[:3], answered)
+        assert answered and served == b"still here", (answered, served)
+
+
+# -- fault 12: half-closed sessions -------------------------------------------------------------
+
+def test_half_close_timeout_ends_a_session_whose_upstream_never_closes():
+    """Fault 12: after the client's FIN, an upstream that stays silent and never closes held
+    the session for the whole idle timeout (an hour)."""
+    release = threading.Event()
+
+    def upstream(conn):
+        read_proxy_header(conn)
+        conn.sendall(b"220 hello\r\n")
+        assert recv_all(conn) == b"QUIT\r\n"    # the client's FIN came through
+        release.wait(WAIT * 2)                  # then silence, the socket left open
+
+    port = free_port()
+    try:
+        with Upstream(upstream) as up, \
+                Edge("--half-close-timeout", "1", "127.0.0.1:%d=%s" % (port, up.address)) \
+                as proxy:
+            with connect(("127.0.0.1", port)) as c:
+                assert recv_exactly(c, 11) == b"220 hello\r\n"
+                c.sendall(b"QUIT\r\n")
+                c.shutdown(socket.SHUT_WR)
+                assert recv_all(c) == b""       # closed by the edge within WAIT
+            assert "end=half-close-timeout" in proxy.wait_for(r"session client=")
+    finally:
+        release.set()
+
+
+def test_half_close_timeout_ends_a_session_whose_client_never_closes():
+    """Fault 12: after the upstream's FIN, a client that stays silent and never closes held
+    the session for the whole idle timeout (an hour)."""
+    closed = []
+
+    def upstream(conn):
+        read_proxy_header(conn)
+        conn.sendall(b"221 bye\r\n")
+        conn.shutdown(socket.SHUT_WR)
+        closed.append(recv_all(conn))           # EOF once the edge ends the session
+
+    port = free_port()
+    with Upstream(upstream) as up, \
+            Edge("--half-close-timeout", "1", "127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+        with connect(("127.0.0.1", port)) as c:
+            assert recv_all(c) == b"221 bye\r\n"    # the upstream's FIN came through
+            line = proxy.wait_for(r"session client=")     # we never close: the edge does
+        assert "end=half-close-timeout" in line
+        eventually(lambda: closed)
+        assert closed == [b""]
+
+
+# ----------------------------------------------------------------------------------------------
+# Abuse run (`-k abuse`, once in CI): a hostile internet on loopback, each part bounded in count
+# and time. Whatever comes, no session is lost or cut, no traceback, and the CPU is idle after.
+# ----------------------------------------------------------------------------------------------
+
+def stream_with_urgent_bytes(rng, urgent):
+    """Parts for send_with_urgent_bytes: bulk runs (some far over 64 KiB, so the direction
+    turns to splice) with `urgent` single urgent bytes between them, one at the very start."""
+    parts = [1]
+    for _ in range(urgent - 1):
+        parts += [random_bytes(rng, rng.choice((rng.randint(1, 2000),
+                                                rng.randint(70000, 300000)))), 1]
+    parts.append(random_bytes(rng, rng.randint(70000, 200000)))
+    return parts
+
+
+@needs_proc
+def test_abuse_urgent_bytes_mid_stream_both_directions():
+    """8 sessions at once send random bulk both ways with urgent bytes at random points,
+    before and after each direction turned to splice: every stream arrives byte for byte,
+    urgent bytes inline, and the edge is idle afterwards (fault 1)."""
+    count, urgent = 8, 5
+    seen_upstream = {}                  # client port -> (bytes the upstream got, bytes it sent)
+
+    def upstream(conn):
+        header = read_proxy_header(conn)
+        client_port = struct.unpack("!H", header[-4:-2])[0]
+        far = Collector(conn)
+        sent = send_with_urgent_bytes(conn, stream_with_urgent_bytes(
+            random.Random(client_port), urgent))
+        conn.shutdown(socket.SHUT_WR)
+        far.done.wait(40)
+        seen_upstream[client_port] = (bytes(far.data), sent)
+
+    results, failures = {}, []
+
+    def client(port, seed):
+        try:
+            with connect(("127.0.0.1", port), timeout=40) as c:
+                far = Collector(c)
+                sent = send_with_urgent_bytes(c, stream_with_urgent_bytes(
+                    random.Random(seed), urgent))
+                c.shutdown(socket.SHUT_WR)
+                far.done.wait(40)
+                results[c.getsockname()[1]] = (sent, bytes(far.data))
+        except Exception as e:
+            failures.append(e)
+
+    port = free_port()
+    with Upstream(upstream) as up, Edge("127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+        clients = [threading.Thread(target=client, args=(port, seed)) for seed in range(count)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(45)
+        settle(lambda: len(seen_upstream) >= len(results), timeout=5)
+        exact = [p for p, (sent, got) in results.items() if p in seen_upstream
+                 and seen_upstream[p][0] == sent and got == seen_upstream[p][1]]
+        short = sum(len(sent) - len(seen_upstream[p][0]) + len(seen_upstream[p][1]) - len(got)
+                    for p, (sent, got) in results.items() if p in seen_upstream)
+        spent = spin_seconds(proxy.pid)
+        assert len(exact) == count and spent < 0.5, (
+            "%d of %d sessions exact, %d bytes missing, %.2f CPU s in 2 s after"
+            % (len(exact), count, short, spent))
+        assert not failures and not up.errors, (failures, up.errors)
+        bad = trouble(proxy.output())
+        assert not bad, bad[:5]
+
+
+def nofile(limit):
+    """preexec_fn: `limit` descriptors, soft and hard (the edge cannot raise it)."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return apply
+
+
+LINGER_RST = struct.pack("ii", 1, 0)     # SO_LINGER on, 0 s: close() sends a reset
+
+
+def reset(sock):
+    """Close with SO_LINGER 0: the peer gets a TCP reset, not a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    except OSError:
+        pass
+    sock.close()
+
+
+
+def busy_mail_server(conn):
+    """An upstream for the abuse run: a session that starts with b"BULK" is a big upload to a
+    server that is slow to read it (busy for 0.5 s: the relay's pipes fill meanwhile), answered
+    with the byte count at its end; any other is echoed. A reset ends it quietly."""
+    try:
+        read_proxy_header(conn)
+        first = recv_exactly(conn, 4)
+        if first == b"BULK":
+            time.sleep(0.5)
+            conn.sendall(b"%d" % len(recv_all(conn)))
+        else:
+            conn.sendall(first)
+            echo(conn)
+    except (ConnectionResetError, BrokenPipeError, EOFError):
+        pass
+
+
+def bulk_upload(port, size, timeout=40):
+    """A big message to busy_mail_server: None once it says it got every byte, or what broke."""
+    try:
+        with connect(("127.0.0.1", port), timeout=timeout) as c:
+            c.sendall(b"BULK" + b"m" * size)
+            c.shutdown(socket.SHUT_WR)
+            answer = recv_all(c)
+            return None if answer == b"%d" % size else "answer %r to %d bytes" % (answer, size)
+    except (OSError, EOFError) as e:
+        return "%s: %s" % (type(e).__name__, e)
+
+
+def wait_for_stats(proxy, pattern, timeout=WAIT):
+    """Asks for counters (USR1) until a `stats` line matches; that line."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mark = proxy.mark()
+        proxy.signal(signal.SIGUSR1)
+        line = proxy.wait_for(r"\bstats ", start=mark)
+        if re.search(pattern, line) or time.monotonic() > deadline:
+            return line
+        time.sleep(0.2)
+
+
+@needs_proc
+def test_abuse_1000_resets_mid_connect_and_mid_transfer():
+    """500 clients reset while the edge is still connecting upstream (or before it accepted),
+    500 in the middle of bulk transfers both ways (a quarter after an urgent byte), at
+    --max-connections 40 with 100 descriptors, while big uploads to a busy mail server go on:
+    every echo and upload arrives whole, no session is left behind, the loop is idle after."""
+    stuck = Upstream(None, backlog=0, accept=False)     # a full backlog: connects hang
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", stuck.port))
+        fillers.append(s)
+    port, hanging = free_port(), free_port()
+    problems, uploads = [], []
+
+    def mid_connect(i):
+        try:
+            c = connect(("127.0.0.1", hanging))
+            if i % 4 == 1:
+                c.sendall(b"EHLO reset.example\r\n")
+                time.sleep(0.01)
+            reset(c)
+        except OSError as e:
+            problems.append("mid-connect %d: %s" % (i, e))
+
+    def mid_transfer(i):
+        # bulk (spliced), every fourth with an urgent byte in it as an attacker would; once the
+        # echo of it all is back, more bulk both ways, and the reset lands in its middle
+        rng = random.Random(i)
+        parts = [random_bytes(rng, rng.randint(70000, 300000))]
+        if i % 4 == 0:
+            parts += [1, random_bytes(rng, rng.randint(1, 1000))]
+        try:
+            with connect(("127.0.0.1", port), timeout=10) as c:
+                sent = send_with_urgent_bytes(c, parts)
+                try:
+                    back = recv_exactly(c, len(sent))
+                except (OSError, EOFError) as e:
+                    raise AssertionError("echo stalled (%s) after %d bytes%s"
+                                         % (e, len(sent), ", an urgent one" if i % 4 == 0 else ""))
+                assert back == sent, "echo differs"
+                c.sendall(random_bytes(rng, rng.randint(70000, 300000)))
+                recv_exactly(c, rng.randint(1, 70000))
+                reset(c)
+        except (OSError, EOFError, AssertionError) as e:
+            problems.append("mid-transfer %d: %s" % (i, e))
+
+    def hostile(worker):
+        for i in range(worker, 1000, 8):
+            (mid_connect if i % 2 else mid_transfer)(i)
+            if problems:
+                return              # bounded: the first problem ends the run
+
+    def mail(worker):
+        for i in range(4):
+            uploads.append(bulk_upload(port, (2 << 20) + worker * 1000 + i))
+
+    try:
+        with Upstream(busy_mail_server, backlog=1024) as up, \
+                Edge("--connect-timeout", "30", "--max-connections", "40",
+                     "127.0.0.1:%d=%s" % (port, up.address),
+                     "127.0.0.1:%d=%s" % (hanging, stuck.address), preexec_fn=nofile(100)) \
+                as proxy:
+            threads = [threading.Thread(target=mail, args=(w,)) for w in range(6)]
+            threads += [threading.Thread(target=hostile, args=(w,)) for w in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), "clients still running after 60 s"
+            stats = wait_for_stats(proxy, r"stats active=0 ")
+            spent = spin_seconds(proxy.pid)
+            lost = [u for u in uploads if u is not None]
+            resets = len(re.findall(r"end=client-reset", proxy.output()))
+            assert not problems, problems[:5]
+            assert not lost and "stats active=0 " in stats and spent < 0.5, (
+                "%d of %d uploads lost (%s); %d client resets logged; %s; %.2f CPU s in 2 s"
+                % (len(lost), len(uploads), lost[:2], resets, stats, spent))
+            assert round_trip(port, b"after") == b"after"
+            bad = trouble(proxy.output())
+            assert not bad, bad[:5]
+    finally:
+        for s in fillers:
+            s.close()
+        stuck.close()
+
+
+@needs_proc
+def test_abuse_connection_flood_at_40_sessions_under_100_descriptors():
+    """At --max-connections 40 with 100 descriptors: 20 big uploads to a busy mail server
+    (their splice pipes fill), then a flood of 400 clients, 100 at a time: every client is
+    served in its turn, byte for byte, none accepted and then dropped for want of a
+    descriptor, and the loop is idle once the flood stops (fault 6 under a flood)."""
+    port = free_port()
+    uploads, flood = [], []
+
+    def upload(i):
+        uploads.append(bulk_upload(port, (4 << 20) + i))
+
+    def client(worker):
+        for i in range(worker, 400, 100):
+            payload = b"EHLO flood-%03d.example\r\n" % i
+            got = exchange(port, payload, timeout=30)
+            flood.append(None if got == payload else "client %d: %r" % (i, got))
+
+    with Upstream(busy_mail_server, backlog=1024) as up, \
+            Edge("--max-connections", "40", "127.0.0.1:%d=%s" % (port, up.address),
+                 preexec_fn=nofile(100)) as proxy:
+        for target, count in ((upload, 20), (client, 100)):
+            threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), "clients still running after 60 s"
+        spent = spin_seconds(proxy.pid)
+        lost = [why for why in uploads + flood if why is not None]
+        dropped = len(re.findall(r"end=connect-failed", proxy.output()))
+        assert len(uploads) == 20 and len(flood) == 400
+        assert not lost and spent < 0.5, (
+            "%d of 420 clients lost (%s); %d sessions ended connect-failed; %.2f CPU s in 2 s"
+            % (len(lost), lost[:2], dropped, spent))
+        assert round_trip(port, b"after") == b"after"
+        bad = trouble(proxy.output())
+        assert not bad, bad[:5]
+
+
+def test_abuse_unread_stderr_for_30_seconds_with_verbose():
+    """With -v and stderr a pipe nobody reads for 27 s (a stalled journald): mail is served
+    all along and an open session keeps relaying; once read again, the dropped lines are
+    counted, and SIGTERM stops it with 0 (fault 2)."""
+    port = free_port()
+    made, problems = [1], []            # the readiness probe is a session too
+    deadline = time.monotonic() + 27
+
+    def mail(worker):
+        i = 0
+        while time.monotonic() < deadline and not problems:
+            payload = b"MAIL FROM:<w%d-%d@example.org>\r\n" % (worker, i)
+            got = exchange(port, payload)
+            made.append(1)
+            if got != payload:
+                problems.append("session %d of worker %d: %r" % (i, worker, got))
+            i += 1
+            time.sleep(0.005)
+
+    with Upstream(header_echo) as up, \
+            UnreadEdge("-v", "127.0.0.1:%d=%s" % (port, up.address), port=port,
+                       pipe_size=None) as proxy:
+        workers = [threading.Thread(target=mail, args=(w,)) for w in range(2)]
+        for t in workers:
+            t.start()
+        with connect(("127.0.0.1", port), timeout=5) as open_session:
+            made.append(1)
+            n = 0
+            while time.monotonic() < deadline and not problems:
+                line = b"NOOP %d\r\n" % n
+                open_session.sendall(line)
+                try:
+                    assert recv_exactly(open_session, len(line)) == line
+                except (OSError, EOFError) as e:
+                    problems.append("the open session stalled at NOOP %d: %s" % (n, e))
+                n += 1
+                time.sleep(0.5)
+        for t in workers:
+            t.join(WAIT)
+        served = len(made) - len(problems)
+        assert not problems, "%d sessions served, then: %s" % (served, problems[:3])
+        proxy.drain()
+        for i in range(20):                         # some mail once stderr flows again
+            assert exchange(port, b"after %d" % i) == b"after %d" % i
+            made.append(1)
+        with connect(("127.0.0.1", port)) as c:     # and the last, whose line we wait for
+            last = c.getsockname()[1]
+            c.sendall(b"last")
+            c.shutdown(socket.SHUT_WR)
+            assert recv_all(c) == b"last"
+            made.append(1)
+        proxy.wait_for(r"session client=127\.0\.0\.1:%d " % last)
+        produced = len(made)
+        if proxy.output().count("session client=") < produced:
+            proxy.wait_for(r"lines dropped while stderr was blocked")
+        text = proxy.output()
+        received = text.count("session client=")
+        dropped = sum(int(n) for n in re.findall(
+            r"\bwarning\b.*\blog: (\d+) lines dropped while stderr was blocked", text))
+        assert received + dropped >= produced, (received, dropped, produced)
+        bad = trouble(text)
+        assert not bad, bad[:5]
+        assert proxy.stop() == 0
+
+
+@needs_proc
+def test_abuse_hup_and_usr1_storm_during_bulk_transfers():
+    """8 sessions move 4 MiB each way (over ~2 s) while HUP and USR1 come as fast as a process
+    can send them: every byte arrives, no session is cut, the edge reloads and stays up
+    (faults 4 and 11)."""
+    size, count = 4 << 20, 8
+    upstream_got, upstream_sent, started = {}, {}, []
+    results, failures = {}, []
+
+    def send_random(sock, seed):
+        """4 MiB in 64 KiB steps over about 2 s, so the storm meets every session mid-way."""
+        data = random_bytes(random.Random(seed), size)
+        try:
+            for offset in range(0, size, 65536):
+                sock.sendall(data[offset:offset + 65536])
+                time.sleep(0.03)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            failures.append("sending: %s" % e)
+        return hashlib.sha256(data).hexdigest()
+
+    def drain(sock):
+        digest, total = hashlib.sha256(), 0
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return digest.hexdigest(), total
+            digest.update(chunk)
+            total += len(chunk)
+
+    def upstream(conn):
+        header = read_proxy_header(conn)
+        client_port = struct.unpack("!H", header[-4:-2])[0]
+        started.append(client_port)
+        sender = threading.Thread(target=lambda: upstream_sent.__setitem__(
+            client_port, send_random(conn, client_port)))
+        sender.start()
+        upstream_got[client_port] = drain(conn)
+        sender.join(40)
+
+    def client(seed):
+        try:
+            with connect(("127.0.0.1", port), timeout=40) as c:
+                sent = {}
+                sender = threading.Thread(target=lambda: sent.__setitem__(
+                    "sha", send_random(c, seed)))
+                sender.start()
+                got = drain(c)
+                sender.join(40)
+                results[c.getsockname()[1]] = (sent.get("sha"), got)
+        except Exception as e:
+            failures.append("%s: %s" % (type(e).__name__, e))
+
+    port, other = free_port(), free_port()
+    with Upstream(upstream) as up, Upstream(header_echo) as plain, \
+            Edge("127.0.0.1:%d=%s" % (port, up.address),
+                 "127.0.0.1:%d=%s" % (other, plain.address)) as proxy:
+        storm = {}
+        stormer = threading.Thread(target=lambda: storm.__setitem__("sent", signal_storm(
+            proxy.pid, [signal.SIGHUP, signal.SIGUSR1], seconds=1.5)))
+        clients = [threading.Thread(target=client, args=(1000 + i,)) for i in range(count)]
+        for t in clients:
+            t.start()
+        eventually(lambda: len(started) == count)      # every session is moving bytes
+        stormer.start()
+        for t in clients:
+            t.join(45)
+        stormer.join(WAIT)
+        settle(lambda: min(len(upstream_got), len(upstream_sent)) >= len(results), timeout=5)
+        code = proxy.proc.poll()
+        exact = sum(1 for p, (sha, got) in results.items()
+                    if upstream_got.get(p) == (sha, size) and got == (upstream_sent.get(p), size))
+        delivered = sum(got[1] for _, got in results.values())
+        assert exact == count and not failures, (
+            "exit code %r after %s signals; %d of %d sessions exact, %d of %d bytes down; %s"
+            % (code, storm.get("sent"), exact, count, delivered, count * size, failures[:2]))
+        proxy.wait_for(r"\bnotice reload\b")
+        assert round_trip(other, b"after the storm") == b"after the storm"
+        bad = trouble(proxy.output())
+        assert not bad, bad[:5]
+
+
+@needs_proc
+def test_abuse_hup_and_usr1_storm_during_startup():
+    """Ten start-ups, each sent HUP and USR1 in turn every millisecond from its first own
+    line of code until past `ready`: every one comes up and serves (fault 4)."""
+    port = free_port()
+    with Upstream(header_echo) as up:
+        for attempt in range(10):
+            with StormedEdge("127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+                got = exchange(port, b"up %d" % attempt)
+                assert got == b"up %d" % attempt, "start-up %d: %r; exit code %r after %d " \
+                    "signals" % (attempt, got, proxy.proc.poll(), proxy.sent)
+                bad = trouble(proxy.output())
+                assert not bad, bad[:5]
 
 
 # -- resolver, DNS, descriptors, splice, memory, self-loop, command line ---------------------
