@@ -1992,9 +1992,16 @@ class Server:
             % (os.getpid(), __version__, len(self.acceptor.listeners), self.relay.mode,
                self.acceptor.max_sessions))
         if predecessor is not None:
+            # Tell the old process, and wait until it has told systemd that we are the main
+            # process now: before that, systemd would drop what we send it.
             send_line(predecessor, "ready %d" % os.getpid())
+            try:
+                predecessor.settimeout(RELOAD_ACK_WAIT)
+                predecessor.recv(64)
+            except OSError:
+                pass            # the old process is gone: we are the relay all the same
             predecessor.close()
-        self.notifier.ready(main_pid=predecessor is not None)
+        self.notifier.ready()
         select = self.selector.select
         run_due = self.timers.run_due
         handle_error = self.handle_error
@@ -2088,6 +2095,7 @@ def stats_line(mappings, sessions):
 # ----------------------------------------------------------------------------------------------
 
 RELOAD_WAIT = 90.0              # `--reload PID` waits this long for the outcome (systemd's own)
+RELOAD_ACK_WAIT = 10.0          # a new process waits this long to be made the main process
 REAP_EVERY, REAP_TRIES = 0.5, 20    # a failed new process is waited for this often, this long
 
 
@@ -2100,8 +2108,9 @@ class Reload:
     a connecting client is served by one process or the other), binds only what is new,
     closes what its settings dropped, looks its upstream names up once, and then writes
     `ready PID` on a socketpair (TAILWART_REPORT_FD). Only then does this process stop
-    accepting, fall silent towards systemd (the new one sends MAINPID=) and drain, up to
-    --reload-drain. If the new process fails, its one error line comes back instead:
+    accepting, make the new one systemd's main process (MAINPID=, answered with `main` on
+    the socketpair, after which the new one talks to systemd and this one falls silent) and
+    drain, up to --reload-drain. If the new process fails, its one error line comes back instead:
     `reload failed: ...` is logged, and this process serves on as if nothing happened.
     Under systemd the outcome is also written to $RUNTIME_DIRECTORY/reload-status, where
     `--reload PID` (the unit's ExecReload=) waits for it.
@@ -2159,23 +2168,28 @@ class Reload:
     def finished(self, line):
         """The outcome: hand over to the new process, or carry on after logging why not."""
         server, child = self.server, self.child
-        if self.channel is not None:
-            server.selector.unregister(self.channel.fileno())
-            self.channel.close()
-        self.channel, self.received = None, b""
         word, _, rest = line.partition(" ")
-        if word == "ready" and rest.isdigit():
-            self.child = None
+        took_over = word == "ready" and rest.isdigit()
+        if took_over:
+            server.notifier.hand_over(int(rest))
+            send_line(self.channel, "main")     # it may talk to systemd now
+        self.close_channel()
+        self.child = None
+        if took_over:
             write_reload_status("ok pid=%s" % rest)
             log(NOTICE, "reload: pid=%s took over; draining %d sessions (up to %gs)"
                 % (rest, len(server.sessions), server.reload_drain))
-            server.notifier.silence()
             return server.begin_drain(server.reload_drain, handed_over=True)
         write_reload_status("failed %s" % rest)
         log(WARNING, "reload failed: %s" % rest)
         if child is not None:
             server.timers.call_later(REAP_EVERY, self.reap, [child, REAP_TRIES])
-        self.child = None
+
+    def close_channel(self):
+        if self.channel is not None:
+            self.server.selector.unregister(self.channel.fileno())
+            self.channel.close()
+        self.channel, self.received = None, b""
 
     def reap(self, state):
         """Collect a failed new process's exit status (never blocking), killing it if it
@@ -2195,10 +2209,8 @@ class Reload:
                 self.child.terminate()
             except OSError:
                 pass
-            if self.channel is not None:
-                self.server.selector.unregister(self.channel.fileno())
-                self.channel.close()
-            self.channel, self.received, self.child = None, b"", None
+            self.close_channel()
+            self.child = None
 
 
 def send_line(sock, line):
@@ -2321,11 +2333,9 @@ class Notifier:
             len(server.sessions), sum(m.sessions for m in server.mappings),
             " ".join(m.label for m in server.mappings))
 
-    def ready(self, main_pid=False):
-        """The listeners accept: READY=1 (and after a reload MAINPID=, so that systemd
-        watches this process from now on), and the watchdog pings begin."""
-        lines = ["MAINPID=%d" % os.getpid()] if main_pid else []
-        self.send(*lines + ["READY=1", "STATUS=" + self.status()])
+    def ready(self):
+        """The listeners accept: READY=1, and the watchdog pings begin."""
+        self.send("READY=1", "STATUS=" + self.status())
         if self.watchdog_interval:
             self.server.timers.every(self.watchdog_interval, self.feed_watchdog)
 
@@ -2337,8 +2347,10 @@ class Notifier:
         """The drain began."""
         self.send("STOPPING=1", "STATUS=draining %d sessions" % len(self.server.sessions))
 
-    def silence(self):
-        """Another process is the service now: say nothing more to systemd."""
+    def hand_over(self, pid):
+        """A reload's new process is ready: make it the service's main process (MAINPID=,
+        which the main process may send), then say nothing more to systemd."""
+        self.send("MAINPID=%d" % pid, "STATUS=handed over to pid %d" % pid)
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -1899,10 +1899,12 @@ def check_unit_relays_and_stops(container, port, upstream):
     container.start("tailwart-edge")
     state = container.show("tailwart-edge", "ActiveState", "MainPID")
     assert state["ActiveState"] == "active", container.journal("tailwart-edge")
-    # ${UPSTREAM} is one word, $PORTS and $OPTIONS are split at whitespace
+    # the relay reads the settings itself (so that a reload reads them again)
     argv = container.run("cat", "/proc/%s/cmdline" % state["MainPID"]).stdout.split("\0")
-    assert argv[1:-1] == ["/usr/local/bin/tailwart_edge.py", "--upstream", UPSTREAM_NAME,
-                          "127.0.0.1:%d" % port] + TEST_OPTIONS.split(), argv
+    assert argv[1:-1] == ["/usr/local/bin/tailwart_edge.py", "--settings",
+                          "/etc/default/tailwart-edge"], argv
+    listen = container.wait_journal("tailwart-edge", r"listen addr=")
+    assert "addr=127.0.0.1:%d upstream=%s:%d " % (port, UPSTREAM_NAME, port) in listen, listen
     status = container.process_status(state["MainPID"])
     assert status["Uid"].split()[0] != "0" and status["Gid"].split()[0] != "0", status
     # CAP_NET_BIND_SERVICE, and nothing else, in every set that matters
