@@ -273,7 +273,9 @@ def settings_words(path):
             raise ConfigError("%s line %d: %r is not a setting; write UPSTREAM=HOST, PORTS=... "
                               "or OPTIONS=..." % (path, number, line))
         try:
-            values[key] = shlex.split(value, comments=True)
+            # quotes and escapes as in a shell; then words at whitespace, as systemd splits
+            # an EnvironmentFile's "$PORTS" (this file's first reader): PORTS="25 465" is two
+            values[key] = " ".join(shlex.split(value, comments=True)).split()
         except ValueError as e:
             raise ConfigError("%s line %d: %s" % (path, number, e))
     words = list(values.get("OPTIONS", ()))
@@ -504,13 +506,14 @@ class Log:
     ones after are counted, and a line says how many once stderr takes lines again.
     """
 
-    __slots__ = ("threshold", "journal", "lines", "dropped", "wake", "writer")
+    __slots__ = ("threshold", "journal", "lines", "dropped", "lock", "wake", "writer")
 
     def __init__(self):
         self.threshold = INFO
         self.journal = False
         self.lines = collections.deque()
-        self.dropped = 0
+        self.dropped = 0                # lines dropped since the last word about it (under lock)
+        self.lock = threading.Lock()
         self.wake = threading.Event()
         self.writer = None
 
@@ -534,12 +537,9 @@ class Log:
             return write_stderr(line)
         lines = self.lines
         if len(lines) >= LOG_BACKLOG:
-            self.dropped += 1
+            with self.lock:
+                self.dropped += 1
             return
-        if self.dropped:
-            lines.append(self.format(WARNING, "log: %d lines dropped while stderr was blocked"
-                                     % self.dropped))
-            self.dropped = 0
         lines.append(line)
         if not self.wake.is_set():
             self.wake.set()
@@ -563,6 +563,11 @@ class Log:
                     batch.append(lines[0])
                     lines.popleft()
                 write_stderr("".join(batch))
+                if self.dropped:        # stderr takes lines again: say what it missed
+                    with self.lock:
+                        dropped, self.dropped = self.dropped, 0
+                    write_stderr(self.format(WARNING, "log: %d lines dropped while stderr was "
+                                             "blocked" % dropped))
 
     def flush(self, timeout=LOG_EXIT_WAIT):
         """At exit: give the writer a moment to write what is left (never longer)."""
