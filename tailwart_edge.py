@@ -1470,17 +1470,14 @@ class Flow:
                     relay.splice_refused(e.error)
                     return self.pull_copied(src, dst, relay)
                 raise
-            if n is None:
-                pipes.give(pipe)
-                if not turn:
-                    # Readable, yet splice has nothing: it stops at TCP urgent data (the
-                    # kernel's tcp_read_sock), for good. recv() reads past the mark.
-                    self.pull_copied(src, dst, relay)
-                return
             if not n:
                 pipes.give(pipe)
-                self.eof = True
-                self.pass_fin(dst)
+                # None (EAGAIN) on a socket said to be readable, or 0 (EOF): splice stops at
+                # TCP urgent data for good (the kernel's tcp_read_sock), saying EAGAIN, or 0
+                # once the peer's FIN is in too. recv() reads past the mark, and tells a true
+                # EOF (it then passes the FIN on).
+                if n == 0 or not turn:
+                    self.pull_copied(src, dst, relay)
                 return
             self.count += n
             self.pipe = pipe
