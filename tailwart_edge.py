@@ -1421,37 +1421,45 @@ class Flow:
         self.shut = False
         self.splicing = False
 
-    def pull(self, src, dst, relay):
-        """`src` is readable and nothing is pending: move what it has to `dst`.
-        Raises PeerError when a side broke."""
-        if self.splicing and relay.mode == "splice":
+    def pull(self, src, dst, relay, copy=False):
+        """`src` is readable and nothing is pending: move what it has to `dst`. By splice
+        once this direction has turned to it (and not `copy`), else through the relay's
+        buffer: recv_into, send at once, keep only what `dst` would not take. A read that
+        fills the whole buffer means more is waiting: read again now (a few times) rather
+        than after another trip through the loop. Raises PeerError when a side broke."""
+        if self.splicing and not copy and relay.mode == "splice":
             return self.pull_spliced(src, dst, relay)
-        before = self.count
-        self.pull_copied(src, dst, relay)
-        if self.count - before >= SPLICE_AFTER and relay.mode == "splice":
-            self.splicing = True
-
-    def pull_copied(self, src, dst, relay):
-        """recv_into the shared buffer, send at once, keep only what `dst` would not take.
-        A read that fills the whole buffer means more is waiting: read again now (a few
-        times) rather than after another trip through the loop."""
-        buffer, view = relay.buffer, relay.view
+        buffer, view, moved = relay.buffer, relay.view, 0
         for _ in range(PULL_ROUNDS):
-            n = io(src.recv_into, src, buffer)
-            if n is None:
-                return
+            # io()'s policy, written out: this is the path of every small exchange (an SMTP
+            # line, an IMAP command), where two calls through io() cost ~10 % more CPU per
+            # request (bench_tailwart_edge.py, keep-alive, copy mode: 18.8 vs 17.1 us)
+            try:
+                n = src.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                raise PeerError(src, e)
             if not n:
                 self.eof = True
                 self.pass_fin(dst)
                 return
             self.count += n
-            sent = io(dst.send, dst, view[:n]) or 0
+            moved += n
+            try:
+                sent = dst.send(view[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                raise PeerError(dst, e)
             if sent != n:
                 # buffer only what the kernel would not take
                 self.pending = memoryview(view[sent:n].tobytes())
-                return
+                break
             if n < CHUNK:
-                return
+                break
+        if moved >= SPLICE_AFTER and relay.mode == "splice":
+            self.splicing = True
 
     def pull_spliced(self, src, dst, relay):
         """splice src -> pipe -> dst. A pipe is borrowed from the pool for each pull and
@@ -1461,14 +1469,14 @@ class Flow:
         for turn in range(PULL_ROUNDS):
             pipe = pipes.take()
             if pipe is None:        # no pipe to spare: copy this chunk instead
-                return self.pull_copied(src, dst, relay)
+                return self.pull(src, dst, relay, copy=True)
             try:
                 n = io(os_splice, src, src.fileno(), pipe[1], CHUNK, None, None, SPLICE_FLAGS)
             except PeerError as e:
                 pipes.give(pipe)
                 if e.error.errno in SPLICE_REFUSED:
                     relay.splice_refused(e.error)
-                    return self.pull_copied(src, dst, relay)
+                    return self.pull(src, dst, relay, copy=True)
                 raise
             if not n:
                 pipes.give(pipe)
@@ -1477,7 +1485,7 @@ class Flow:
                 # once the peer's FIN is in too. recv() reads past the mark, and tells a true
                 # EOF (it then passes the FIN on).
                 if n == 0 or not turn:
-                    self.pull_copied(src, dst, relay)
+                    self.pull(src, dst, relay, copy=True)
                 return
             self.count += n
             self.pipe = pipe
