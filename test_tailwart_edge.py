@@ -1333,7 +1333,7 @@ MAX_EXPOSURE = 1.5          # systemd-analyze security: 1.5 and lower reads "OK"
 NSPAWN_ROOT = os.environ.get("TAILWART_NSPAWN_ROOT", "/var/cache/tailwart-edge-ci/bookworm")
 PRIVILEGED_PORTS = (465, 587, 993, 143, 25, 110, 995, 119, 563, 636)
 CAP_NET_BIND_SERVICE = 1 << 10
-TEST_OPTIONS = "--idle-timeout 600 --connect-timeout 5"
+TEST_OPTIONS = "--idle-timeout 600 --connect-timeout 5 --max-connections 5000"
 UPSTREAM_NAME = "stalwart.tailnet.test"     # 127.0.0.2, from the container's /etc/hosts
 
 
@@ -1899,12 +1899,10 @@ def check_unit_relays_and_stops(container, port, upstream):
     container.start("tailwart-edge")
     state = container.show("tailwart-edge", "ActiveState", "MainPID")
     assert state["ActiveState"] == "active", container.journal("tailwart-edge")
-    # the relay reads the settings itself (so that a reload reads them again)
+    # the script reads /etc/default/tailwart-edge itself (so that a reload re-reads it)
     argv = container.run("cat", "/proc/%s/cmdline" % state["MainPID"]).stdout.split("\0")
     assert argv[1:-1] == ["/usr/local/bin/tailwart_edge.py", "--settings",
                           "/etc/default/tailwart-edge"], argv
-    listen = container.wait_journal("tailwart-edge", r"listen addr=")
-    assert "addr=127.0.0.1:%d upstream=%s:%d " % (port, UPSTREAM_NAME, port) in listen, listen
     status = container.process_status(state["MainPID"])
     assert status["Uid"].split()[0] != "0" and status["Gid"].split()[0] != "0", status
     # CAP_NET_BIND_SERVICE, and nothing else, in every set that matters
@@ -1923,6 +1921,11 @@ def check_unit_relays_and_stops(container, port, upstream):
     assert re.search(r"session client=127\.0\.0\.1:%d listen=127\.0\.0\.1:%d "
                      r"upstream=127\.0\.0\.2:%d up=%d down=%d .*end=client-fin"
                      % (client_port, port, port, len(payload), len(payload)), log), log
+    # UPSTREAM= and PORTS= made the mapping; the words of OPTIONS= are options
+    assert re.search(r"^listen addr=127\.0\.0\.1:%d upstream=%s:%d "
+                     % (port, re.escape(UPSTREAM_NAME), port), log, re.M), log
+    assert re.search(r"^ready pid=%s .*max-connections=5000\b" % state["MainPID"], log,
+                     re.M), log
     # `<N>` prefixes reached journald as priorities: `ready` is a notice, `session` is info
     notices = container.journal("tailwart-edge", "-p", "notice")
     assert re.search(r"^ready pid=", notices, re.M) and "session client=" not in notices, notices
@@ -1932,6 +1935,409 @@ def check_unit_relays_and_stops(container, port, upstream):
     assert state == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, (
         state, container.journal("tailwart-edge"))
     assert re.search(r"^stopped\b", container.journal("tailwart-edge"), re.M)
+
+
+# -- issue 11: `systemctl reload` with an IMAP IDLE session open, clients arriving all along ----
+
+
+IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1 IDLE] tailwart-ci ready\r\n"
+RELOAD_WATCHDOG_SEC = 10    # a drop-in shortens WatchdogSec=30s, so waiting it out is cheap
+
+
+class ImapLikeUpstream:
+    """An upstream on (host, a free port) like an IMAP server: it reads the PROXY v2 header,
+    speaks first (IMAP_GREETING), then echoes what the client sends, as long as it likes (a
+    client in IDLE). push() sends a line unasked (`* 4 EXISTS`: new mail during IDLE).
+    Connections are known by the client port their header carries."""
+
+    def __init__(self, host):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.conns = {}         # client port -> connection
+        self.errors = []
+        self.running = True
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self.session, args=(conn,), daemon=True).start()
+
+    def session(self, conn):
+        conn.settimeout(300)
+        try:
+            with conn:
+                head = recv_exactly(conn, 16)
+                assert head[:12] == SIG and head[12] == 0x21 and head[13] == 0x11, head
+                body = recv_exactly(conn, struct.unpack("!H", head[14:16])[0])
+                self.conns[struct.unpack("!H", body[8:10])[0]] = conn
+                conn.sendall(IMAP_GREETING)
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+        except Exception as e:      # reported by the test, not lost in a thread
+            if self.running:
+                self.errors.append(repr(e))
+
+    def push(self, client_port, line):
+        self.conns[client_port].sendall(line)
+
+    def close(self):
+        self.running = False
+        self.sock.close()
+        for conn in list(self.conns.values()):
+            try:
+                conn.close()
+            except OSError:
+                pass
+        self.thread.join(5)
+
+
+class ImapClient:
+    """One long IMAP-like session through the relay: connects, reads the greeting."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        self.port = self.sock.getsockname()[1]
+        self.buffer = b""
+        greeting = self.line()
+        assert greeting == IMAP_GREETING, greeting
+
+    def line(self):
+        while b"\r\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("session closed; had %r" % self.buffer)
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\r\n")
+        return line + b"\r\n"
+
+    def relays_both_ways(self, upstream, n):
+        """Down: a line the upstream sends unasked arrives; up: a command comes back."""
+        unasked = b"* %d EXISTS\r\n" % n
+        upstream.push(self.port, unasked)
+        assert self.line() == unasked
+        command = b"a%d NOOP\r\n" % n
+        self.sock.sendall(command)
+        assert self.line() == command
+
+    def close(self):
+        self.sock.close()
+
+
+class ConnectLoop:
+    """Clients one after another, without pause, each a whole exchange (greeting, a command
+    echoed, close). Counts what went wrong by kind; `served` keeps each success's end time."""
+
+    def __init__(self, port):
+        self.port = port
+        self.served = []
+        self.failures = []      # (time, kind, repr)
+        self.slowest = 0.0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as c:
+                    got = b""
+                    while not got.endswith(b"\r\n"):
+                        data = c.recv(4096)
+                        if not data:
+                            raise EOFError("closed after %r" % got)
+                        got += data
+                    assert got == IMAP_GREETING, got
+                    c.sendall(b"a1 NOOP\r\n")
+                    got = b""
+                    while not got.endswith(b"\r\n"):
+                        data = c.recv(4096)
+                        if not data:
+                            raise EOFError("closed after %r" % got)
+                        got += data
+                    assert got == b"a1 NOOP\r\n", got
+            except ConnectionRefusedError as e:
+                self.failures.append((time.monotonic(), "refused", repr(e)))
+            except (ConnectionResetError, BrokenPipeError, EOFError) as e:
+                self.failures.append((time.monotonic(), "cut", repr(e)))
+            except socket.timeout as e:
+                self.failures.append((time.monotonic(), "timeout", repr(e)))
+            except Exception as e:
+                self.failures.append((time.monotonic(), "other", repr(e)))
+            else:
+                now = time.monotonic()
+                self.served.append(now)
+                self.slowest = max(self.slowest, now - started)
+
+    def served_between(self, start, end):
+        return sum(1 for t in self.served if start <= t <= end)
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(WAIT)
+
+
+def tcp_inode(local, remote):
+    """The socket inode of the TCP connection local -> remote (IPv4), from /proc/net/tcp:
+    the container shares our network, so its sockets are listed here too."""
+    def hexed(address):
+        return "%08X:%04X" % (struct.unpack("<I", socket.inet_aton(address[0]))[0], address[1])
+    with open("/proc/net/tcp") as f:
+        for row in f.read().splitlines()[1:]:
+            fields = row.split()
+            if fields[1] == hexed(local) and fields[2] == hexed(remote):
+                return fields[9]
+    raise AssertionError("no TCP connection %s -> %s" % (local, remote))
+
+
+def holders_in(container, pids, port, client_port):
+    """Which of the container's processes pids hold the relay's end of a client's session."""
+    inode = tcp_inode(("127.0.0.1", port), ("127.0.0.1", client_port))
+    found = set()
+    for pid in pids:
+        links = container.sh("readlink /proc/%d/fd/* || true" % pid, check=False).stdout
+        if "socket:[%s]" % inode in links.split():
+            found.add(pid)
+    return found
+
+
+def unit_processes(container, cgroup):
+    """The PIDs in the unit's cgroup (cgroup v2, or the name=systemd v1 hierarchy)."""
+    out = container.sh("for d in /sys/fs/cgroup /sys/fs/cgroup/unified /sys/fs/cgroup/systemd; "
+                       "do if [ -e \"$d%s/cgroup.procs\" ]; then cat \"$d%s/cgroup.procs\"; "
+                       "exit 0; fi; done; echo gone" % (cgroup, cgroup)).stdout.split()
+    return None if out == ["gone"] else {int(pid) for pid in out}
+
+
+def relay_processes(container):
+    """Every process in the container running the script (`ps` is not in the minimal tree)."""
+    # [e]: the pattern does not match this shell's own command line
+    out = container.sh("grep -l 'tailwart_edg[e]\\.py' /proc/[0-9]*/cmdline 2>/dev/null || true",
+                       check=False).stdout
+    return {int(p.split("/")[2]) for p in out.split() if p.split("/")[2].isdigit()}
+
+
+def pid_alive(container, pid):
+    return container.run("test", "-d", "/proc/%d" % pid, check=False).returncode == 0
+
+
+def reload_unit(container):
+    """systemctl reload: (exit code, output, seconds)."""
+    started = time.monotonic()
+    result = container.run("systemctl", "reload", "tailwart-edge", check=False, timeout=60)
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - started
+
+
+def new_main_pid(container, old, timeout=5):
+    """MainPID once it is no longer `old` (it should be at once: the reload waits for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid = int(container.show("tailwart-edge", "MainPID")["MainPID"])
+        if pid not in (0, old) or time.monotonic() > deadline:
+            return pid
+        time.sleep(0.05)
+
+
+def settings(upstream_name, ports):
+    # unquoted: at 8577bf8 a quoted value (PORTS="25 465") is one word, unlike systemd's
+    # EnvironmentFile= + $PORTS that read the same file before
+    return ("# /etc/default/tailwart-edge, as the README shows it\n"
+            "UPSTREAM=%s\nPORTS=%s\nOPTIONS=--idle-timeout 600 --connect-timeout 5 -q\n"
+            % (upstream_name, ports))
+
+
+def test_systemd_nspawn_reload_keeps_sessions_and_refuses_no_client(booted):
+    """Issue 11 under systemd: `systemctl reload` with an IMAP session open and clients
+    connecting without pause. The session stays in the old process and relays both ways; the
+    new process becomes MainPID and feeds the watchdog; a second and third reload work; a bad
+    settings file fails the reload visibly and changes nothing; no client is refused; stop
+    ends old and new processes. -q: 1000s of session lines would hit journald's rate limit."""
+    container, stage, port, _ = booted
+    imap = ImapLikeUpstream("127.0.0.2")
+    mapping = "127.0.0.1:%d=%s:%d" % (port, UPSTREAM_NAME, imap.port)
+    with open(os.path.join(stage, "reload.env"), "w") as f:
+        f.write(settings(UPSTREAM_NAME, mapping))
+    with open(os.path.join(stage, "bad.env"), "w") as f:
+        f.write(settings(UPSTREAM_NAME, "25,465"))      # a typo: commas
+    with open(os.path.join(stage, "watchdog.conf"), "w") as f:
+        f.write("[Service]\nWatchdogSec=%ds\n" % RELOAD_WATCHDOG_SEC)
+    container.sh("install -m 0644 /mnt/tailwart/reload.env /etc/default/tailwart-edge\n"
+                 "install -D -m 0644 /mnt/tailwart/watchdog.conf "
+                 "/etc/systemd/system/tailwart-edge.service.d/watchdog.conf\n"
+                 "systemctl daemon-reload")
+    clients, loop, figures = [], None, {}
+    try:
+        container.mark_journal()
+        container.start("tailwart-edge")
+        state = container.show("tailwart-edge", "MainPID", "ControlGroup", "WatchdogUSec")
+        first, cgroup = int(state["MainPID"]), state["ControlGroup"]
+        assert state["WatchdogUSec"] == "%ds" % RELOAD_WATCHDOG_SEC, state
+        assert cgroup and unit_processes(container, cgroup) == {first}, cgroup
+        idle = ImapClient(port)                 # IMAP IDLE: open through every reload below
+        clients.append(idle)
+        idle.relays_both_ways(imap, 1)
+        assert holders_in(container, [first], port, idle.port) == {first}
+        loop = ConnectLoop(port)
+        eventually(lambda: len(loop.served) >= 20)
+
+        # reload 1: a new main PID, the session stays with the old process
+        started = time.monotonic()
+        code, output, figures["reload 1 s"] = reload_unit(container)
+        assert code == 0, (output, container.journal("tailwart-edge"))
+        second = new_main_pid(container, first)
+        figures["served during reload 1"] = loop.served_between(started, time.monotonic())
+        assert second not in (0, first), container.journal("tailwart-edge")
+        state = container.show("tailwart-edge", "ActiveState", "SubState")
+        assert state == {"ActiveState": "active", "SubState": "running"}, state
+        assert "Main PID: %d" % second in container.run(
+            "systemctl", "status", "--no-pager", "tailwart-edge", check=False).stdout
+        argv = container.run("cat", "/proc/%d/cmdline" % second).stdout.split("\0")
+        assert argv[1:-1] == ["/usr/local/bin/tailwart_edge.py", "--settings",
+                              "/etc/default/tailwart-edge"], argv
+        status = container.process_status(second)
+        assert status["Uid"].split()[0] != "0", status
+        for field in ("CapEff", "CapPrm", "CapAmb"):     # can bind a port added by a reload
+            assert int(status[field], 16) == CAP_NET_BIND_SERVICE, (field, status)
+        assert unit_processes(container, cgroup) >= {first, second}
+        idle.relays_both_ways(imap, 2)
+        assert holders_in(container, [first, second], port, idle.port) == {first}
+        fresh = ImapClient(port)                # a session opened now is the new process's
+        clients.append(fresh)
+        fresh.relays_both_ways(imap, 3)
+        assert holders_in(container, [first, second], port, fresh.port) == {second}
+        log = container.wait_journal("tailwart-edge", r"took over")
+        assert re.search(r"^reload: pid=%d took over; draining \d+ sessions" % second, log,
+                         re.M), log
+        assert re.search(r"^ready pid=%d version=\S+ " % second, log, re.M), log
+
+        # the watchdog: fed by the new process (the old one, draining, sends nothing)
+        time.sleep(RELOAD_WATCHDOG_SEC + 1)
+        state = container.show("tailwart-edge", "ActiveState", "MainPID", "NRestarts")
+        assert state == {"ActiveState": "active", "MainPID": str(second), "NRestarts": "0"}, (
+            state, container.journal("tailwart-edge"))
+
+        # reload 2: MainPID changes again; both older processes keep their sessions
+        started = time.monotonic()
+        code, output, figures["reload 2 s"] = reload_unit(container)
+        assert code == 0, (output, container.journal("tailwart-edge"))
+        third = new_main_pid(container, second)
+        figures["served during reload 2"] = loop.served_between(started, time.monotonic())
+        assert third not in (0, first, second), container.journal("tailwart-edge")
+        assert container.show("tailwart-edge", "ActiveState")["ActiveState"] == "active"
+        idle.relays_both_ways(imap, 4)
+        fresh.relays_both_ways(imap, 5)
+        pids = [first, second, third]
+        assert holders_in(container, pids, port, idle.port) == {first}
+        assert holders_in(container, pids, port, fresh.port) == {second}
+
+        # their last sessions ended, the old processes exit; the new one alone feeds the
+        # watchdog for longer than WatchdogSec
+        fresh.close()
+        idle.close()
+        eventually(lambda: unit_processes(container, cgroup) == {third}, timeout=WAIT)
+        time.sleep(RELOAD_WATCHDOG_SEC + 1)
+        state = container.show("tailwart-edge", "ActiveState", "MainPID", "NRestarts")
+        assert state == {"ActiveState": "active", "MainPID": str(third), "NRestarts": "0"}, (
+            state, container.journal("tailwart-edge"))
+        assert "Watchdog timeout" not in container.journal("tailwart-edge")
+
+        # a bad settings file: the reload fails visibly, the relay serves on unchanged
+        container.run("install", "-m", "0644", "/mnt/tailwart/bad.env",
+                      "/etc/default/tailwart-edge")
+        started = time.monotonic()
+        code, output, figures["bad reload s"] = reload_unit(container)
+        figures["served during bad reload"] = loop.served_between(started, time.monotonic())
+        figures["bad reload output"] = output.strip()
+        assert code != 0, output
+        state = container.show("tailwart-edge", "ActiveState", "SubState", "MainPID")
+        assert state == {"ActiveState": "active", "SubState": "running",
+                         "MainPID": str(third)}, (state, container.journal("tailwart-edge"))
+        failure = r"reload failed: .*separate\b.*\bwith spaces"
+        log = container.wait_journal("tailwart-edge", failure)
+        warnings = container.journal("tailwart-edge", "-p", "warning")
+        assert re.search(failure, warnings), warnings           # logged as a warning
+        status = container.run("systemctl", "status", "--no-pager", "-n", "20",
+                               "tailwart-edge", check=False).stdout
+        assert re.search(failure, status) and "Main PID: %d" % third in status, status
+        figures["status line"] = re.search(r".*" + failure + r".*", status).group(0).strip()
+        eventually(lambda: unit_processes(container, cgroup) == {third}, timeout=WAIT)
+        late = ImapClient(port)
+        clients.append(late)
+        late.relays_both_ways(imap, 6)
+        assert holders_in(container, [third], port, late.port) == {third}
+
+        # reload 3, good settings again, `late` left open: stop must end old and new
+        container.run("install", "-m", "0644", "/mnt/tailwart/reload.env",
+                      "/etc/default/tailwart-edge")
+        started = time.monotonic()
+        code, output, figures["reload 3 s"] = reload_unit(container)
+        assert code == 0, (output, container.journal("tailwart-edge"))
+        fourth = new_main_pid(container, third)
+        figures["served during reload 3"] = loop.served_between(started, time.monotonic())
+        assert fourth not in (0, first, second, third)
+        late.relays_both_ways(imap, 7)
+        time.sleep(0.5)                         # the loop goes on a moment after the last reload
+        loop.stop()
+        failures = loop.failures
+        figures.update(served=len(loop.served), failures=len(failures),
+                       slowest="%.3f s" % loop.slowest, pids=(first, second, third, fourth))
+        assert failures == [] and len(loop.served) >= 100, (failures[:10], figures)
+        assert imap.errors == [], imap.errors
+
+        before = unit_processes(container, cgroup)
+        assert before >= {third, fourth}, before
+        started = time.monotonic()
+        stopper = threading.Thread(target=container.stop, args=("tailwart-edge",))
+        stopper.start()
+        ended = {}                              # when each process of the unit was gone
+        while stopper.is_alive() or len(ended) < len(before):
+            alive = relay_processes(container)
+            for pid in before - alive:
+                ended.setdefault(pid, round(time.monotonic() - started, 1))
+            if time.monotonic() - started > 60:
+                break
+            time.sleep(0.2)
+        stopper.join(WAIT)
+        figures["stop s"] = round(time.monotonic() - started, 1)
+        figures["gone after s"] = ended
+        state = container.show("tailwart-edge", "ActiveState", "Result", "ExecMainStatus")
+        assert state == {"ActiveState": "inactive", "Result": "success",
+                         "ExecMainStatus": "0"}, (state, container.journal("tailwart-edge"))
+        assert unit_processes(container, cgroup) in (None, set())
+        assert relay_processes(container) == set()
+        try:                                    # the stop closed it: EOF, or a reset
+            assert late.sock.recv(1024) == b""
+        except ConnectionResetError:
+            pass
+        log = container.journal("tailwart-edge")
+        killed = re.findall(r".*(?:SIGKILL|timed out|Killing process).*", log)
+        assert not killed, (killed, log[-3000:])
+        figures["stop log"] = log[log.rindex("reload: pid=%d took over" % fourth):]
+        print("\nreload figures: %r" % (figures,))
+    finally:
+        if loop is not None:
+            loop.stop()
+        for client in clients:
+            client.close()
+        container.sh("systemctl stop tailwart-edge || true; systemctl reset-failed\n"
+                     "rm -f /etc/systemd/system/tailwart-edge.service.d/watchdog.conf\n"
+                     "install -m 0644 /mnt/tailwart/tailwart-edge.env /etc/default/tailwart-edge\n"
+                     "systemctl daemon-reload", check=False, timeout=60)
+        imap.close()
 
 
 def test_systemd_nspawn_socket_activation_from_readme_needs_no_capability(booted):
@@ -4646,3 +5052,28 @@ def test_reload_option_with_runtime_directory_waits_and_reports(relays, tmp_path
         no_children_left(new)
         assert relays.wait_gone(proxy.pid) == 0
         assert relays.stop(new) in (0, None)
+
+
+def test_abuse_dns_goes_silent_during_a_stream_of_sessions(dns):
+    """The abuse run's silent name server: sessions keep coming, to a named upstream, while the
+    name server answers, then goes silent for a few seconds (many times --dns-ttl), then
+    answers again. Every session is served from the last good answer, none waits out a
+    lookup, and the relay is idle afterwards (fault 5)."""
+    stub, sandbox = dns(timeout=2)
+    port = free_port()
+    with Upstream(header_echo) as up, \
+            Edge("--dns-ttl", "0.3", "--connect-timeout", "1",
+                 "127.0.0.1:%d=%s:%d" % (port, DNS_NAME, up.port), preexec_fn=sandbox) as proxy:
+        served, started = 0, time.monotonic()
+        while time.monotonic() - started < 6:
+            elapsed = time.monotonic() - started
+            stub.silent = 1.5 < elapsed < 4.5
+            payload = b"session %d" % served
+            assert round_trip(port, payload) == payload, (served, proxy.output()[-2000:])
+            served += 1
+            time.sleep(0.02)
+        assert stub.dropped, "the name server was never asked while silent"
+        assert "connect-failed" not in proxy.output(), proxy.output()[-2000:]
+        assert spin_seconds(proxy.pid) < 0.5
+        assert not trouble(proxy.output())
+        print("%d sessions, %d lookups dropped by the silent name server" % (served, stub.dropped))
