@@ -20,13 +20,16 @@ examples:
 Without BIND_ADDR it listens on every interface, IPv4 and IPv6. BIND_ADDR is an
 IPv4 address or an IPv6 address in brackets. Several upstreams are tried in
 order. Signals: TERM and INT stop accepting, let sessions finish (up to
---drain-timeout) and exit 0; USR1 logs counters. Exit codes: 0 stopped, 1 could
-not start (e.g. a port is taken), 2 bad command line.
+--drain-timeout) and exit 0; HUP reloads (a new process, the script as it is on
+disk now, takes the ports over, and this one finishes its sessions); USR1 logs
+counters. Exit codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad
+command line.
 """
 
 # The file reads in the order of a connection's life; each banner is a section:
-#   Command line ........ argv -> options                     build_parser, parse_args
-#   Mappings ............ the mapping grammar -> Mapping      parse_mapping, overlapping
+#   Command line ........ argv, --settings FILE -> options    parse_args, settings_words
+#   Mappings ............ the mapping grammar -> Mapping,     parse_mapping, overlapping,
+#                         self-loops refused                  refuse_self_loops
 #   Logging ............. one key=value line per event       Log, log
 #   Listeners ........... binding, systemd socket adoption   Listener, open_listeners
 #   Accept .............. batches, the connection cap,       Acceptor, capacity
@@ -58,6 +61,16 @@ CAUGHT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
 def queue_signal(signum, frame):
     """The handler of every signal we act on (see catch_signals)."""
     SIGNALS.append(signum)
+
+
+def take_signals():
+    """The signals queued since the last call, each kind once, in the order they came."""
+    kinds = []
+    while SIGNALS:
+        signum = SIGNALS.popleft()
+        if signum not in kinds:
+            kinds.append(signum)
+    return kinds
 
 
 def catch_signals():
@@ -156,50 +169,54 @@ def build_parser():
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mappings", nargs="*", metavar="MAPPING",
                         help="[BIND_ADDR:]LISTEN_PORT=UPSTREAM_HOST:UPSTREAM_PORT")
-    parser.add_argument("--proxy-protocol", choices=("v2", "v1", "off"), default="v2",
-                        help="PROXY protocol header sent to the upstream (default: v2)")
-    parser.add_argument("--upstream", metavar="HOST",
-                        help="upstream host for mappings given as a bare [BIND_ADDR:]PORT")
-    parser.add_argument("--connect-timeout", type=seconds, default=DEFAULT_CONNECT_TIMEOUT,
-                        metavar="SECS", help="per upstream connect attempt (default: 10)")
-    parser.add_argument("--idle-timeout", type=seconds, default=DEFAULT_IDLE_TIMEOUT,
-                        metavar="SECS", help="close a session silent both ways this long "
-                        "(default: 3600, longer than IMAP IDLE's 29 minutes)")
-    parser.add_argument("--drain-timeout", type=lambda t: seconds(t, allow_zero=True),
-                        default=DEFAULT_DRAIN_TIMEOUT, metavar="SECS",
-                        help="on TERM/INT, let open sessions finish this long (default: 30)")
-    parser.add_argument("--dns-ttl", type=seconds, default=DEFAULT_DNS_TTL, metavar="SECS",
-                        help="look upstream names up again after this long; an older answer "
-                        "is still used while a lookup is slow or failing (default: 30)")
-    parser.add_argument("--half-close-timeout", type=seconds,
-                        default=DEFAULT_HALF_CLOSE_TIMEOUT, metavar="SECS",
-                        help="once one side has closed, end the session after this long "
-                        "with no traffic (default: 60)")
-    parser.add_argument("--reload-drain", type=lambda t: seconds(t, allow_zero=True),
-                        default=DEFAULT_RELOAD_DRAIN, metavar="SECS",
-                        help="after a reload (HUP), the old process lets its sessions finish "
-                        "this long (default: 1800)")
-    parser.add_argument("--max-connections", type=positive_int, metavar="N",
-                        help="most sessions at once; more wait in the listen backlog "
-                        "(default: as many as the open-file limit allows)")
-    parser.add_argument("--relay", choices=("auto", "splice", "copy"), default="auto",
-                        help="how bytes move: splice (zero-copy, Linux with Python >= 3.10), "
-                        "copy, or auto (default: the fastest this system has)")
-    parser.add_argument("--settings", metavar="FILE",
-                        help="read UPSTREAM=, PORTS= and OPTIONS= lines from FILE (as "
-                        "/etc/default/tailwart-edge); a reload (HUP) reads it again")
-    parser.add_argument("--reload", type=positive_int, metavar="PID",
-                        help="reload the relay running as PID (SIGHUP) and, under systemd, "
-                        "wait for the outcome: exit 0 when the new process took over")
-    parser.add_argument("--user", metavar="NAME",
-                        help="when started as root: bind, then run as this user (a name or "
-                        "a numeric uid)")
-    loud = parser.add_mutually_exclusive_group()
+    relaying = parser.add_argument_group("relaying")
+    relaying.add_argument("--proxy-protocol", choices=("v2", "v1", "off"), default="v2",
+                          help="PROXY protocol header sent to the upstream (default: v2)")
+    relaying.add_argument("--upstream", metavar="HOST",
+                          help="upstream host for mappings given as a bare [BIND_ADDR:]PORT")
+    relaying.add_argument("--max-connections", type=positive_int, metavar="N",
+                          help="most sessions at once; more wait in the listen backlog "
+                          "(default: what the open-file limit and memory allow)")
+    relaying.add_argument("--relay", choices=("auto", "splice", "copy"), default="auto",
+                          help="how bytes move: splice (zero-copy, Linux with Python >= 3.10), "
+                          "copy, or auto (default: the fastest this system has)")
+    add_timeouts(parser.add_argument_group("timeouts"))
+    running = parser.add_argument_group("running")
+    running.add_argument("--settings", metavar="FILE",
+                         help="read UPSTREAM=, PORTS= and OPTIONS= lines from FILE (as "
+                         "/etc/default/tailwart-edge); a reload (HUP) reads it again")
+    running.add_argument("--reload", type=positive_int, metavar="PID",
+                         help="reload the relay running as PID (SIGHUP) and, under systemd, "
+                         "wait for the outcome: exit 0 when the new process took over")
+    running.add_argument("--user", metavar="NAME",
+                         help="when started as root: bind, then run as this user (a name or "
+                         "a numeric uid)")
+    loud = running.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="log more (debug)")
     loud.add_argument("-q", "--quiet", action="store_true",
                       help="no line per session: only start, stop, counters and problems")
-    parser.add_argument("--version", action="version", version="tailwart-edge " + __version__)
+    running.add_argument("--version", action="version", version="tailwart-edge " + __version__)
     return parser
+
+
+def add_timeouts(group):
+    """The --*-timeout, --dns-ttl and --reload-drain options."""
+    non_negative = lambda text: seconds(text, allow_zero=True)     # noqa: E731
+    for option, kind, default, meaning in (
+            ("--connect-timeout", seconds, DEFAULT_CONNECT_TIMEOUT, "per upstream connect "
+             "attempt"),
+            ("--idle-timeout", seconds, DEFAULT_IDLE_TIMEOUT, "close a session silent both "
+             "ways this long (longer than IMAP IDLE's 29 minutes)"),
+            ("--half-close-timeout", seconds, DEFAULT_HALF_CLOSE_TIMEOUT, "once one side has "
+             "closed, end the session after this long with no traffic"),
+            ("--drain-timeout", non_negative, DEFAULT_DRAIN_TIMEOUT, "on TERM/INT, let open "
+             "sessions finish this long"),
+            ("--reload-drain", non_negative, DEFAULT_RELOAD_DRAIN, "after a reload (HUP), the "
+             "old process lets its sessions finish this long"),
+            ("--dns-ttl", seconds, DEFAULT_DNS_TTL, "look upstream names up again after this "
+             "long; an older answer is still used while a lookup is slow or failing")):
+        group.add_argument(option, type=kind, default=default, metavar="SECS",
+                           help="%s (default: %g)" % (meaning, default))
 
 
 def parse_args(argv=None):
@@ -1974,44 +1991,19 @@ class Server:
 
     def handle_error(self, data):
         """A bug, not a bad peer: log it loudly, close the session it happened in, carry on."""
-        kind, error, trace = sys.exc_info()
-        where = traceback.extract_tb(trace)[-1]
-        log(ERROR, "internal error: %s: %s at %s:%d in %s()" % (
-            kind.__name__, error, os.path.basename(where[0]), where[1], where[2]))
-        for line in traceback.format_exc().rstrip().splitlines():
-            log(DEBUG, line)
+        why = log_internal_error()
         if isinstance(data, Session):
             try:
-                data.close("error", "%s: %s" % (kind.__name__, error))
+                data.close("error", why)
             except Exception:
                 pass
 
     # -- running -------------------------------------------------------------------------------
 
     def serve_forever(self, predecessor=None):
-        """Start accepting, tell systemd we are ready (and the process this one replaces, on
-        `predecessor`), and run the loop until the drain ends."""
-        catch_signals()
-        self.waker.for_signals()
-        self.running = True
-        self.acceptor.resume()
-        timeouts = self.timeouts
-        self.timers.every(timeouts.sweep_interval, lambda: timeouts.sweep(self.sessions, self.now))
-        self.resolver.warm({host for m in self.mappings for host, _ in m.upstreams})
-        log(NOTICE, "ready pid=%d version=%s listeners=%d relay=%s max-connections=%d"
-            % (os.getpid(), __version__, len(self.acceptor.listeners), self.relay.mode,
-               self.acceptor.max_sessions))
-        if predecessor is not None:
-            # Tell the old process, and wait until it has told systemd that we are the main
-            # process now: before that, systemd would drop what we send it.
-            send_line(predecessor, "ready %d" % os.getpid())
-            try:
-                predecessor.settimeout(RELOAD_ACK_WAIT)
-                predecessor.recv(64)
-            except OSError:
-                pass            # the old process is gone: we are the relay all the same
-            predecessor.close()
-        self.notifier.ready()
+        """Start, then run the loop until the drain ends: timers first, then the ready
+        sockets (each key's data has on_event(fd, mask)), then the signals that came."""
+        self.start(predecessor)
         select = self.selector.select
         run_due = self.timers.run_due
         handle_error = self.handle_error
@@ -2032,18 +2024,30 @@ class Server:
                 self.on_signals()
         log(NOTICE, "stopped sessions=%d" % sum(m.sessions for m in self.mappings))
 
+    def start(self, predecessor):
+        """Accept, start the sweep, look the names up, and say `ready`: in the log, to the
+        process this one replaces (on `predecessor`, a reload), and to systemd."""
+        catch_signals()
+        self.waker.for_signals()
+        self.running = True
+        self.acceptor.resume()
+        timeouts = self.timeouts
+        self.timers.every(timeouts.sweep_interval, lambda: timeouts.sweep(self.sessions, self.now))
+        self.resolver.warm({host for m in self.mappings for host, _ in m.upstreams})
+        log(NOTICE, "ready pid=%d version=%s listeners=%d relay=%s max-connections=%d"
+            % (os.getpid(), __version__, len(self.acceptor.listeners), self.relay.mode,
+               self.acceptor.max_sessions))
+        if predecessor is not None:
+            take_over(predecessor)
+        self.notifier.ready()
+
     # -- signals, drain, stats -----------------------------------------------------------------
 
     def on_signals(self, starting=False):
         """Act once on each kind of signal queued since the last time (a storm of USR1
         writes one stats line): USR1 logs the counters, HUP reloads (not while `starting`:
         a HUP in start-up only must not kill us), TERM and INT drain."""
-        kinds = []
-        while SIGNALS:
-            signum = SIGNALS.popleft()
-            if signum not in kinds:
-                kinds.append(signum)
-        for signum in kinds:
+        for signum in take_signals():
             if signum == getattr(signal, "SIGUSR1", None):
                 log(NOTICE, stats_line(self.mappings, self.sessions))
             elif signum == getattr(signal, "SIGHUP", None):
@@ -2082,6 +2086,18 @@ class Server:
         for session in list(self.sessions):
             session.close("drain")
         self.running = False
+
+
+def log_internal_error():
+    """Log the exception being handled as an internal error, where it happened included
+    (the whole traceback at debug level); returns `Kind: message`."""
+    kind, error, trace = sys.exc_info()
+    where = traceback.extract_tb(trace)[-1]
+    log(ERROR, "internal error: %s: %s at %s:%d in %s()" % (
+        kind.__name__, error, os.path.basename(where[0]), where[1], where[2]))
+    for line in traceback.format_exc().rstrip().splitlines():
+        log(DEBUG, line)
+    return "%s: %s" % (kind.__name__, error)
 
 
 def stats_line(mappings, sessions):
@@ -2221,6 +2237,18 @@ class Reload:
                 pass
             self.close_channel()
             self.child = None
+
+
+def take_over(predecessor):
+    """The new process of a reload is ready: tell the old one, and wait until it has told
+    systemd that we are the main process now (before that, systemd drops what we send)."""
+    send_line(predecessor, "ready %d" % os.getpid())
+    try:
+        predecessor.settimeout(RELOAD_ACK_WAIT)
+        predecessor.recv(64)
+    except OSError:
+        pass            # the old process is gone: we are the relay all the same
+    predecessor.close()
 
 
 def send_line(sock, line):
