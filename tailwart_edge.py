@@ -839,7 +839,8 @@ def tune_socket(sock):
 ACCEPT_BATCH = 64               # accepts per listener per loop turn: fair to live sessions
 ACCEPT_PAUSE = 0.5              # on EMFILE stop accepting this long, as nginx does
 RESERVED_FDS = 24               # stdio, selector, wake-up pipe, notify socket, resolver...
-MAX_PIPES = 1024                # splice pipes open at once, at most (2 descriptors each)
+MAX_PIPES = 256                 # splice pipes open at once, at most (2 descriptors each):
+                                # only stalled spliced directions hold one (16 MiB at most)
 SESSION_MEMORY = 2 * 64 * 1024 + 4096   # the most a session holds: 2 x CHUNK (see Relay)
 WARN_INTERVAL = 10.0            # at most one "out of file descriptors" line this often
 ACCEPT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}   # that client left already
@@ -938,7 +939,7 @@ def capacity(listeners, wanted=None):
     Every session needs two descriptors (client and upstream) and may hold 2 x CHUNK of
     data; a client that cannot be given both is never accepted (it waits in the backlog).
     So the cap is what the open-file limit allows after the loop's own descriptors and the
-    pipes (an eighth of the rest), and, unless --max-connections says otherwise, what half
+    pipes (a sixteenth of the rest, MAX_PIPES at most), and, unless --max-connections says otherwise, what half
     the memory this process may use holds. --max-connections above the descriptor
     cap is lowered to it, with a warning.
     """
@@ -946,7 +947,7 @@ def capacity(listeners, wanted=None):
     if limit == getattr(resource, "RLIM_INFINITY", -1):
         limit = 1 << 20
     spare = max(0, limit - RESERVED_FDS - 2 * listeners)
-    pipes = min(MAX_PIPES, spare // 8 // 2)
+    pipes = min(MAX_PIPES, spare // 32)
     by_fds = max(1, (spare - 2 * pipes) // 2)
     if wanted:
         if wanted > by_fds:
