@@ -1618,16 +1618,21 @@ NSPAWN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 
 
 class ProxyEchoUpstream:
-    """An upstream on (host, port) that reads a PROXY v2 TCP4 header, records (src, dst),
-    then echoes everything back until EOF."""
+    """An upstream on (host, port; 0 for a free one) that reads a PROXY v2 TCP4 header, records
+    (src, dst), says `greeting` first (as a mail server does), then echoes everything back until
+    EOF. Connections are known by the client port their header carries: push() sends a line
+    unasked on one (an IMAP server's `* 4 EXISTS` during IDLE)."""
 
-    def __init__(self, host, port):
+    def __init__(self, host, port=0, greeting=b"", timeout=30):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
-        self.sock.listen(16)
+        self.sock.listen(128)
         self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.greeting, self.timeout = greeting, timeout
         self.headers = []
+        self.conns = {}         # client port -> connection
         self.errors = []
         self.running = True
         self.thread = threading.Thread(target=self.serve, daemon=True)
@@ -1643,36 +1648,39 @@ class ProxyEchoUpstream:
                 return
             threading.Thread(target=self.echo, args=(conn,), daemon=True).start()
 
-    def read_exactly(self, conn, n):
-        data = b""
-        while len(data) < n:
-            chunk = conn.recv(n - len(data))
-            if not chunk:
-                raise EOFError("EOF after %d of %d header bytes" % (len(data), n))
-            data += chunk
-        return data
-
     def echo(self, conn):
-        conn.settimeout(30)
+        conn.settimeout(self.timeout)
         try:
             with conn:
-                head = self.read_exactly(conn, 16)
+                head = recv_exactly(conn, 16)
                 assert head[:12] == SIG and head[12] == 0x21 and head[13] == 0x11, head
-                body = self.read_exactly(conn, struct.unpack("!H", head[14:16])[0])
+                body = recv_exactly(conn, struct.unpack("!H", head[14:16])[0])
                 src, dst, sport, dport = struct.unpack("!4s4sHH", body[:12])
                 self.headers.append(((socket.inet_ntoa(src), sport),
                                      (socket.inet_ntoa(dst), dport)))
+                self.conns[sport] = conn
+                if self.greeting:
+                    conn.sendall(self.greeting)
                 while True:
                     data = conn.recv(65536)
                     if not data:
                         break
                     conn.sendall(data)
         except Exception as e:      # reported by the test, not lost in a thread
-            self.errors.append(repr(e))
+            if self.running:
+                self.errors.append(repr(e))
+
+    def push(self, client_port, line):
+        self.conns[client_port].sendall(line)
 
     def close(self):
         self.running = False
         self.sock.close()
+        for conn in list(self.conns.values()):
+            try:
+                conn.close()
+            except OSError:
+                pass
         self.thread.join(5)
 
 
@@ -1944,65 +1952,13 @@ IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1 IDLE] tailwart-ci ready\r\n"
 RELOAD_WATCHDOG_SEC = 10    # a drop-in shortens WatchdogSec=30s, so waiting it out is cheap
 
 
-class ImapLikeUpstream:
+class ImapLikeUpstream(ProxyEchoUpstream):
     """An upstream on (host, a free port) like an IMAP server: it reads the PROXY v2 header,
     speaks first (IMAP_GREETING), then echoes what the client sends, as long as it likes (a
-    client in IDLE). push() sends a line unasked (`* 4 EXISTS`: new mail during IDLE).
-    Connections are known by the client port their header carries."""
+    client in IDLE); push() is new mail during IDLE."""
 
     def __init__(self, host):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(128)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.conns = {}         # client port -> connection
-        self.errors = []
-        self.running = True
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self):
-        while self.running:
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self.session, args=(conn,), daemon=True).start()
-
-    def session(self, conn):
-        conn.settimeout(300)
-        try:
-            with conn:
-                head = recv_exactly(conn, 16)
-                assert head[:12] == SIG and head[12] == 0x21 and head[13] == 0x11, head
-                body = recv_exactly(conn, struct.unpack("!H", head[14:16])[0])
-                self.conns[struct.unpack("!H", body[8:10])[0]] = conn
-                conn.sendall(IMAP_GREETING)
-                while True:
-                    data = conn.recv(65536)
-                    if not data:
-                        break
-                    conn.sendall(data)
-        except Exception as e:      # reported by the test, not lost in a thread
-            if self.running:
-                self.errors.append(repr(e))
-
-    def push(self, client_port, line):
-        self.conns[client_port].sendall(line)
-
-    def close(self):
-        self.running = False
-        self.sock.close()
-        for conn in list(self.conns.values()):
-            try:
-                conn.close()
-            except OSError:
-                pass
-        self.thread.join(5)
+        ProxyEchoUpstream.__init__(self, host, 0, IMAP_GREETING, timeout=300)
 
 
 class ImapClient:
