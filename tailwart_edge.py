@@ -1262,8 +1262,7 @@ class Connector:
         server = session.server
         while self.addrs:
             family, sockaddr = self.addrs.popleft()
-            if sockaddr[1] in server.listen_ports and \
-                    own_listener(server.mappings, sockaddr[0], sockaddr[1]) is not None:
+            if sockaddr[1] in server.listen_ports and server.is_own_address(sockaddr):
                 self.error = ("%s is this relay's own listen address; point %s at the mail "
                               "server" % (format_address(*sockaddr[:2]), self.host))
                 log(ERROR, "upstream %s resolves to %s, this relay's own listen address: not "
@@ -1932,6 +1931,7 @@ class Server:
         self.argv = list(argv)          # as given: a reload starts the new process with them
         self.mappings = mappings
         self.listen_ports = {m.port for m in mappings}
+        self.own_addresses = {}         # (ip, port) -> is it our own listener?
         self.connect_timeout = options.connect_timeout
         self.drain_timeout = options.drain_timeout
         self.reload_drain = options.reload_drain
@@ -1963,6 +1963,16 @@ class Server:
             self.selector.unregister(fd)
         else:
             self.selector.modify(fd, new, data)
+
+    def is_own_address(self, sockaddr):
+        """Is this upstream address one of our own listeners (a self-loop)? Asked on every
+        connect whose port we listen on too (25=mx:25), so the answer is kept per address."""
+        own = self.own_addresses.get(sockaddr[:2])
+        if own is None:
+            own = own_listener(self.mappings, sockaddr[0], sockaddr[1]) is not None
+            if len(self.own_addresses) < 1024:
+                self.own_addresses[sockaddr[:2]] = own
+        return own
 
     def start_session(self, mapping, client, peer):
         """A client was accepted: count it and start its session."""
