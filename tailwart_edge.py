@@ -8,8 +8,8 @@ the first byte, tells the mail server who the real client is.
 
 usage: tailwart_edge.py [OPTIONS] MAPPING [MAPPING ...]
 
-  MAPPING  [BIND_ADDR:]LISTEN_PORT=UPSTREAM_HOST:UPSTREAM_PORT[,HOST:PORT ...]
-           or [BIND_ADDR:]LISTEN_PORT alone, together with --upstream HOST
+  MAPPING  [BIND_ADDR:]LISTEN_PORT[/PROTO]=UPSTREAM_HOST:UPSTREAM_PORT[,HOST:PORT ...]
+           or [BIND_ADDR:]LISTEN_PORT[/PROTO] alone, together with --upstream HOST
 
 examples:
   tailwart_edge.py 25=stalwart.tail7b1641.ts.net:25 993=stalwart.tail7b1641.ts.net:993
@@ -19,7 +19,15 @@ examples:
 
 Without BIND_ADDR it listens on every interface, IPv4 and IPv6. BIND_ADDR is an
 IPv4 address or an IPv6 address in brackets. Several upstreams are tried in
-order. Signals: TERM and INT stop accepting, let sessions finish (up to
+order. PROTO is what clients of the port speak: smtp, smtps, imap, imaps, pop3,
+pop3s, sieve or tcp (none known); by default the port's usual one (25, 587 and
+2525 smtp; 465 smtps; 143 imap; 993 imaps; 110 pop3; 995 pop3s; 4190 sieve;
+others tcp). --check uses it to greet the mail server as a client would.
+
+--check checks every mapping as the relay would use it, without listening: the
+ports, each upstream's name, connect and source address, and its greeting to a
+PROXY LOCAL header (a TLS handshake on implicit-TLS ports); it names what is
+wrong and how to fix it, and exits 0 when all is well, 1 when not. Signals: TERM and INT stop accepting, let sessions finish (up to
 --drain-timeout) and exit 0; HUP reloads (a new process, the script as it is on
 disk now, takes the ports over, and this one finishes its sessions); USR1 logs
 counters. Exit codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad
@@ -312,20 +320,25 @@ def settings_words(path):
 DIGITS_RE = re.compile(r"[0-9]+\Z")
 COLON_MAPPING_RE = re.compile(r"([0-9]+):([^:\[\]=]+):([0-9]+)\Z")     # 25:host:25
 HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})\Z")
+# what clients of a port speak, unless the mapping says (25/smtp); `s`: TLS from the first byte
+PROTOCOLS = ("smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "sieve", "tcp")
+PORT_PROTOCOLS = {25: "smtp", 587: "smtp", 2525: "smtp", 465: "smtps", 143: "imap",
+                  993: "imaps", 110: "pop3", 995: "pop3s", 4190: "sieve"}
 
 
 class Mapping:
     """One listen address and the upstreams its connections are piped to, plus its counters."""
 
-    __slots__ = ("bind", "port", "upstreams", "spec", "label",
+    __slots__ = ("bind", "port", "upstreams", "spec", "label", "protocol",
                  "active", "sessions", "failed", "up", "down")
 
-    def __init__(self, bind, port, upstreams, spec=""):
+    def __init__(self, bind, port, upstreams, spec="", protocol=None):
         self.bind = bind            # None (all interfaces) or an IP address without brackets
         self.port = port
         self.upstreams = upstreams  # [(host, port)], host without brackets
         self.spec = spec
         self.label = format_address(bind or "", port)
+        self.protocol = protocol or PORT_PROTOCOLS.get(port, "tcp")     # what clients speak
         self.active = self.sessions = self.failed = self.up = self.down = 0
 
     def __repr__(self):
@@ -399,8 +412,13 @@ def parse_upstream(text, spec):
 
 
 def parse_mapping(text, default_upstream=None):
-    """'[BIND:]PORT=HOST:PORT[,HOST:PORT...]' (or '[BIND:]PORT' with a default upstream)."""
+    """'[BIND:]PORT[/PROTO]=HOST:PORT[,HOST:PORT...]' (or '[BIND:]PORT[/PROTO]' with a
+    default upstream)."""
     listen, eq, target = text.partition("=")
+    listen, slash, protocol = listen.partition("/")
+    if slash and protocol not in PROTOCOLS:
+        raise ConfigError("protocol %r in %r is not one of %s; write it as PORT/PROTO, e.g. "
+                          "2525/smtp" % (protocol, text, ", ".join(PROTOCOLS)))
     if "," in listen:
         raise ConfigError("mapping %r names several ports; separate mappings with spaces, "
                           "as in %s" % (text, " ".join(listen.split(","))))
@@ -432,7 +450,7 @@ def parse_mapping(text, default_upstream=None):
                           "%s=stalwart.tail7b1641.ts.net:%d" % (text, listen, listen, port))
     else:
         upstreams = [parse_upstream(part, text) for part in target.split(",")]
-    return Mapping(bind, port, upstreams, text)
+    return Mapping(bind, port, upstreams, text, protocol or None)
 
 
 def refuse_self_loops(mappings):
@@ -1081,7 +1099,8 @@ class Resolver:
         # host -> (fresh until, [(family, sockaddr)], {port: addrs}, usable until)
         self.cache = {}
         self.waiting = {}               # host -> [(port, callback, tag)]
-        self.in_flight = set()
+        self.in_flight = {}             # host -> when its lookup began
+        self.failures = {}              # host -> lookups that failed (stale answer or not)
         self.jobs = queue.Queue()
         self.done = collections.deque()
         self.threads = []
@@ -1109,7 +1128,7 @@ class Resolver:
         """Ask a worker thread for `host`, unless a lookup of it is under way."""
         if host in self.in_flight:
             return
-        self.in_flight.add(host)
+        self.in_flight[host] = time.monotonic()
         if len(self.threads) < RESOLVER_THREADS and len(self.in_flight) > len(self.threads):
             thread = threading.Thread(target=self.work, name="resolver", daemon=True)
             thread.start()
@@ -1145,12 +1164,17 @@ class Resolver:
         """Deliver finished lookups to those waiting for them (called from the loop)."""
         while self.done:
             host, (addrs, error) = self.done.popleft()
-            self.in_flight.discard(host)
+            began = self.in_flight.pop(host, None)
             now = time.monotonic()
             entry = None
             if addrs:
                 entry = self.cache[host] = (now + self.ttl, addrs, {}, now + self.ttl + STALE_LIMIT)
+                if log.threshold >= DEBUG:
+                    log(DEBUG, "resolve host=%s addresses=%s secs=%.3f" % (
+                        host, ",".join(sorted({sockaddr[0] for _, sockaddr in addrs})),
+                        now - (began or now)))
             else:
+                self.failures[host] = self.failures.get(host, 0) + 1
                 stale = self.cache.get(host)
                 if stale is not None and now < stale[3]:
                     log(WARNING, "resolve host=%s error=%r; serving the stale answer, %ds old"
@@ -1202,6 +1226,43 @@ STREAM_NONBLOCK = socket.SOCK_STREAM | SOCK_NONBLOCK
 # session stages (Session.stage)
 RESOLVING, CONNECTING, STREAMING, CLOSED = "resolving", "connecting", "streaming", "closed"
 
+# why an upstream attempt failed, as counted (the metrics' `reason` label)
+FAILURE_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
+                   errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable"}
+
+
+class Upstream:
+    """One upstream HOST:PORT as the sessions of every mapping that names it found it:
+    attempts, failures by reason, and the warning a failure writes, at most one per
+    WARN_INTERVAL (a dead first upstream of a failover list must not flood the log)."""
+
+    __slots__ = ("label", "attempts", "failures", "warned_at", "suppressed")
+
+    def __init__(self, host, port):
+        self.label = format_address(host, port)
+        self.attempts = 0
+        self.failures = {}              # reason -> count
+        self.warned_at = -WARN_INTERVAL
+        self.suppressed = 0             # warnings left out since the last one written
+
+    def failed(self, connector, next_upstream, now):
+        """An attempt on this upstream failed: count it, and warn (rate-limited)."""
+        reason = connector.reason
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        if now - self.warned_at < WARN_INTERVAL:
+            self.suppressed += 1
+            return
+        line = "connect upstream=%s" % self.label
+        if connector.address is not None:
+            line += " address=%s" % connector.address
+        line += ' error="%s"' % connector.why.replace('"', "'")
+        if next_upstream is not None:
+            line += " next=%s" % format_address(*next_upstream)
+        if self.suppressed:
+            line += " suppressed=%d" % self.suppressed
+        self.warned_at, self.suppressed = now, 0
+        log(WARNING, line)
+
 
 class Connector:
     """The connecting half of a session: failover through the mapping's upstreams.
@@ -1215,25 +1276,39 @@ class Connector:
     The session drops its Connector once connected.
     """
 
-    __slots__ = ("session", "upstream_index", "host", "port", "addrs", "deadline", "error")
+    __slots__ = ("session", "upstream_index", "host", "port", "addrs", "deadline", "error",
+                 "reason", "why", "address")
 
     def __init__(self, session):
         self.session = session
         self.upstream_index = 0         # the next upstream of the mapping to try
         self.host = self.port = self.addrs = None
         self.deadline = 0.0
-        self.error = "no upstream"
+        self.error = "no upstream"      # the last failure, for the session line
+        self.reason, self.why, self.address = "other", "no address", None   # ... its parts
+
+    def failure(self, reason, why, address=None):
+        """Note why the current upstream (or its address `address`) failed."""
+        self.reason, self.why, self.address = reason, why, address
+        self.error = "connect to %s: %s" % (address, why) if address is not None else why
 
     def try_next_upstream(self):
-        """Resolve the next upstream (its addresses come to resolved()), or give up."""
+        """Resolve the next upstream (its addresses come to resolved()), or give up. The
+        one tried before, if any, has failed: its Upstream counts it."""
         session = self.session
-        upstreams = session.mapping.upstreams
-        if self.upstream_index >= len(upstreams):
-            return session.close("connect-failed", self.error)
-        self.host, self.port = upstreams[self.upstream_index]
-        self.upstream_index += 1
-        session.stage = RESOLVING
         server = session.server
+        upstreams = session.mapping.upstreams
+        index = self.upstream_index
+        if self.host is not None:
+            server.upstreams[self.host, self.port].failed(
+                self, upstreams[index] if index < len(upstreams) else None, server.now)
+        if index >= len(upstreams):
+            return session.close("connect-failed", self.error)
+        self.host, self.port = upstreams[index]
+        server.upstreams[self.host, self.port].attempts += 1
+        self.upstream_index = index + 1
+        self.reason, self.why, self.address = "other", "no address", None
+        session.stage = RESOLVING
         self.deadline = server.now + server.connect_timeout
         server.resolver.resolve(self.host, self.port, self.resolved, self.upstream_index)
 
@@ -1242,7 +1317,7 @@ class Connector:
         if self.session.stage is not RESOLVING or tag != self.upstream_index:
             return              # closed meanwhile, or an answer for an attempt given up on
         if error is not None:
-            self.error = "cannot resolve %s: %s" % (self.host, error)
+            self.failure("resolve", "cannot resolve %s: %s" % (self.host, error))
             return self.try_next_upstream()
         self.addrs = collections.deque(addrs)
         self.connect_next_address()
@@ -1251,10 +1326,11 @@ class Connector:
         """The current step ran past its deadline (called by the server's sweep)."""
         session = self.session
         if session.stage is RESOLVING:
-            self.error = "resolving %s timed out" % self.host
+            self.failure("resolve", "resolving %s timed out" % self.host)
             self.try_next_upstream()
         elif session.stage is CONNECTING:
-            self.address_failed("timed out after %gs" % session.server.connect_timeout)
+            self.address_failed("timed out after %gs" % session.server.connect_timeout,
+                                "timeout")
 
     def connect_next_address(self):
         """Start a connect to the next address of the current upstream, or move on."""
@@ -1263,15 +1339,15 @@ class Connector:
         while self.addrs:
             family, sockaddr = self.addrs.popleft()
             if sockaddr[1] in server.listen_ports and server.is_own_address(sockaddr):
-                self.error = ("%s is this relay's own listen address; point %s at the mail "
-                              "server" % (format_address(*sockaddr[:2]), self.host))
+                self.failure("self", "this relay's own listen address; point %s at the mail "
+                             "server" % self.host, format_address(*sockaddr[:2]))
                 log(ERROR, "upstream %s resolves to %s, this relay's own listen address: not "
                     "connecting to itself" % (self.host, format_address(*sockaddr[:2])))
                 continue
             try:
                 sock = _socket.socket(family, STREAM_NONBLOCK)
             except OSError as e:
-                self.error = "cannot open a socket: %s" % e.strerror
+                self.failure("other", "cannot open a socket: %s" % e.strerror)
                 if e.errno in FD_EXHAUSTED:
                     server.acceptor.out_of_fds("connect to %s" % self.host, e)
                 continue
@@ -1287,13 +1363,14 @@ class Connector:
                 session.update_events()
                 return
             sock.close()
-            self.error = "connect to %s: %s" % (format_address(*sockaddr[:2]), os.strerror(err))
+            self.failure(FAILURE_REASONS.get(err, "other"), os.strerror(err),
+                         format_address(*sockaddr[:2]))
         self.try_next_upstream()
 
-    def address_failed(self, why):
+    def address_failed(self, why, reason):
         """The connect in flight failed: drop its socket and try the next address."""
         session = self.session
-        self.error = "connect to %s: %s" % (format_address(*session.target[:2]), why)
+        self.failure(reason, why, format_address(*session.target[:2]))
         session.server.watch(session.upstream.fileno(), session.upstream_events, 0, session)
         session.upstream_events = 0
         session.upstream.close()
@@ -1306,8 +1383,14 @@ class Connector:
         session = self.session
         err = session.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self.address_failed(os.strerror(err))
+            self.address_failed(os.strerror(err), FAILURE_REASONS.get(err, "other"))
             return False
+        if log.threshold >= DEBUG:
+            server = session.server
+            log(DEBUG, "connect client=%s upstream=%s address=%s secs=%.3f" % (
+                format_address(plain_ip(session.peer[0]), session.peer[1]), self.describe(),
+                format_address(*session.target[:2]),
+                server.now - self.deadline + server.connect_timeout))
         session.start_streaming()
         return True
 
@@ -1725,6 +1808,10 @@ class Session:
         if header is not None:
             head = header(self.peer, self.client.getsockname())
             up.pending = memoryview(head + up.pending.tobytes() if up.pending is not None else head)
+        if log.threshold >= DEBUG:
+            log(DEBUG, "session-start client=%s listen=%s upstream=%s" % (
+                format_address(plain_ip(self.peer[0]), self.peer[1]), self.mapping.label,
+                format_address(*self.target[:2])))
         up.push(self.upstream, self.server.relay)
 
     # -- ending --------------------------------------------------------------------------------
@@ -1931,6 +2018,11 @@ class Server:
         self.argv = list(argv)          # as given: a reload starts the new process with them
         self.mappings = mappings
         self.listen_ports = {m.port for m in mappings}
+        self.upstreams = {}             # (host, port) -> Upstream, shared by the mappings
+        for mapping in mappings:
+            for host, port in mapping.upstreams:
+                if (host, port) not in self.upstreams:
+                    self.upstreams[host, port] = Upstream(host, port)
         self.own_addresses = {}         # (ip, port) -> is it our own listener?
         self.connect_timeout = options.connect_timeout
         self.drain_timeout = options.drain_timeout
@@ -1976,10 +2068,15 @@ class Server:
 
     def start_session(self, mapping, client, peer):
         """A client was accepted: count it and start its session."""
+        if log.threshold >= DEBUG:
+            log(DEBUG, "accept client=%s listen=%s"
+                % (format_address(plain_ip(peer[0]), peer[1]), mapping.label))
         session = Session(self, mapping, client, peer)
         self.sessions.add(session)
         mapping.active += 1
         mapping.sessions += 1
+        if self.notifier.sock is not None:
+            self.notifier.changed()
         session.start()
 
     def session_ended(self, session, end, reason):
@@ -1994,6 +2091,8 @@ class Server:
             log(WARNING, session_line(session, end, reason))
         elif log.threshold >= INFO:
             log(INFO, session_line(session, end, reason))
+        if self.notifier.sock is not None:
+            self.notifier.changed()
         if self.stopping:
             if not self.sessions:
                 self.running = False
@@ -2060,7 +2159,7 @@ class Server:
         a HUP in start-up only must not kill us), TERM and INT drain."""
         for signum in take_signals():
             if signum == getattr(signal, "SIGUSR1", None):
-                log(NOTICE, stats_line(self.mappings, self.sessions))
+                log(NOTICE, stats_line(self.mappings, self.sessions, self.upstreams.values()))
             elif signum == getattr(signal, "SIGHUP", None):
                 if starting:
                     log(NOTICE, "reload: a HUP came during start-up; ignoring it")
@@ -2080,13 +2179,16 @@ class Server:
                 self.drain_end[2] = None
                 self.drain_end = self.timers.call_later(timeout, self.end_drain)
                 return
-            log(NOTICE, "second stop signal; closing %d sessions now" % len(self.sessions))
+            log(NOTICE, "second stop signal; closing %s now" % plural(len(self.sessions),
+                                                                      "session"))
             return self.end_drain()
         self.stopping = True
         self.acceptor.close()
         if not handed_over:
             self.notifier.stopping()
-            log(NOTICE, "stopping active=%d drain=%gs" % (len(self.sessions), timeout))
+            log(NOTICE, "stopping active=%d drain=%gs%s" % (
+                len(self.sessions), timeout, "; a second TERM/INT (Ctrl-C) closes %s now"
+                % ("it" if len(self.sessions) == 1 else "them") if self.sessions else ""))
         if not self.sessions:
             self.running = False
         else:
@@ -2097,6 +2199,11 @@ class Server:
         for session in list(self.sessions):
             session.close("drain")
         self.running = False
+
+
+def plural(count, noun):
+    """plural(1, "session") -> '1 session'; plural(3, "session") -> '3 sessions'."""
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
 
 
 def log_internal_error():
@@ -2111,18 +2218,28 @@ def log_internal_error():
     return "%s: %s" % (kind.__name__, error)
 
 
-def stats_line(mappings, sessions):
-    """The `stats` line of SIGUSR1: totals, then per mapping (live sessions' bytes included)."""
+def live_bytes(sessions):
+    """{mapping: [up, down]}: the bytes open sessions have moved so far."""
     live = collections.defaultdict(lambda: [0, 0])
     for session in sessions:
         counts = live[session.mapping]
         counts[0] += session.up.count
         counts[1] += session.down.count
+    return live
+
+
+def stats_line(mappings, sessions, upstreams=()):
+    """The `stats` line of SIGUSR1: totals, then per mapping (live sessions' bytes
+    included), then per upstream (attempts, and failed ones)."""
+    live = live_bytes(sessions)
     parts, totals = [], [0, 0, 0, 0, 0]
     for m in mappings:
         row = (m.active, m.sessions, m.failed, m.up + live[m][0], m.down + live[m][1])
         totals = [a + b for a, b in zip(totals, row)]
         parts.append("%s active=%d sessions=%d failed=%d up=%d down=%d" % ((m.label,) + row))
+    for upstream in upstreams:
+        parts.append("upstream %s attempts=%d failed=%d"
+                     % (upstream.label, upstream.attempts, sum(upstream.failures.values())))
     return ("stats active=%d sessions=%d failed=%d up=%d down=%d | %s"
             % (tuple(totals) + (" | ".join(parts),)))
 
@@ -2340,6 +2457,8 @@ def resolve_once(mappings):
 # systemd glue: notify, watchdog, privilege drop (socket activation is with the listeners)
 # ----------------------------------------------------------------------------------------------
 
+STATUS_INTERVAL = 1.0           # STATUS= follows session starts and ends at most this often
+
 class Notifier:
     """Tells systemd how the server is (sd_notify(3)): READY once the listeners accept,
     STATUS lines for `systemctl status`, WATCHDOG pings, STOPPING when the drain begins.
@@ -2350,13 +2469,15 @@ class Notifier:
     Without NOTIFY_SOCKET every call is a no-op.
     """
 
-    __slots__ = ("server", "watchdog_interval", "path", "sock")
+    __slots__ = ("server", "watchdog_interval", "path", "sock", "status_at", "status_timer")
 
     def __init__(self, server):
         self.server = server
         self.watchdog_interval = watchdog_interval()
         self.path = notify_socket_path()
         self.sock = None
+        self.status_at = -STATUS_INTERVAL   # when STATUS= was last sent for a change
+        self.status_timer = None
         if self.path is not None:
             try:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -2387,6 +2508,19 @@ class Notifier:
         self.send("READY=1", "STATUS=" + self.status())
         if self.watchdog_interval:
             self.server.timers.every(self.watchdog_interval, self.feed_watchdog)
+
+    def changed(self):
+        """A session started or ended: a fresh STATUS=, at most once per STATUS_INTERVAL."""
+        if self.status_timer is None:
+            delay = max(0.0, self.status_at + STATUS_INTERVAL - self.server.now)
+            self.status_timer = self.server.timers.call_later(delay, self.send_status)
+
+    def send_status(self, _=None):
+        """STATUS= now (the timer changed() set)."""
+        self.status_timer = None
+        self.status_at = self.server.now
+        if self.sock is not None:
+            self.send("STATUS=" + self.status())
 
     def feed_watchdog(self):
         """WATCHDOG=1, with a fresh STATUS."""
