@@ -196,6 +196,9 @@ def build_parser():
     running.add_argument("--reload", type=positive_int, metavar="PID",
                          help="reload the relay running as PID (SIGHUP) and, under systemd, "
                          "wait for the outcome: exit 0 when the new process took over")
+    running.add_argument("--metrics", metavar="ADDR:PORT", type=metrics_address,
+                         help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by "
+                         "default; a loopback or tailnet address, e.g. 127.0.0.1:9425)")
     running.add_argument("--user", metavar="NAME",
                          help="when started as root: bind, then run as this user (a name or "
                          "a numeric uid)")
@@ -205,6 +208,15 @@ def build_parser():
                       help="no line per session: only start, stop, counters and problems")
     running.add_argument("--version", action="version", version="tailwart-edge " + __version__)
     return parser
+
+
+def metrics_address(text):
+    """--metrics ADDR:PORT -> (ip, port); the address is an IP: no lookup at start."""
+    host, port, _ = split_address(text, "--metrics address", text)
+    if not host or not (is_ip(host, socket.AF_INET) or is_ip(host, socket.AF_INET6)):
+        raise argparse.ArgumentTypeError("%r is not IP:PORT; write e.g. 127.0.0.1:9425 or "
+                                         "[::1]:9425" % text)
+    return host, parse_port(port, "--metrics port", text)
 
 
 def add_timeouts(group):
@@ -541,13 +553,15 @@ class Log:
     ones after are counted, and a line says how many once stderr takes lines again.
     """
 
-    __slots__ = ("threshold", "journal", "lines", "dropped", "lock", "wake", "writer")
+    __slots__ = ("threshold", "journal", "lines", "dropped", "dropped_total", "lock", "wake",
+                 "writer")
 
     def __init__(self):
         self.threshold = INFO
         self.journal = False
         self.lines = collections.deque()
         self.dropped = 0                # lines dropped since the last word about it (under lock)
+        self.dropped_total = 0          # lines dropped since start (for the metrics)
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.writer = None
@@ -574,6 +588,7 @@ class Log:
         if len(lines) >= LOG_BACKLOG:
             with self.lock:
                 self.dropped += 1
+                self.dropped_total += 1
             return
         lines.append(line)
         if not self.wake.is_set():
@@ -2044,6 +2059,7 @@ class Server:
         self.acceptor = Acceptor(self, listeners, max_sessions)
         self.notifier = Notifier(self)
         self.reload = Reload(self)
+        self.metrics = None             # Metrics, with --metrics
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -2184,6 +2200,8 @@ class Server:
             return self.end_drain()
         self.stopping = True
         self.acceptor.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if not handed_over:
             self.notifier.stopping()
             log(NOTICE, "stopping active=%d drain=%gs%s" % (
@@ -2245,6 +2263,222 @@ def stats_line(mappings, sessions, upstreams=()):
 
 
 # ----------------------------------------------------------------------------------------------
+# Metrics: --metrics ADDR:PORT, the Prometheus text format over HTTP, served from the loop
+# ----------------------------------------------------------------------------------------------
+
+METRICS_CLIENTS = 8             # scrapes served at once; more are closed at accept
+METRICS_REQUEST = 8192          # the most of a request read (the request line and headers)
+METRICS_TIMEOUT = 5.0           # a scrape that has not sent its request by then is closed
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    """The --metrics listener. A scrape is read, answered and closed by the loop itself,
+    without blocking it: a scraper that sends slowly or never reads holds its own small
+    buffers until METRICS_TIMEOUT, never the relay. The socket is handed to the new process
+    on a reload (TAILWART_METRICS_FD), as the listeners are."""
+
+    __slots__ = ("server", "sock", "scrapes", "started")
+
+    def __init__(self, server, sock):
+        self.server = server
+        self.sock = sock
+        self.scrapes = set()
+        self.started = time.time()
+        sock.setblocking(False)
+        server.selector.register(sock.fileno(), READ, self)
+
+    def on_event(self, fd, mask):
+        """Accept the scrapes waiting (closing those beyond METRICS_CLIENTS)."""
+        for _ in range(METRICS_CLIENTS):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                return log(DEBUG, "metrics: accept: %s" % e.strerror)
+            if len(self.scrapes) >= METRICS_CLIENTS:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.scrapes.add(Scrape(self, conn))
+
+    def close(self):
+        """Stop serving metrics (the drain): the port is released."""
+        for scrape in list(self.scrapes):
+            scrape.close()
+        if self.sock.fileno() >= 0:
+            self.server.selector.unregister(self.sock.fileno())
+            self.sock.close()
+
+    def page(self):
+        """The exposition: every counter and gauge, as text (format 0.0.4)."""
+        server = self.server
+        lines = []
+
+        def family(name, kind, text, samples):
+            lines.append("# HELP tailwart_edge_%s %s" % (name, text))
+            lines.append("# TYPE tailwart_edge_%s %s" % (name, kind))
+            for labels, value in samples:
+                lines.append("tailwart_edge_%s%s %s" % (name, labels, value))
+
+        mappings, upstreams = server.mappings, list(server.upstreams.values())
+        live = live_bytes(server.sessions)
+        listen = [(labels(listen=m.label), m) for m in mappings]
+        family("info", "gauge", "The relay's version.", [(labels(version=__version__), 1)])
+        family("start_time_seconds", "gauge", "When the process started, in Unix time.",
+               [("", "%.3f" % self.started)])
+        family("uptime_seconds", "gauge", "Seconds since the process started.",
+               [("", "%.3f" % (time.time() - self.started))])
+        family("sessions_total", "counter", "Client connections accepted.",
+               [(lab, m.sessions) for lab, m in listen])
+        family("sessions_active", "gauge", "Sessions open now.",
+               [(lab, m.active) for lab, m in listen])
+        family("bytes_total", "counter", "Bytes relayed: up is client to upstream, down is "
+               "upstream to client (open sessions included).",
+               [(labels(listen=m.label, direction=way), total + live[m][i] if m in live else total)
+                for m in mappings for i, (way, total) in enumerate((("up", m.up), ("down", m.down)))])
+        family("upstream_attempts_total", "counter", "Sessions that tried this upstream.",
+               [(labels(upstream=u.label), u.attempts) for u in upstreams])
+        family("upstream_failures_total", "counter", "Attempts on this upstream that failed, "
+               "by reason.", [(labels(upstream=u.label, reason=reason), count)
+                              for u in upstreams for reason, count in sorted(u.failures.items())])
+        family("refusals_total", "counter", "Clients closed unserved, by reason (no-upstream: "
+               "every upstream failed).",
+               [(labels(listen=m.label, reason="no-upstream"), m.failed) for m in mappings])
+        family("resolver_failures_total", "counter", "Upstream name lookups that failed.",
+               [(labels(host=host), count)
+                for host, count in sorted(server.resolver.failures.items())])
+        family("max_sessions", "gauge", "Sessions allowed at once (--max-connections).",
+               [("", server.acceptor.max_sessions)])
+        fds = open_fds()
+        family("open_fds", "gauge", "File descriptors open.", [("", fds)] if fds else [])
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else None
+        family("max_fds", "gauge", "The open-file limit.",
+               [("", limit)] if limit is not None and limit >= 0 else [])
+        family("log_dropped_lines_total", "counter", "Log lines dropped while stderr was "
+               "blocked.", [("", log.dropped_total)])
+        return "\n".join(lines) + "\n"
+
+
+class Scrape:
+    """One HTTP connection to the metrics port: read the request, answer, close."""
+
+    __slots__ = ("metrics", "conn", "request", "answer", "timer", "events")
+
+    def __init__(self, metrics, conn):
+        self.metrics = metrics
+        self.conn = conn
+        self.request = b""
+        self.answer = None
+        self.timer = metrics.server.timers.call_later(METRICS_TIMEOUT, self.close)
+        self.events = READ
+        metrics.server.selector.register(conn.fileno(), READ, self)
+
+    def on_event(self, fd, mask):
+        """Read until the request is whole, then write the answer, then close."""
+        try:
+            if self.answer is None:
+                data = self.conn.recv(4096)
+                if not data:
+                    return self.close()
+                self.request += data
+                if b"\r\n\r\n" not in self.request and b"\n\n" not in self.request:
+                    if len(self.request) >= METRICS_REQUEST:
+                        self.respond("431 Request Header Fields Too Large", "too large\n")
+                    return
+                self.respond(*self.route())
+            sent = self.conn.send(self.answer)
+            self.answer = self.answer[sent:]
+            if not self.answer:
+                self.close()
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.close()
+
+    def route(self):
+        """(status, body[, content type]) for the request read."""
+        words = self.request.split(b"\n", 1)[0].split()
+        if len(words) != 3 or not words[2].startswith(b"HTTP/"):
+            return "400 Bad Request", "bad request\n"
+        if words[0] not in (b"GET", b"HEAD"):
+            return "405 Method Not Allowed", "GET /metrics\n"
+        if words[1].split(b"?")[0] != b"/metrics":
+            return "404 Not Found", "not found: try /metrics\n"
+        return "200 OK", self.metrics.page(), METRICS_TYPE, words[0] == b"HEAD"
+
+    def respond(self, status, body, kind="text/plain; charset=utf-8", head=False):
+        """Queue the answer and switch to writing."""
+        body = body.encode("utf-8")
+        self.answer = memoryview(("HTTP/1.0 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                                  "Connection: close\r\n\r\n" % (status, kind, len(body))
+                                  ).encode("ascii") + (b"" if head else body))
+        self.events = WRITE
+        self.metrics.server.selector.modify(self.conn.fileno(), WRITE, self)
+
+    def close(self, _=None):
+        """Done, or timed out (idempotent)."""
+        if self.conn is None:
+            return
+        self.timer[2] = None
+        self.metrics.server.selector.unregister(self.conn.fileno())
+        self.conn.close()
+        self.conn = None
+        self.metrics.scrapes.discard(self)
+
+
+def labels(**pairs):
+    """{name="value",...} with the format's escapes (backslash, quote, newline)."""
+    return "{%s}" % ",".join('%s="%s"' % (name, str(value).replace("\\", "\\\\")
+                                          .replace('"', '\\"').replace("\n", "\\n"))
+                             for name, value in sorted(pairs.items()))
+
+
+def open_fds():
+    """How many descriptors this process has open (Linux: /proc/self/fd), or None."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1     # less the one listdir opened
+    except OSError:
+        return None
+
+
+def open_metrics(address):
+    """The --metrics listening socket: the one a reload handed over if it is still wanted,
+    else bound here. Warns when the address is reachable from the internet."""
+    fd = os.environ.pop("TAILWART_METRICS_FD", "")
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = tcp_socket(int(fd)) if fd.isdigit() else None
+    if sock is not None:
+        try:
+            if sock.getsockname()[:2] == (host, port):
+                log(NOTICE, "metrics addr=%s (handed over)" % format_address(host, port))
+                return sock
+            sock.close()
+        except OSError:
+            pass
+    import ipaddress
+    ip = ipaddress.ip_address(host)
+    if ip.is_unspecified or ip.is_global:
+        log(WARNING, "metrics addr=%s is reachable from the internet; bind it to 127.0.0.1 "
+            "or the tailnet address" % format_address(host, port))
+    sock = open_listener(family, host, port)
+    log(NOTICE, "metrics addr=%s path=/metrics" % format_address(host, port))
+    return sock
+
+
+def close_handed_metrics():
+    """A reload handed over a metrics socket that the settings no longer want: close it."""
+    fd = os.environ.pop("TAILWART_METRICS_FD", "")
+    if fd.isdigit():
+        try:
+            os.close(int(fd))
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
 # Reload: on SIGHUP a new process, started from the script on disk, takes the listeners over
 # ----------------------------------------------------------------------------------------------
 
@@ -2289,6 +2523,9 @@ class Reload:
         env = dict(os.environ, TAILWART_LISTENERS=",".join(map(str, fds)),
                    TAILWART_REPORT_FD=str(theirs.fileno()))
         env.pop("WATCHDOG_PID", None)       # the watchdog goes with MAINPID to the new one
+        if server.metrics is not None:
+            fds.append(server.metrics.sock.fileno())
+            env["TAILWART_METRICS_FD"] = str(fds[-1])
         log(NOTICE, "reload: starting a new process")
         try:
             self.child = subprocess.Popen([sys.executable, SCRIPT] + server.argv, env=env,
@@ -2611,6 +2848,10 @@ def main(argv=None):
         user = lookup_user(options.user) if options.user else None
         listeners = open_listeners(mappings, options.proxy_protocol)
         server = Server(options, mappings, listeners, argv)
+        if options.metrics is not None:
+            server.metrics = Metrics(server, open_metrics(options.metrics))
+        else:
+            close_handed_metrics()
         if predecessor is not None:
             resolve_once(mappings)
         if user is not None:
