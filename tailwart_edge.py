@@ -193,6 +193,10 @@ def build_parser():
     running.add_argument("--settings", metavar="FILE",
                          help="read UPSTREAM=, PORTS= and OPTIONS= lines from FILE (as "
                          "/etc/default/tailwart-edge); a reload (HUP) reads it again")
+    running.add_argument("--check", action="store_true",
+                         help="check the mappings as the relay would use them, without "
+                         "listening: ports, upstream names, connects, greetings; exit 0 when "
+                         "all is well, 1 when not")
     running.add_argument("--reload", type=positive_int, metavar="PID",
                          help="reload the relay running as PID (SIGHUP) and, under systemd, "
                          "wait for the outcome: exit 0 when the new process took over")
@@ -687,11 +691,11 @@ class Listener:
         self.origin = origin                # None (bound here), "from systemd", "handed over"
 
     def describe(self):
-        """Where it listens, as the log says it: '127.0.0.1:25', '[::1]:993', '*:25' (dual
+        """Where it listens, as the log says it: '127.0.0.1:25', '[::1]:993', ':25' (dual
         stack) or '[::]:25' (IPv6 only)."""
         host, port = self.sock.getsockname()[:2]
         if self.mapping.bind is None and self.sock.family == socket.AF_INET6:
-            host = "[::]" if dual_stack(self.sock) is False else "*"
+            host = "[::]" if dual_stack(self.sock) is False else ""
         elif ":" in host:
             host = "[%s]" % host
         return "%s:%d" % (host, port)
@@ -762,7 +766,8 @@ def bind_listeners(mapping):
 
 def open_listener(family, host, port, v6only=True):
     """One bound, listening socket. Raises StartupError(line, errno) with the fix in the line."""
-    where = format_address(host, port)
+    where = format_address("" if host == "::" and not v6only else host, port)    # ':25'
+
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as e:
@@ -2825,6 +2830,436 @@ def drop_privileges(user):
 
 
 # ----------------------------------------------------------------------------------------------
+# Doctor: --check, the whole path as the relay would use it, and what to fix
+# ----------------------------------------------------------------------------------------------
+#
+# The doctor is a mode of its own, not part of the loop: it may block (each wait is bounded by
+# --connect-timeout), checks the upstreams in parallel threads, and prints what it found.
+
+V2_LOCAL = 0x20                 # version 2, command LOCAL: the proxy's own connection (a check)
+# protocol -> (greeting is complete, greeting is good, goodbye, goodbye answered, an error line)
+DIALOGUES = {
+    "smtp": (lambda line: line[3:4] != "-", lambda line: line.startswith("220"), "QUIT",
+             lambda line: line.startswith("221"), lambda line: line[:1] in ("4", "5")),
+    "imap": (lambda line: True, lambda line: line.startswith(("* OK", "* PREAUTH")), "a LOGOUT",
+             lambda line: line.startswith("a "),
+             lambda line: " BAD " in line + " " or " NO " in line + " "),
+    "pop3": (lambda line: True, lambda line: line.startswith("+OK"), "QUIT",
+             lambda line: line.startswith("+OK"), lambda line: line.startswith("-ERR")),
+    "sieve": (lambda line: line.startswith(("OK", "NO", "BYE")),
+              lambda line: line.startswith("OK"), "LOGOUT",
+              lambda line: line.startswith("OK"), lambda line: line.startswith(("NO", "BYE"))),
+}
+IMPLICIT_TLS = {"smtps": "smtp", "imaps": "imap", "pop3s": "pop3"}
+PLAIN_WAIT = 1.0                # on an implicit-TLS port, text within this long: a plain port
+CERT_WARN_DAYS = 14
+TRUST_FIX = ("Stalwart: server.proxy.trusted-networks, or the listener's own proxy.trusted-"
+             "networks, which replaces it; Postfix: smtpd_upstream_proxy_protocol = haproxy "
+             "(postscreen_upstream_proxy_protocol with postscreen); Dovecot: "
+             "haproxy_trusted_networks and haproxy = yes on the listener")
+
+
+class Doctor:
+    """--check: prints one line per finding (`ok`, `warn` or `FAIL`, a topic, what was found
+    and, for a failure, the fix), then a verdict. One connection per distinct upstream, so
+    a check never looks like a flood to the mail server's abuse counters."""
+
+    __slots__ = ("options", "mappings", "found", "failures")
+
+    def __init__(self, options, mappings):
+        self.options = options
+        self.mappings = mappings
+        self.found = 0
+        self.failures = 0
+
+    def report(self, lines):
+        """Print (status, topic, text) findings and count them."""
+        for status, topic, text in lines:
+            self.found += 1
+            self.failures += status == "FAIL"
+            print("%-5s%s %s" % (status, topic, one_line(text)))
+        sys.stdout.flush()
+
+    def run(self):
+        """Check everything; the exit code (0 all well, 1 something failed)."""
+        options = self.options
+        print("tailwart-edge %s check: %s, PROXY header %s, timeout %gs" % (
+            __version__, plural(len(self.mappings), "mapping"), options.proxy_protocol,
+            options.connect_timeout))
+        for mapping in self.mappings:
+            self.report([check_listen(mapping)])
+        # each upstream once per protocol its clients speak
+        upstreams = []
+        for mapping in self.mappings:
+            for host, port in mapping.upstreams:
+                if (host, port, mapping.protocol) not in upstreams:
+                    upstreams.append((host, port, mapping.protocol))
+        results = [[] for _ in upstreams]
+        threads = []
+        for (host, port, protocol), found in zip(upstreams, results):
+            thread = threading.Thread(target=check_upstream, daemon=True, args=(
+                host, port, protocol, options, self.mappings, found))
+            thread.start()
+            threads.append(thread)
+        # each step of a check is bounded; a lookup that hangs is the one thing that is not
+        deadline = time.monotonic() + 4 * options.connect_timeout + 2 * PLAIN_WAIT + 5
+        for (host, port, _), thread, found in zip(upstreams, threads, results):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            lines = list(found)
+            if thread.is_alive():
+                lines.append(("FAIL", "resolve" if not lines else "connect", "%s did not "
+                              "answer in time" % format_address(host, port)))
+            self.report(lines)
+        if self.failures:
+            print("verdict: %d of %d checks failed" % (self.failures, self.found))
+            return 1
+        print("verdict: ok, %d checks passed" % self.found)
+        return 0
+
+
+def check_listen(mapping):
+    """Could the relay bind this mapping's address? (status, topic, text)."""
+    bind = mapping.bind
+    family = socket.AF_INET6 if (bind is None and socket.has_ipv6) or ":" in (bind or "") \
+        else socket.AF_INET
+    host = bind if bind is not None else ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    label = mapping.label
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        return "FAIL", "listen", "%s: cannot open a socket: %s" % (label, e.strerror)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(bind is not None))
+        sock.bind((host, mapping.port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            owner = port_owner(mapping.port)
+            if owner is not None and "tailwart_edge" in owner[1]:
+                return "ok", "listen", "%s is served by a running tailwart-edge (pid %d)" % (
+                    label, owner[0])
+            return "FAIL", "listen", "%s is in use%s; stop that program or choose another " \
+                "address" % (label, " by pid %d (%s)" % (owner[0], owner[1].split()[0])
+                             if owner else "")
+        if e.errno == errno.EACCES:
+            return "FAIL", "listen", "%s needs privileges (ports below 1024): run as root " \
+                "with --user NAME, or with CAP_NET_BIND_SERVICE as the unit does" % label
+        return "FAIL", "listen", "%s cannot be bound: %s" % (label, e.strerror)
+    finally:
+        sock.close()
+    return "ok", "listen", "%s is free (%s, to %s)" % (
+        label, mapping.protocol, ",".join(format_address(*u) for u in mapping.upstreams))
+
+
+def port_owner(port):
+    """(pid, command line) of a process listening on TCP `port`, or None (Linux: /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for row in f.readlines()[1:]:
+                    fields = row.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add("socket:[%s]" % fields[9])
+        except (OSError, ValueError, IndexError):
+            pass
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir("/proc/%s/fd" % pid):
+                if os.readlink("/proc/%s/fd/%s" % (pid, fd)) in inodes:
+                    with open("/proc/%s/cmdline" % pid, "rb") as f:
+                        command = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+                    return int(pid), command.strip() or "?"
+        except OSError:
+            continue
+    return None
+
+
+def check_upstream(host, port, protocol, options, mappings, lines):
+    """Resolve, connect, send the header a check sends, and hold the dialogue of
+    `protocol`; append a (status, topic, text) to `lines` for each finding."""
+    timeout = options.connect_timeout
+    started = time.monotonic()
+    literal = literal_address(host, port)
+    if literal is not None:
+        addrs = [literal]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        except (OSError, UnicodeError) as e:
+            return lines.append(("FAIL", "resolve", "%s does not resolve (%s): check the name; "
+                                 "a tailnet name needs this machine in the tailnet with MagicDNS "
+                                 "(`tailscale status`)" % (host, getattr(e, "strerror", e))))
+        addrs = [(info[0], info[4]) for info in infos]
+        lines.append(("ok", "resolve", "%s: %s in %d ms" % (
+            host, ",".join(sorted({sockaddr[0] for _, sockaddr in addrs})),
+            (time.monotonic() - started) * 1000)))
+    sock = None
+    for family, sockaddr in addrs:
+        address = format_address(*sockaddr[:2])
+        if own_listener(mappings, sockaddr[0], port) is not None:
+            lines.append(("FAIL", "connect", "%s is this relay itself (%s resolves to one of "
+                          "its listen addresses): point it at the mail server" % (address, host)))
+            continue
+        started = time.monotonic()
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            break
+        except socket.timeout:
+            why = "timed out after %gs: is the mail server up, and this machine in the " \
+                "tailnet (`tailscale ping %s`)?" % (timeout, host)
+        except OSError as e:
+            if e.errno == errno.ECONNREFUSED:
+                why = "refused: nothing listens on port %d there; is the mail server's " \
+                    "listener on that port, and up?" % port
+            else:
+                why = "failed: %s" % e.strerror
+        sock.close()
+        sock = None
+        lines.append(("FAIL", "connect", "%s %s" % (address, why)))
+    if sock is None:
+        return
+    for i, line in enumerate(lines):        # a failed address before one that works: a warning
+        if line[0] == "FAIL" and line[1] == "connect":
+            lines[i] = ("warn",) + line[1:]
+    src = sock.getsockname()
+    source = plain_ip(src[0])
+    text = "%s in %d ms from %s" % (format_address(*sockaddr[:2]), (time.monotonic() - started)
+                                   * 1000, source)
+    kind = options.proxy_protocol
+    if kind != "off":
+        text += "; the mail server must trust PROXY headers from %s (exactly that address)" \
+            % source
+    lines.append(("ok", "connect", text))
+    try:
+        talk(sock, format_address(*sockaddr[:2]), source, protocol, kind, timeout, lines)
+    finally:
+        sock.close()
+
+
+def check_header(sock, kind):
+    """The header a check sends: v2 LOCAL (the spec's way for a proxy's own connections);
+    v1 names this relay itself as the client (Postfix refuses `PROXY UNKNOWN` on purpose)."""
+    if kind == "v2":
+        return V2_SIGNATURE + struct.pack("!BBH", V2_LOCAL, V2_UNSPEC, 0), "PROXY v2 LOCAL"
+    if kind == "v1":
+        return proxy_header_v1(sock.getsockname(), sock.getpeername()), "PROXY v1"
+    return b"", None
+
+
+def talk(sock, address, source, protocol, kind, timeout, lines):
+    """Send the header, then greet the server as a client of `protocol` would, and end
+    politely; names what went wrong."""
+    header, header_name = check_header(sock, kind)
+    if header:
+        sock.sendall(header)
+    dialogue_name = IMPLICIT_TLS.get(protocol, protocol)
+    if protocol in IMPLICIT_TLS:
+        sock = check_tls(sock, address, dialogue_name, timeout, lines)
+        if sock is None:
+            return
+    if protocol == "tcp":
+        return lines.append(("ok", "tcp", "%s accepted the connection%s (no greeting to check "
+                             "for an unknown protocol; name it as PORT/smtp, /imap ... to check "
+                             "one)" % (address, " and the %s header" % kind if header else "")))
+    complete, good, goodbye, answered, error = DIALOGUES[dialogue_name]
+    reader = LineReader(sock, timeout)
+    greeting = []
+    try:
+        while True:
+            line = reader.readline()
+            if line is None:
+                break
+            greeting.append(line)
+            if complete(line):
+                break
+    except socket.timeout:
+        greeting = None
+    except OSError as e:
+        return lines.append(("FAIL", dialogue_name, "%s reset the connection before a "
+                             "greeting (%s)%s" % (address, e.strerror, untrusted(source, kind))))
+    if greeting is None:
+        text = "%s sent no greeting within %gs" % (address, timeout)
+        if kind != "off":
+            text += "; is it the mail server's %s port, and does it expect the %s header?" % (
+                dialogue_name, kind)
+        else:
+            text += "; it expects a PROXY header? (this relay sends none: --proxy-protocol off)"
+        if protocol not in IMPLICIT_TLS and speaks_tls(sock, timeout):
+            text += "; it speaks TLS on this port: point the mapping at the server's plain " \
+                "%s port, or name it PORT/%ss" % (dialogue_name, dialogue_name)
+        return lines.append(("FAIL", dialogue_name, text))
+    if not greeting:
+        return lines.append(("FAIL", dialogue_name, "%s closed the connection without a "
+                             "greeting%s" % (address, untrusted(source, kind))))
+    if not good(greeting[-1]):
+        text = "%s greeted %s" % (address, quote(greeting[0]))
+        if kind == "off":
+            text += ": it expects a PROXY header? (this relay sends none: --proxy-protocol off)"
+        elif not greeting[0].isprintable():
+            text += ": not a %s greeting (binary: TLS?)" % dialogue_name
+        return lines.append(("FAIL", dialogue_name, text))
+    answers = []
+    try:
+        sock.sendall(goodbye.encode("ascii") + b"\r\n")
+        while True:
+            line = reader.readline()
+            if line is None:
+                break
+            answers.append(line)
+            if answered(line):
+                break
+    except (socket.timeout, OSError):
+        pass
+    errors = [line for line in answers if error(line)]
+    if errors and header:
+        return lines.append(("FAIL", dialogue_name, "%s read the PROXY header as a command (it "
+                             "answered %s): it does not accept PROXY headers from %s; trust PROXY "
+                             "headers from %s on the mail server (%s), or run the relay with "
+                             "--proxy-protocol off" % (address, quote(errors[0]), source, source,
+                                                       TRUST_FIX)))
+    text = "%s greeted %s" % (address, quote(greeting[0]))
+    if header_name:
+        text += "; %s accepted" % header_name
+    if answers and answered(answers[-1]) and not errors:
+        text += "; %s answered %s" % (goodbye.split()[-1], quote(answers[-1]))
+        return lines.append(("ok", dialogue_name, text))
+    text += "; but %s was answered %s" % (goodbye.split()[-1], quote(answers[-1]) if answers
+                                          else "by nothing")
+    lines.append(("warn" if not errors else "FAIL", dialogue_name, text))
+
+
+def untrusted(source, kind):
+    """Why a server closes at once, for the line that says it did."""
+    if kind == "off":
+        return (": it expects a PROXY header (this relay sends none: --proxy-protocol off), "
+                "or has banned %s" % source)
+    return (": it does not trust PROXY headers from %s, or has banned %s (Dovecot: "
+            "haproxy_trusted_networks; Stalwart: server.proxy.trusted-networks, and "
+            "server.allowed-ip against bans)" % (source, source))
+
+
+def quote(line):
+    """A server's line, quoted and cut short for a finding."""
+    line = line if len(line) <= 72 else line[:69] + "..."
+    return '"%s"' % line.replace('"', "'")
+
+
+def check_tls(sock, address, protocol, timeout, lines):
+    """The TLS handshake of an implicit-TLS port (no verification needed to pass): the
+    TLS socket, or None after a FAIL line."""
+    import ssl
+    readable = select.select([sock], [], [], PLAIN_WAIT)[0]
+    if readable:
+        first = LineReader(sock, timeout).readline()
+        lines.append(("FAIL", "tls", "%s answered in plain text (%s) before TLS: a plain %s "
+                      "port; point the mapping at the server's implicit-TLS port, or name it "
+                      "PORT/%s" % (address, quote(first or ""), protocol, protocol)))
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if hasattr(ssl, "PROTOCOL_TLS_CLIENT")
+                             else ssl.PROTOCOL_SSLv23)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        tls = context.wrap_socket(sock, do_handshake_on_connect=False)
+        tls.settimeout(timeout)
+        tls.do_handshake()
+    except socket.timeout:
+        lines.append(("FAIL", "tls", "%s: the TLS handshake timed out after %gs" % (address,
+                                                                                   timeout)))
+        return None
+    except (ssl.SSLError, OSError) as e:
+        text = "%s: the TLS handshake failed (%s)" % (address, getattr(e, "reason", None) or e)
+        if "WRONG_VERSION" in str(e) or "wrong version" in str(e):
+            text = "%s answered in plain text, not TLS (%s): a plain %s port? point the " \
+                "mapping at the server's implicit-TLS port, or name it PORT/%s" % (
+                    address, getattr(e, "reason", e), protocol, protocol)
+        lines.append(("FAIL", "tls", text))
+        return None
+    names, days = certificate_names(tls.getpeercert(binary_form=True))
+    text = "%s %s, certificate for %s" % (address, tls.version(), ",".join(names) or "no name")
+    status = "ok"
+    if days is not None:
+        text += ", expires in %d days" % days if days >= 0 else ", EXPIRED %d days ago" % -days
+        if days < CERT_WARN_DAYS:
+            status = "warn"
+    lines.append((status, "tls", text))
+    return tls
+
+
+def certificate_names(der):
+    """([DNS names, else the subject's CN], days to expiry) of a DER certificate; the
+    ssl module decodes only files, so it goes through a temporary one."""
+    import ssl
+    import tempfile
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if not der or decode is None:
+        return [], None
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+        f.write(ssl.DER_cert_to_PEM_cert(der))
+        f.flush()
+        try:
+            cert = decode(f.name)
+        except Exception:
+            return [], None
+    names = [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+    if not names:
+        names = [value for rdn in cert.get("subject", ()) for key, value in rdn
+                 if key == "commonName"]
+    days = None
+    if "notAfter" in cert:
+        days = int((ssl.cert_time_to_seconds(cert["notAfter"]) - time.time()) // 86400)
+    return names, days
+
+
+def speaks_tls(sock, timeout):
+    """After a silence: does the server complete a TLS handshake on this connection?"""
+    import ssl
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if hasattr(ssl, "PROTOCOL_TLS_CLIENT")
+                                 else ssl.PROTOCOL_SSLv23)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        tls = context.wrap_socket(sock, do_handshake_on_connect=False)
+        tls.settimeout(min(timeout, 5.0))
+        tls.do_handshake()
+        return True
+    except (ssl.SSLError, OSError, ValueError):
+        return False
+
+
+class LineReader:
+    """Lines from a blocking socket, each wait bounded by `timeout` (raises socket.timeout);
+    readline() returns None at the end of the stream."""
+
+    __slots__ = ("sock", "timeout", "data")
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout
+        self.data = b""
+
+    def readline(self):
+        self.sock.settimeout(self.timeout)
+        while b"\n" not in self.data:
+            if len(self.data) > 4096:
+                break
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                if not self.data:
+                    return None
+                break
+            self.data += chunk
+        line, _, self.data = self.data.partition(b"\n")
+        return line.rstrip(b"\r").decode("utf-8", "replace")
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
@@ -2840,6 +3275,8 @@ def main(argv=None):
         return failed(2, str(e), predecessor)
     if options.reload is not None:
         return reload_client(options.reload)
+    if options.check:
+        return Doctor(options, mappings).run()
     log.configure(options.verbose, options.quiet)
     log.start()
     raise_fd_limit()
