@@ -115,7 +115,7 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 PROG = "tailwart_edge.py"
 SCRIPT = os.path.abspath(__file__)      # what a reload runs again, as it is on disk then
 
@@ -2827,6 +2827,12 @@ def drop_privileges(user):
     os.setgid(user.pw_gid)
     os.setuid(user.pw_uid)
     log(INFO, "user name=%s uid=%d gid=%d" % (user.pw_name, user.pw_uid, user.pw_gid))
+    # a reload starts the interpreter and the script again, as this user
+    for path, mode in ((sys.executable, os.X_OK), (SCRIPT, os.R_OK)):
+        if not os.access(path, mode):
+            log(WARNING, "--user %s cannot %s %s: a reload (HUP) will fail; install the "
+                "script and an interpreter where %s can (e.g. /usr/local/bin, /usr/bin/python3)"
+                % (user.pw_name, "run" if mode == os.X_OK else "read", path, user.pw_name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3060,7 +3066,7 @@ def talk(sock, address, source, protocol, kind, timeout, lines):
         sock.sendall(header)
     dialogue_name = IMPLICIT_TLS.get(protocol, protocol)
     if protocol in IMPLICIT_TLS:
-        sock = check_tls(sock, address, dialogue_name, timeout, lines)
+        sock = check_tls(sock, address, dialogue_name, kind, timeout, lines)
         if sock is None:
             return
     if protocol == "tcp":
@@ -3150,7 +3156,7 @@ def quote(line):
     return '"%s"' % line.replace('"', "'")
 
 
-def check_tls(sock, address, protocol, timeout, lines):
+def check_tls(sock, address, protocol, kind, timeout, lines):
     """The TLS handshake of an implicit-TLS port (no verification needed to pass): the
     TLS socket, or None after a FAIL line."""
     import ssl
@@ -3179,6 +3185,9 @@ def check_tls(sock, address, protocol, timeout, lines):
             text = "%s answered in plain text, not TLS (%s): a plain %s port? point the " \
                 "mapping at the server's implicit-TLS port, or name it PORT/%s" % (
                     address, getattr(e, "reason", e), protocol, protocol)
+            if kind == "off":   # Postfix answers a ClientHello it did not expect with a 421
+                text += "; or it expects a PROXY header (this relay sends none: " \
+                    "--proxy-protocol off)"
         lines.append(("FAIL", "tls", text))
         return None
     names, days = certificate_names(tls.getpeercert(binary_form=True))
