@@ -27,11 +27,12 @@ others tcp). --check uses it to greet the mail server as a client would.
 --check checks every mapping as the relay would use it, without listening: the
 ports, each upstream's name, connect and source address, and its greeting to a
 PROXY LOCAL header (a TLS handshake on implicit-TLS ports); it names what is
-wrong and how to fix it, and exits 0 when all is well, 1 when not. Signals: TERM and INT stop accepting, let sessions finish (up to
---drain-timeout) and exit 0; HUP reloads (a new process, the script as it is on
-disk now, takes the ports over, and this one finishes its sessions); USR1 logs
-counters. Exit codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad
-command line.
+wrong and how to fix it, and exits 0 when all is well, 1 when not.
+
+Signals: TERM and INT stop accepting, let sessions finish (up to --drain-timeout)
+and exit 0; HUP reloads (a new process, the script as it is on disk now, takes
+the ports over, and this one finishes its sessions); USR1 logs counters. Exit
+codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad command line.
 """
 
 # The file reads in the order of a connection's life; each banner is a section:
@@ -44,16 +45,21 @@ command line.
 #                         the out-of-descriptors pause
 #   PROXY header ........ the codec: pure functions          proxy_header_v1, proxy_header_v2
 #   Resolver ............ names off the event loop           Resolver
-#   Connecting .......... resolve, connect, failover,        Connector
-#                         connect timeout, the header
+#   Connecting .......... resolve, connect, failover,        Connector, Upstream
+#                         connect timeout, the header,
+#                         per-upstream counters and warnings
 #   Relay ............... flows, half-close, splice, pipes   Flow, Relay, PipePool
 #   Session ............. events -> flows, ending, the line  Session
 #   The loop ............ timers, the sweep (idle and half-  Timers, Timeouts, Waker,
 #                         close timeouts), signals, drain,   Server
 #                         stats
+#   Metrics ............. --metrics: Prometheus text over    Metrics, Scrape
+#                         HTTP, served from the loop
 #   Reload .............. HUP: a new process takes the       Reload, reload_client
 #                         listeners, the old one drains
 #   systemd ............. notify, watchdog, privileges       Notifier, drop_privileges
+#   Doctor .............. --check: ports, names, connects,   Doctor, check_listen,
+#                         header, greetings, TLS; the fixes  check_upstream, talk
 #   main ................ parse, bind, serve                 main
 
 import collections
@@ -176,7 +182,7 @@ def build_parser():
                     usage="%(prog)s [OPTIONS] MAPPING [MAPPING ...]", allow_abbrev=False,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mappings", nargs="*", metavar="MAPPING",
-                        help="[BIND_ADDR:]LISTEN_PORT=UPSTREAM_HOST:UPSTREAM_PORT")
+                        help="[BIND_ADDR:]LISTEN_PORT[/PROTO]=UPSTREAM_HOST:UPSTREAM_PORT")
     relaying = parser.add_argument_group("relaying")
     relaying.add_argument("--proxy-protocol", choices=("v2", "v1", "off"), default="v2",
                           help="PROXY protocol header sent to the upstream (default: v2)")
