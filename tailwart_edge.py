@@ -346,6 +346,16 @@ HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})\Z")
 PROTOCOLS = ("smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "sieve", "tcp")
 PORT_PROTOCOLS = {25: "smtp", 587: "smtp", 2525: "smtp", 465: "smtps", 143: "imap",
                   993: "imaps", 110: "pop3", 995: "pop3s", 4190: "sieve"}
+# what a client is told, in its protocol, when it cannot be served (as nginx's mail module
+# would, but nothing is terminated); TLS ports and unknown ones get a plain close: no
+# plaintext into a TLS stream. IMAP's [UNAVAILABLE] is RFC 5530, POP3's [SYS/TEMP] RFC 3206,
+# ManageSieve's (TRYLATER) RFC 5804: each tells the client to try again later.
+REFUSALS = {
+    "smtp": b"421 4.3.2 Service not available, closing transmission channel\r\n",
+    "imap": b"* BYE [UNAVAILABLE] Service not available, try again later\r\n",
+    "pop3": b"-ERR [SYS/TEMP] Service not available, try again later\r\n",
+    "sieve": b'BYE (TRYLATER) "Service not available, try again later"\r\n',
+}
 
 
 class Mapping:
@@ -1257,12 +1267,25 @@ FAILURE_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
                    errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable"}
 
 
+PROBE = "probe"
+HEALTH_BASE = 1.0               # an upstream that failed is skipped this long, doubling with
+HEALTH_MAX = 30.0               # each failure in a row up to this (nginx: fail_timeout=10s)
+
+
 class Upstream:
     """One upstream HOST:PORT as the sessions of every mapping that names it found it:
     attempts, failures by reason, and the warning a failure writes, at most one per
-    WARN_INTERVAL (a dead first upstream of a failover list must not flood the log)."""
+    WARN_INTERVAL (a dead first upstream of a failover list must not flood the log).
 
-    __slots__ = ("label", "attempts", "failures", "warned_at", "suppressed")
+    Passive health: after a failure the upstream is `down` for HEALTH_BASE seconds,
+    doubling with each failure in a row up to HEALTH_MAX; sessions skip it meanwhile (and
+    go to the next upstream at once instead of waiting out a connect timeout). When the time
+    is up, one session probes it (`probing`) while the others still skip it; a success
+    makes it healthy again. A mapping whose upstreams are all down still tries one.
+    """
+
+    __slots__ = ("label", "attempts", "failures", "warned_at", "suppressed", "streak",
+                 "down_until", "probing", "skipped")
 
     def __init__(self, host, port):
         self.label = format_address(host, port)
@@ -1270,11 +1293,37 @@ class Upstream:
         self.failures = {}              # reason -> count
         self.warned_at = -WARN_INTERVAL
         self.suppressed = 0             # warnings left out since the last one written
+        self.streak = 0                 # failures in a row
+        self.down_until = 0.0
+        self.probing = False            # a session is trying it after a failure
+        self.skipped = 0                # sessions that went past it while it was down
+
+    def usable(self, now):
+        """May a new session try it? False, True, or PROBE: it is due a probe, and the
+        caller is it."""
+        if not self.streak:
+            return True
+        if self.probing or now < self.down_until:
+            return False
+        self.probing = True
+        return PROBE
+
+    def succeeded(self):
+        """A connect completed: healthy again."""
+        if self.streak:
+            log(NOTICE, "upstream %s is back after %s" % (self.label, plural(self.streak,
+                                                                             "failure")))
+        self.streak = 0
+        self.probing = False
 
     def failed(self, connector, next_upstream, now):
-        """An attempt on this upstream failed: count it, and warn (rate-limited)."""
+        """An attempt on this upstream failed: count it, mark it down, and warn
+        (rate-limited)."""
         reason = connector.reason
         self.failures[reason] = self.failures.get(reason, 0) + 1
+        self.streak += 1
+        self.probing = False
+        self.down_until = now + min(HEALTH_MAX, HEALTH_BASE * 2 ** min(self.streak - 1, 16))
         if now - self.warned_at < WARN_INTERVAL:
             self.suppressed += 1
             return
@@ -1303,7 +1352,7 @@ class Connector:
     """
 
     __slots__ = ("session", "upstream_index", "host", "port", "addrs", "deadline", "error",
-                 "reason", "why", "address")
+                 "reason", "why", "address", "probe")
 
     def __init__(self, session):
         self.session = session
@@ -1312,6 +1361,7 @@ class Connector:
         self.deadline = 0.0
         self.error = "no upstream"      # the last failure, for the session line
         self.reason, self.why, self.address = "other", "no address", None   # ... its parts
+        self.probe = False              # this session probes an upstream that was down
 
     def failure(self, reason, why, address=None):
         """Note why the current upstream (or its address `address`) failed."""
@@ -1325,18 +1375,37 @@ class Connector:
         server = session.server
         upstreams = session.mapping.upstreams
         index = self.upstream_index
+        table = server.upstreams
         if self.host is not None:
-            server.upstreams[self.host, self.port].failed(
+            table[self.host, self.port].failed(
                 self, upstreams[index] if index < len(upstreams) else None, server.now)
+        usable = False
+        while index < len(upstreams):
+            usable = table[upstreams[index]].usable(server.now)
+            if usable:
+                break
+            table[upstreams[index]].skipped += 1
+            index += 1                  # down: the next one, at once
         if index >= len(upstreams):
-            return session.close("connect-failed", self.error)
+            if self.host is None and upstreams:
+                index = self.least_down(upstreams, table)   # all down: try one anyway
+            else:
+                return session.refuse("connect-failed", self.error)
+        self.probe = usable is PROBE
         self.host, self.port = upstreams[index]
-        server.upstreams[self.host, self.port].attempts += 1
+        table[self.host, self.port].attempts += 1
         self.upstream_index = index + 1
         self.reason, self.why, self.address = "other", "no address", None
         session.stage = RESOLVING
         self.deadline = server.now + server.connect_timeout
         server.resolver.resolve(self.host, self.port, self.resolved, self.upstream_index)
+
+    @staticmethod
+    def least_down(upstreams, table):
+        """Every upstream is down: the index of the one due back first (its skip undone)."""
+        index = min(range(len(upstreams)), key=lambda i: table[upstreams[i]].down_until)
+        table[upstreams[index]].skipped -= 1
+        return index
 
     def resolved(self, tag, addrs, error):
         """The resolver's answer to lookup number `tag` (a callback from the loop)."""
@@ -1411,8 +1480,9 @@ class Connector:
         if err:
             self.address_failed(os.strerror(err), FAILURE_REASONS.get(err, "other"))
             return False
+        server = session.server
+        server.upstreams[self.host, self.port].succeeded()
         if log.threshold >= DEBUG:
-            server = session.server
             log(DEBUG, "connect client=%s upstream=%s address=%s secs=%.3f" % (
                 format_address(plain_ip(session.peer[0]), session.peer[1]), self.describe(),
                 format_address(*session.target[:2]),
@@ -1853,12 +1923,39 @@ class Session:
                 pass
         self.close(side + "-reset", reason)
 
+    def refuse(self, end, reason):
+        """The client cannot be served: tell it so in its protocol (REFUSALS), if the
+        mapping's protocol has words for it, then close. Only ever before streaming, so
+        never into a stream the mail server has spoken in; one send on a socket that has
+        sent nothing, so it fits the send buffer and cannot block."""
+        text = REFUSALS.get(self.mapping.protocol)
+        if text is not None and self.stage is not STREAMING and self.stage is not CLOSED:
+            try:
+                sent = self.client.send(text)
+                self.client.shutdown(socket.SHUT_WR)
+            except OSError:
+                sent = 0
+            try:
+                # unread bytes at close() would turn the FIN into a reset, which may
+                # destroy the reply before the client reads it
+                while self.client.recv(CHUNK):
+                    pass
+            except OSError:
+                pass
+            if sent:
+                reason = "%s; told the client %s" % (reason, " ".join(
+                    text.decode().split()[:2]))
+        self.close(end, reason)
+
     def close(self, end, reason=None):
         """End the session (idempotent): stop watching, close both sockets, free the pipes,
         and let the server count it and write the session line."""
         if self.stage is CLOSED:
             return
         server = self.server
+        connector = self.connector
+        if connector is not None and connector.probe:
+            server.upstreams[connector.host, connector.port].probing = False
         if self.client_events:
             server.watch(self.client.fileno(), self.client_events, 0, self)
         if self.upstream_events:
@@ -2267,8 +2364,9 @@ def stats_line(mappings, sessions, upstreams=()):
         totals = [a + b for a, b in zip(totals, row)]
         parts.append("%s active=%d sessions=%d failed=%d up=%d down=%d" % ((m.label,) + row))
     for upstream in upstreams:
-        parts.append("upstream %s attempts=%d failed=%d"
-                     % (upstream.label, upstream.attempts, sum(upstream.failures.values())))
+        parts.append("upstream %s attempts=%d failed=%d skipped=%d%s" % (
+            upstream.label, upstream.attempts, sum(upstream.failures.values()),
+            upstream.skipped, " down" if upstream.streak else ""))
     return ("stats active=%d sessions=%d failed=%d up=%d down=%d | %s"
             % (tuple(totals) + (" | ".join(parts),)))
 
@@ -2351,6 +2449,11 @@ class Metrics:
                 for m in mappings for i, (way, total) in enumerate((("up", m.up), ("down", m.down)))])
         family("upstream_attempts_total", "counter", "Sessions that tried this upstream.",
                [(labels(upstream=u.label), u.attempts) for u in upstreams])
+        family("upstream_up", "gauge", "1 while sessions may use this upstream, 0 while it is "
+               "skipped after failures (passive health).",
+               [(labels(upstream=u.label), int(not u.streak)) for u in upstreams])
+        family("upstream_skipped_total", "counter", "Sessions that went past this upstream "
+               "while it was down.", [(labels(upstream=u.label), u.skipped) for u in upstreams])
         family("upstream_failures_total", "counter", "Attempts on this upstream that failed, "
                "by reason.", [(labels(upstream=u.label, reason=reason), count)
                               for u in upstreams for reason, count in sorted(u.failures.items())])
