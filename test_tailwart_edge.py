@@ -13,14 +13,17 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import imaplib
 import inspect
 import os
 import platform
+import poplib
 import random
 import re
 import resource
 import shutil
 import signal
+import smtplib
 import socket
 import struct
 import subprocess
@@ -5046,3 +5049,209 @@ def test_default_connection_cap_fits_memory_as_well_as_descriptors(monkeypatch):
     assert 120000 < sessions < 131072 and pipes == edge.MAX_PIPES
     assert edge.capacity(6, wanted=500000)[0] == sessions    # lowered to the descriptors
     assert edge.capacity(6, wanted=10)[0] == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals in the client's protocol, and passive upstream health (issue 13)
+# ----------------------------------------------------------------------------------------------
+
+def refusing_edge(protocol, *options):
+    """An edge whose one mapping (PORT/protocol) goes to a port where nothing listens."""
+    dead = free_port()
+    return Edge.on_free_port(lambda port: list(options) + [
+        "127.0.0.1:%d/%s=127.0.0.1:%d" % (port, protocol, dead)])
+
+
+def test_refusal_smtp_client_reads_421():
+    proxy, port = refusing_edge("smtp")
+    with proxy:
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            smtplib.SMTP("127.0.0.1", port, timeout=WAIT)
+        assert refused.value.smtp_code == 421
+        assert refused.value.smtp_error == b"4.3.2 Service not available, closing transmission channel"
+        line = proxy.wait_for(r"session client=")
+        assert "end=connect-failed" in line and "told the client 421 4.3.2" in line, line
+
+
+def test_refusal_imap_client_reads_bye():
+    proxy, port = refusing_edge("imap")
+    with proxy:
+        with pytest.raises(imaplib.IMAP4.error) as refused:
+            imaplib.IMAP4("127.0.0.1", port)
+        assert "[UNAVAILABLE] Service not available" in str(refused.value)
+        assert "told the client * BYE" in proxy.wait_for(r"session client=")
+
+
+def test_refusal_pop3_client_reads_err():
+    proxy, port = refusing_edge("pop3")
+    with proxy:
+        with pytest.raises(poplib.error_proto) as refused:
+            poplib.POP3("127.0.0.1", port, timeout=WAIT)
+        assert str(refused.value.args[0], "ascii").startswith("-ERR [SYS/TEMP] ")
+
+
+def test_refusal_managesieve_greeting_is_bye():
+    proxy, port = refusing_edge("sieve")
+    with proxy, connect(("127.0.0.1", port)) as c:
+        assert recv_all(c) == b'BYE (TRYLATER) "Service not available, try again later"\r\n'
+
+
+@pytest.mark.parametrize("protocol", ["smtps", "imaps", "pop3s", "tcp"])
+def test_refusal_is_a_plain_close_on_tls_and_unknown_ports(protocol):
+    proxy, port = refusing_edge(protocol)
+    with proxy, connect(("127.0.0.1", port)) as c:
+        assert recv_all(c) == b""           # no plaintext into a TLS stream
+        line = proxy.wait_for(r"session client=")
+        assert "end=connect-failed" in line and "told the client" not in line, line
+
+
+def test_refusal_reaches_a_client_that_spoke_first():
+    # the client's EHLO is still unread when the edge gives up: a close() then would send a
+    # reset, which can destroy the 421 before the client reads it
+    with Upstream(None, backlog=0, accept=False) as up:
+        fillers = []
+        for _ in range(3):                  # a full backlog: further SYNs are dropped
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", up.port))
+            fillers.append(s)
+        try:
+            proxy, port = Edge.on_free_port(lambda port: [
+                "--connect-timeout", "1", "127.0.0.1:%d/smtp=%s" % (port, up.address)])
+            with proxy, connect(("127.0.0.1", port)) as c:
+                c.sendall(b"EHLO early.example\r\n")
+                time.sleep(0.2)
+                c.sendall(b"MAIL FROM:<a@early.example>\r\n")
+                assert recv_all(c).startswith(b"421 4.3.2 ")
+        finally:
+            for s in fillers:
+                s.close()
+
+
+def test_refusal_never_follows_bytes_from_the_mail_server():
+    def greet_then_reset(conn):
+        conn.sendall(b"220 mx.example ESMTP\r\n")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with Upstream(greet_then_reset) as up:
+        proxy, port = Edge.on_free_port(lambda port: [
+            "--proxy-protocol", "off", "127.0.0.1:%d/smtp=%s" % (port, up.address)])
+        with proxy, connect(("127.0.0.1", port)) as c:
+            data = b""
+            try:
+                while True:
+                    chunk = c.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            except ConnectionResetError:
+                pass
+            assert data == b"220 mx.example ESMTP\r\n"      # and no 421 behind it
+
+
+def edge_stats(proxy):
+    """The `stats` line SIGUSR1 writes now."""
+    mark = proxy.mark()
+    proxy.signal(signal.SIGUSR1)
+    return proxy.wait_for(r"notice stats ", start=mark)
+
+
+def blackhole():
+    """(upstream, fillers): a listener whose backlog is full, so a connect to it hangs."""
+    up = Upstream(None, backlog=0, accept=False)
+    fillers = []
+    for _ in range(3):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", up.port))
+        fillers.append(s)
+    time.sleep(0.2)
+    return up, fillers
+
+
+def test_health_a_dead_first_upstream_is_skipped_after_it_failed():
+    dead, fillers = blackhole()
+    try:
+        with dead, Upstream(header_echo) as live:
+            proxy, port = Edge.on_free_port(lambda port: [
+                "--connect-timeout", "2", "127.0.0.1:%d=%s,%s" % (port, dead.address,
+                                                                   live.address)])
+            with proxy:
+                took = []
+                for payload in (b"first", b"second", b"third"):
+                    started = time.monotonic()
+                    assert round_trip(port, payload) == payload
+                    took.append(time.monotonic() - started)
+                stats = edge_stats(proxy)
+                # the first session waited out the connect timeout; the next two went
+                # straight to the live upstream (within the 1 s the dead one is skipped)
+                assert "upstream %s attempts=1 failed=1 skipped=2 down" % dead.address in stats, stats
+                assert "upstream %s attempts=3 failed=0" % live.address in stats, stats
+                print("time to serve: %s s" % ", ".join("%.3f" % t for t in took))
+    finally:
+        for s in fillers:
+            s.close()
+
+
+def test_health_a_probe_brings_the_upstream_back():
+    back = free_port()
+    with Upstream(header_echo) as live:
+        proxy, port = Edge.on_free_port(lambda port: [
+            "127.0.0.1:%d=127.0.0.1:%d,%s" % (port, back, live.address)])
+        with proxy:
+            assert round_trip(port, b"one") == b"one"               # 'back' refused: down
+            proxy.wait_for(r"connect upstream=127\.0\.0\.1:%d .*refused" % back)
+            server = socket.socket()
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1", back))
+            server.listen(16)
+            try:
+                threading.Thread(target=lambda: [header_echo(server.accept()[0])
+                                                 for _ in range(50)], daemon=True).start()
+                deadline = time.monotonic() + WAIT
+                while not re.search(r"upstream 127\.0\.0\.1:%d is back" % back, proxy.output()):
+                    assert time.monotonic() < deadline, proxy.output()
+                    assert round_trip(port, b"again") == b"again"
+                    time.sleep(0.2)
+                mark = proxy.mark()
+                assert round_trip(port, b"home") == b"home"
+                assert "upstream=127.0.0.1:%d " % back in proxy.wait_for(r"session client=",
+                                                                          start=mark)
+            finally:
+                server.close()
+
+
+def test_health_all_upstreams_down_still_tries_one():
+    dead = free_port()
+    proxy, port = Edge.on_free_port(lambda port: ["127.0.0.1:%d=127.0.0.1:%d" % (port, dead)])
+    with proxy:
+        for _ in range(3):                  # within the 1 s it is marked down
+            with connect(("127.0.0.1", port)) as c:
+                assert recv_all(c) == b""
+        stats = edge_stats(proxy)
+        assert "upstream 127.0.0.1:%d attempts=3 failed=3 skipped=0" % dead in stats, stats
+        for line in re.findall(r".*session client=.*", proxy.output()):
+            assert "refused" in line, line          # each one tried, none refused unasked
+
+
+def test_health_a_probe_whose_client_left_frees_the_probe():
+    dead, fillers = blackhole()
+    try:
+        with dead, Upstream(header_echo) as live:
+            proxy, port = Edge.on_free_port(lambda port: [
+                "--connect-timeout", "2", "127.0.0.1:%d=%s,%s" % (port, dead.address,
+                                                                   live.address)])
+            with proxy:
+                assert round_trip(port, b"first") == b"first"      # dead: down for 1 s
+                time.sleep(1.2)
+                mark = proxy.mark()
+                with connect(("127.0.0.1", port)) as c:           # the probe, whose client
+                    time.sleep(0.3)                                # resets mid-connect
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                proxy.wait_for(r"session client=.*end=client-reset", start=mark)
+                with connect(("127.0.0.1", port)):                # a probe again, not a skip
+                    time.sleep(0.3)
+                stats = edge_stats(proxy)
+                assert re.search(r"upstream %s attempts=3 " % re.escape(dead.address), stats), stats
+    finally:
+        for s in fillers:
+            s.close()
