@@ -5255,3 +5255,175 @@ def test_health_a_probe_whose_client_left_frees_the_probe():
     finally:
         for s in fillers:
             s.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals: a real Postfix defers through a down upstream (issue 13)
+# ----------------------------------------------------------------------------------------------
+
+def port_below_ephemeral(host="127.0.0.1", hold=False):
+    """free_port(), but below the kernel's ephemeral range (ip_local_port_range), where no
+    outgoing connection can be given it as its source port. hold=True returns (port, socket)
+    with the socket bound and not listening: nothing can take the port while it is held, and
+    a connection to it is refused at once (a dead upstream)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    high = min(ephemeral, 32768)
+    for _ in range(200):
+        port = random.randrange(max(1024, high - 12000), high)
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            s.bind((host, port))
+        except OSError:
+            s.close()
+            continue
+        if hold:
+            return port, s
+        s.close()
+        return port
+    raise AssertionError("no free port below %d on %s" % (high, host))
+
+
+def processes_of_postfix_instance(config_directory):
+    """PIDs of the processes that run with this instance's configuration (the master and
+    the daemons it starts all carry MAIL_CONFIG in their environment)."""
+    mark = ("MAIL_CONFIG=%s" % config_directory).encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open("/proc/%s/environ" % name, "rb") as f:
+                    if mark in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:
+                pass                    # gone meanwhile, or not ours to read
+    return found
+
+
+def test_interop_postfix_defers_mail_when_no_upstream_serves():
+    """Issue 13, item 1, with a real sending MTA: Postfix's smtp delivery agent relays a mail
+    through the edge (an SMTP mapping, PORT/smtp) whose only upstream refuses connections. The
+    edge answers `421 4.3.2` before closing, so Postfix logs the 421 and defers the mail
+    (status=deferred, retried later), where a bare close would read as "lost connection", and
+    a 5xx would bounce it. A private Postfix instance: its own configuration, queue, data and
+    log file in a temporary directory, no listener, started and stopped here."""
+    binary = shutil.which("postfix") or next((p for p in ("/usr/sbin/postfix",) if
+                                              os.path.exists(p)), None)
+    if binary is None:
+        unavailable("postfix is not installed (apt-get install postfix)")
+    sbin = os.path.dirname(binary)
+    sendmail, postqueue = (shutil.which(name) or os.path.join(sbin, name)
+                           for name in ("sendmail", "postqueue"))
+    if not (os.path.exists(sendmail) and os.path.exists(postqueue)):
+        unavailable("postfix's sendmail or postqueue is missing (apt-get install postfix)")
+    if not is_root():
+        unavailable("a private Postfix instance needs root")
+    started = time.monotonic()
+    dead_port, dead = port_below_ephemeral(hold=True)    # bound, never listening: refused
+    directory = tempfile.mkdtemp(prefix="tailwart-postfix-defer-")
+    etc, spool, data = (os.path.join(directory, d) for d in ("etc", "spool", "data"))
+    maillog = os.path.join(directory, "maillog")
+    proxy = None
+    try:
+        for attempt in range(5):
+            edge_port = port_below_ephemeral()
+            try:
+                proxy = Edge("--connect-timeout", "2",
+                             "127.0.0.1:%d/smtp=127.0.0.1:%d" % (edge_port, dead_port), tries=1)
+                break
+            except PortInUse:
+                if attempt == 4:
+                    raise
+        for d in (etc, spool, data):
+            os.mkdir(d)
+        shutil.chown(data, "postfix")
+        os.chmod(directory, 0o755)          # postfix's own processes walk into the spool
+        with open(os.path.join(etc, "main.cf"), "w") as f:
+            # a private instance that only sends: everything goes to the relay host, the edge
+            f.write("""compatibility_level = 3.6
+queue_directory = %(spool)s
+data_directory = %(data)s
+myhostname = tailwart-sender.invalid
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+relayhost = [127.0.0.1]:%(port)d
+smtp_tls_security_level = none
+maillog_file = %(log)s
+maillog_file_prefixes = %(dir)s
+""" % {"spool": spool, "data": data, "port": edge_port, "log": maillog, "dir": directory})
+        services = [
+            "pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
+            "qmgr unix n - n 300 1 qmgr", "rewrite unix - - n - - trivial-rewrite",
+            "bounce unix - - n - 0 bounce", "defer unix - - n - 0 bounce",
+            "trace unix - - n - 0 bounce", "flush unix n - n 1000? 0 flush",
+            "proxymap unix - - n - - proxymap", "smtp unix - - n - - smtp",
+            "relay unix - - n - - smtp", "error unix - - n - - error",
+            "retry unix - - n - - error", "scache unix - - n - 1 scache",
+            "showq unix n - n - - showq", "postlog unix-dgram n - n - 1 postlogd"]
+        with open(os.path.join(etc, "master.cf"), "w") as f:
+            f.write("\n".join(services) + "\n")
+        run = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                   timeout=WAIT)
+        subprocess.run([binary, "-c", etc, "check"], **run)     # creates the queue directories
+        start = subprocess.run([binary, "-c", etc, "start"], **run)
+        assert start.returncode == 0, start.stdout
+
+        message = ("From: sender@example.org\nTo: rcpt@example.net\n"
+                   "Subject: through a down upstream\n\nHello.\n")
+        submit = subprocess.run([sendmail, "-C", etc, "-f", "sender@example.org",
+                                 "rcpt@example.net"], input=message, **run)
+        assert submit.returncode == 0, submit.stdout
+        flush = subprocess.run([postqueue, "-c", etc, "-f"], **run)
+        assert flush.returncode == 0, flush.stdout
+
+        deadline = time.monotonic() + 20
+        while True:
+            text = ""
+            if os.path.exists(maillog):
+                with open(maillog, errors="replace") as f:
+                    text = f.read()
+            deferred = re.search(r"^.* postfix/smtp\[\d+\]: (\w+): to=<rcpt@example\.net>.*"
+                                 r"status=deferred \(.*421 4\.3\.2 Service not available, "
+                                 r"closing transmission channel.*\)$", text, re.M)
+            if deferred or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert deferred, "no deferral with the 421 in %s:\n%s\nedge:\n%s" % (
+            maillog, text, proxy.output())
+        assert "status=bounced" not in text, text
+        assert not re.search(r"%s: .*status=(sent|bounced)" % deferred.group(1), text), text
+        print("postfix: " + deferred.group(0))
+
+        line = proxy.wait_for(r"session client=127\.0\.0\.1:\d+ listen=\S*:%d\b.*"
+                              r"end=connect-failed" % edge_port)
+        assert "told the client 421 4.3.2" in line, line
+        print("edge: " + line)
+        print("%.1f s" % (time.monotonic() - started))
+    finally:
+        if proxy is not None:
+            proxy.kill()
+        dead.close()
+        if os.path.exists(os.path.join(etc, "main.cf")):
+            pids = processes_of_postfix_instance(etc)
+            subprocess.run([binary, "-c", etc, "stop"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=60)
+            deadline = time.monotonic() + 5
+            while True:
+                left = [pid for pid in pids if os.path.exists("/proc/%d" % pid) and
+                        pid in processes_of_postfix_instance(etc)]
+                if not left or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            for pid in left:                # what `postfix stop` left behind, by PID
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        shutil.rmtree(directory, ignore_errors=True)
