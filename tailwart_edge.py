@@ -2951,6 +2951,7 @@ def drop_privileges(user):
 # The doctor is a mode of its own, not part of the loop: it may block (each wait is bounded by
 # --connect-timeout), checks the upstreams in parallel threads, and prints what it found.
 
+SCRIPT_NAME = "tailwart_edge.py"     # in a command line: a running relay
 V2_LOCAL = 0x20                 # version 2, command LOCAL: the proxy's own connection (a check)
 # protocol -> (greeting is complete, greeting is good, goodbye, goodbye answered, an error line)
 DIALOGUES = {
@@ -3051,7 +3052,7 @@ def check_listen(mapping):
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             owner = port_owner(mapping.port)
-            if owner is not None and "tailwart_edge" in owner[1]:
+            if owner is not None and SCRIPT_NAME in map(os.path.basename, owner[1].split()):
                 return "ok", "listen", "%s is served by a running tailwart-edge (pid %d)" % (
                     label, owner[0])
             return "FAIL", "listen", "%s is in use%s; stop that program or choose another " \
@@ -3196,7 +3197,7 @@ def talk(sock, address, source, protocol, kind, timeout, lines):
     except socket.timeout:
         greeting = None
     except OSError as e:
-        return lines.append(("FAIL", dialogue_name, "%s reset the connection before a "
+        return lines.append(("FAIL", dialogue_name, "%s closed the connection without a "
                              "greeting (%s)%s" % (address, e.strerror, untrusted(source, kind))))
     if greeting is None:
         text = "%s sent no greeting within %gs" % (address, timeout)
@@ -3238,7 +3239,10 @@ def talk(sock, address, source, protocol, kind, timeout, lines):
                              "headers from %s on the mail server (%s), or run the relay with "
                              "--proxy-protocol off" % (address, quote(errors[0]), source, source,
                                                        TRUST_FIX)))
-    text = "%s greeted %s" % (address, quote(greeting[0]))
+    # the line that says it: SMTP's first (the host name), ManageSieve's last (after the
+    # capabilities)
+    text = "%s greeted %s" % (address, quote(greeting[-1] if dialogue_name == "sieve"
+                                             else greeting[0]))
     if header_name:
         text += "; %s accepted" % header_name
     if answers and answered(answers[-1]) and not errors:

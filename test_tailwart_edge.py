@@ -5427,3 +5427,636 @@ maillog_file_prefixes = %(dir)s
                 except OSError:
                     pass
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# --check: the doctor, against real servers (issue 12)
+# ----------------------------------------------------------------------------------------------
+#
+# `--check` runs as a user would run it, to its end: stdout is one finding per line (a status
+# word padded to 5 characters, a topic, the finding) and a verdict line; exit 0, 1 or 2. The real
+# servers run from private directories with short PROXY timeouts, so that a missing header ends
+# in a second: one Postfix (smtpd with and without the PROXY protocol, and postscreen) and two
+# Dovecots (the edge trusted, and not). `test_interop_check_*` need them and run once in CI;
+# `test_check_*` use Python servers, a refused port, a name under .invalid and the relay itself.
+
+CHECK_TIMEOUT = 3           # --connect-timeout: bounds the doctor's connect and each read
+SILENT_TIMEOUT = 1          # the same, where the server is expected to say nothing
+PEER_PROXY_TIMEOUT = "1s"   # how long Postfix and Dovecot wait for a header that never comes
+STATUS_WORDS = ("ok   ", "warn ", "FAIL ")
+UNRESOLVABLE_NAME = "no-such-host.invalid"      # RFC 6761: .invalid never resolves
+CERT_NAMES = ("mail.tailwart.test", "imap.tailwart.test")
+SERVER_GREETINGS = {
+    # PROTO: (greeting, the answer to the doctor's goodbye)
+    "smtp": (b"220 mail.tailwart.test ESMTP test\r\n", b"221 2.0.0 Bye\r\n"),
+    "imap": (b"* OK [CAPABILITY IMAP4rev1] test ready.\r\n",
+             b"* BYE Logging out\r\na OK Logout completed.\r\n"),
+}
+
+
+class Doctor:
+    """One `--check --connect-timeout T ARGS` run to its end, read against the contract: after
+    a title, every line but the last is a finding, the last is the verdict, whose counts and
+    exit code agree with the FAIL lines. Its repr() is the whole output, for assertion
+    messages."""
+
+    def __init__(self, *args, timeout=CHECK_TIMEOUT, preexec_fn=None):
+        argv = [PYTHON, SCRIPT, "--check", "--connect-timeout", str(timeout)] + list(args)
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=WAIT,
+                              preexec_fn=preexec_fn)
+        self.code, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        assert "Traceback" not in self.stderr, self
+        lines = self.stdout.splitlines()
+        # a title line first: `tailwart-edge VERSION check: N mappings, PROXY header v2, ...`
+        self.title = lines.pop(0) if lines and lines[0].startswith("tailwart-edge ") else None
+        assert lines, self
+        self.findings, self.verdict = lines[:-1], lines[-1]
+        assert all(line[:5] in STATUS_WORDS for line in self.findings), self
+        failed = sum(line.startswith("FAIL ") for line in self.findings)
+        if self.code == 0:
+            ok = re.fullmatch(r"verdict: ok, (\d+) checks passed", self.verdict)
+            assert ok and failed == 0 and int(ok.group(1)) == len(self.findings), self
+        else:
+            bad = re.fullmatch(r"verdict: (\d+) of (\d+) checks failed", self.verdict)
+            assert self.code == 1 and bad, self
+            assert (int(bad.group(1)), int(bad.group(2))) == (failed, len(self.findings)), self
+
+    def __repr__(self):
+        return "exit %s\n--- stdout\n%s--- stderr\n%s" % (self.code, self.stdout, self.stderr)
+
+    __str__ = __repr__
+
+    def topics(self):
+        """The topic of each finding, in order: ['listen', 'connect', 'smtp']."""
+        return [line[5:].split(" ", 1)[0] for line in self.findings]
+
+    def finding(self, status, topic, *phrases, pattern=None):
+        """The one finding of this status and topic holding every phrase (substrings) and
+        matching `pattern` (a regular expression) if given."""
+        prefix = status.ljust(5) + topic + " "
+        found = [line for line in self.findings if line.startswith(prefix)
+                 and all(phrase in line for phrase in phrases)
+                 and (pattern is None or re.search(pattern, line))]
+        assert len(found) == 1, "%d findings %r with %r %r in:\n%s" % (
+            len(found), prefix, phrases, pattern, self)
+        return found[0]
+
+
+def mapping(proto, upstream_port, listen_port=None, upstream_host="127.0.0.1"):
+    """`127.0.0.1:LISTEN/PROTO=HOST:PORT` on a free listen port (--check never binds it)."""
+    return "127.0.0.1:%d/%s=%s:%d" % (listen_port or free_port(), proto, upstream_host,
+                                      upstream_port)
+
+
+def read_line(conn):
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = conn.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+def greeter(proto, tls=None, headers=None):
+    """An Upstream handler that greets like a mail server of `proto`: it reads the PROXY header
+    (appended to `headers`; none when `headers` is None), does the TLS handshake when `tls` (a
+    server SSLContext) is given, greets, reads one command and answers it as a goodbye."""
+    greeting, goodbye = SERVER_GREETINGS[proto]
+
+    def handler(conn):
+        if headers is not None:
+            headers.append(read_proxy_header(conn))
+        if tls is not None:
+            conn = tls.wrap_socket(conn, server_side=True)
+        conn.sendall(greeting)
+        if read_line(conn):
+            conn.sendall(goodbye)
+        conn.close()
+    return handler
+
+
+def v2_local(header):
+    """Is this the 16-byte v2 header of a LOCAL command (a proxy's own health check)?"""
+    return header[:12] == edge.V2_SIGNATURE and header[12] == 0x20 and header[13:] == b"\0\0\0"
+
+
+# -- the relay's side: the command line, ports, names, refused ports --------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["127.0.0.1:2525/bogus=127.0.0.1:25"], r"bogus.*smtp.*smtps.*imap.*imaps.*pop3.*sieve.*tcp"),
+    ([], r"no MAPPING given"),
+], ids=["bad PROTO", "no mapping"])
+def test_check_bad_command_line_exits_2_with_one_line(argv, message):
+    code, out, err = run_script("--check", *argv)
+    assert code == 2 and out == "", (code, out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tailwart_edge.py: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+
+
+# A listener in a process of its own: not pytest, whose command line names this file, and
+# so looks like the relay's to a doctor that reads command lines.
+HOLD_A_PORT = """import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(1)
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+
+def test_check_a_free_listen_port_is_ok_and_a_taken_one_fails():
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_PORT], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        busy, free = int(holder.stdout.readline()), free_port()
+        with Upstream(greeter("smtp", headers=[])) as up:
+            doctor = Doctor(mapping("smtp", up.port, listen_port=busy),
+                            mapping("smtp", up.port, listen_port=free))
+    finally:
+        holder.kill()
+        holder.wait(WAIT)
+        holder.stdin.close()
+        holder.stdout.close()
+    assert doctor.code == 1, doctor
+    assert doctor.topics()[:2] == ["listen", "listen"], doctor      # the ports come first
+    doctor.finding("ok", "listen", "127.0.0.1:%d is free" % free)
+    line = doctor.finding("FAIL", "listen", "127.0.0.1:%d is in use" % busy)
+    if os.path.exists("/proc/net/tcp"):                             # the holder, found
+        assert " by pid %d (" % holder.pid in line, line
+    # both mappings go to one upstream: checked once, on one connection
+    assert doctor.topics()[2:] == ["connect", "smtp"], doctor
+    assert len(up.conns) == 1, doctor
+
+
+def test_check_a_port_held_by_a_running_relay_is_ok():
+    with Upstream(header_echo) as up:
+        proxy, port = Edge.on_free_port(lambda port: ["127.0.0.1:%d=%s" % (port, up.address)])
+        with proxy:
+            doctor = Doctor("127.0.0.1:%d=%s" % (port, up.address))
+    assert doctor.code == 0, doctor
+    doctor.finding("ok", "listen", "127.0.0.1:%d is served by a running tailwart-edge" % port)
+
+
+def test_check_a_refused_port_fails_connect():
+    port = free_port()                  # nothing listens there
+    doctor = Doctor(mapping("smtp", port))
+    assert doctor.code == 1, doctor
+    doctor.finding("FAIL", "connect", "127.0.0.1:%d refused" % port)
+    assert "smtp" not in doctor.topics(), doctor          # nothing to greet
+
+
+def test_check_an_unresolvable_name_fails_resolve():
+    # The machine's own resolver: a name under .invalid fails at once where there is a name
+    # server (NXDOMAIN) or none (no route); a resolver that drops queries would take its
+    # timeout, which the run's WAIT bounds.
+    doctor = Doctor(mapping("smtp", 25, upstream_host=UNRESOLVABLE_NAME))
+    assert doctor.code == 1, doctor
+    doctor.finding("FAIL", "resolve", "%s does not resolve" % UNRESOLVABLE_NAME)
+    assert doctor.topics() == ["listen", "resolve"], doctor
+
+
+def test_check_a_name_that_resolves_is_timed_and_then_connected(dns):
+    _, private_names = dns(1)            # DNS_NAME is 127.0.0.1, from a stub name server
+    with Upstream(greeter("smtp", headers=[])) as up:
+        doctor = Doctor(mapping("smtp", up.port, upstream_host=DNS_NAME),
+                        preexec_fn=private_names)
+    assert doctor.code == 0, doctor
+    assert doctor.topics() == ["listen", "resolve", "connect", "smtp"], doctor
+    doctor.finding("ok", "resolve", pattern=r"^ok   resolve %s: 127\.0\.0\.1 in \d+ ms"
+                   % re.escape(DNS_NAME))
+    doctor.finding("ok", "connect", pattern=r"^ok   connect 127\.0\.0\.1:%d in \d+ ms from "
+                   r"127\.0\.0\.1\b" % up.port)
+
+
+def test_check_an_upstream_that_is_the_relay_itself_fails():
+    port = free_port()
+    # a name, so the mapping passes the literal self-loop refusal and the doctor must see it
+    doctor = Doctor("%d/smtp=localhost:%d" % (port, port))
+    assert doctor.code == 1, doctor
+    doctor.finding("FAIL", "connect", pattern=r"^FAIL connect (127\.0\.0\.1|\[::1\]):%d is this "
+                   r"relay itself" % port)
+
+
+# -- a mail server of our own: greetings, headers, TLS ------------------------------------------
+
+ACCEPTED_HEADER = {"v2": "PROXY v2 LOCAL accepted", "v1": "PROXY v1 accepted"}
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_check_sends_a_header_naming_no_client_then_greets_and_quits(version):
+    headers = []
+    with Upstream(greeter("smtp", headers=headers)) as up:
+        doctor = Doctor("--proxy-protocol", version, mapping("smtp", up.port))
+        eventually(lambda: up.errors or len(headers) == 1)
+    assert doctor.code == 0 and not up.errors, (doctor, up.errors)
+    assert doctor.topics() == ["listen", "connect", "smtp"], doctor
+    connected = doctor.finding("ok", "connect", pattern=r"^ok   connect 127\.0\.0\.1:%d in \d+ ms "
+                               r"from 127\.0\.0\.1\b" % up.port)
+    assert "the mail server must trust PROXY headers from 127.0.0.1" in connected, doctor
+    doctor.finding("ok", "smtp", '127.0.0.1:%d greeted "220 mail.tailwart.test' % up.port,
+                   ACCEPTED_HEADER[version], 'QUIT answered "221 ')
+    # no client made up: v2 LOCAL; v1 (Postfix refuses `PROXY UNKNOWN`) names the doctor itself
+    if version == "v2":
+        assert v2_local(headers[0]), headers
+    else:
+        assert re.fullmatch(br"PROXY TCP4 127\.0\.0\.1 127\.0\.0\.1 \d+ %d\r\n" % up.port,
+                            headers[0]), headers
+
+
+def test_check_with_proxy_protocol_off_sends_no_header():
+    with Upstream(greeter("smtp")) as up:                       # reads no header
+        doctor = Doctor("--proxy-protocol", "off", mapping("smtp", up.port))
+    assert doctor.code == 0 and not up.errors, (doctor, up.errors)
+    assert "trust PROXY" not in doctor.finding("ok", "connect", "from 127.0.0.1"), doctor
+    doctor.finding("ok", "smtp", 'greeted "220 ')
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """days -> (certificate, key) paths: self-signed for CERT_NAMES (P-256, openssl CLI)."""
+    openssl = need_tool("openssl")
+    directory = tmp_path_factory.mktemp("certificates")
+    made = {}
+
+    def make(days):
+        if days not in made:
+            cert, key = (str(directory / ("%d.%s" % (days, kind))) for kind in ("crt", "key"))
+            subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:prime256v1", "-nodes", "-days", str(days),
+                            "-subj", "/CN=%s" % CERT_NAMES[0], "-addext",
+                            "subjectAltName=" + ",".join("DNS:" + n for n in CERT_NAMES),
+                            "-keyout", key, "-out", cert], check=True, timeout=WAIT,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+            made[days] = cert, key
+        return made[days]
+    return make
+
+
+def tls_server(certificate):
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+@pytest.mark.parametrize("proto, topic", [("smtps", "smtp"), ("imaps", "imap")])
+def test_check_implicit_tls_names_version_certificate_and_days(certificates, proto, topic):
+    headers = []
+    tls = tls_server(certificates(30))
+    with Upstream(greeter(topic, tls=tls, headers=headers)) as up:
+        doctor = Doctor(mapping(proto, up.port))
+        eventually(lambda: up.errors or len(headers) == 1)
+    assert doctor.code == 0 and not up.errors, (doctor, up.errors)
+    assert doctor.topics() == ["listen", "connect", "tls", topic], doctor
+    line = doctor.finding("ok", "tls", "127.0.0.1:%d TLSv1." % up.port)
+    assert re.search(r"certificate for %s\b" % re.escape(",".join(CERT_NAMES)), line), line
+    assert re.search(r"expires in (29|30) days", line), line
+    greeting = SERVER_GREETINGS[topic][0].decode().split(" ")[0]
+    doctor.finding("ok", topic, '127.0.0.1:%d greeted "%s ' % (up.port, greeting))
+    assert v2_local(headers[0]), headers            # the header, then the handshake
+
+
+def test_check_a_certificate_that_expires_within_14_days_warns(certificates):
+    tls = tls_server(certificates(7))
+    with Upstream(greeter("imap", tls=tls, headers=[])) as up:
+        doctor = Doctor(mapping("imaps", up.port))
+    assert doctor.code == 0, doctor                             # a warning is not a failure
+    line = doctor.finding("warn", "tls", "127.0.0.1:%d" % up.port)
+    assert re.search(r"expires in [67] days", line), line
+
+
+def test_check_plain_text_on_an_implicit_tls_port_fails_tls():
+    with Upstream(greeter("imap", headers=[])) as up:
+        doctor = Doctor(mapping("imaps", up.port))
+    assert doctor.code == 1, doctor
+    doctor.finding("FAIL", "tls", "127.0.0.1:%d answered in plain text" % up.port, "* OK")
+
+
+def test_check_tls_on_a_plain_port_is_named(certificates):
+    tls = tls_server(certificates(30))
+    with Upstream(greeter("imap", tls=tls, headers=[])) as up:
+        doctor = Doctor(mapping("imap", up.port), timeout=SILENT_TIMEOUT)
+    assert doctor.code == 1, doctor
+    doctor.finding("FAIL", "imap", "speaks TLS on this port", pattern=r"127\.0\.0\.1:%d sent no "
+                   r"greeting within %d ?s\b" % (up.port, SILENT_TIMEOUT))
+
+
+# -- Postfix: smtpd with and without the PROXY protocol, postscreen ----------------------------
+
+@pytest.fixture(scope="module")
+def postfix_doctor():
+    """A private Postfix with three listeners, named by their syslog_name in its log:
+    `proxied` (smtpd, smtpd_upstream_proxy_protocol = haproxy), `plain` (smtpd, no PROXY
+    protocol) and `screened` (postscreen with postscreen_upstream_proxy_protocol = haproxy,
+    handing over to smtpd). Yields (peer, {name: port})."""
+    binary = shutil.which("postfix") or next((p for p in ("/usr/sbin/postfix",) if
+                                              os.path.exists(p)), None)
+    if binary is None:
+        unavailable("postfix is not installed (apt-get install postfix)")
+    directory = tempfile.mkdtemp(prefix="tailwart-postfix-doctor-")     # see `postfix` above
+    ports = {name: free_port() for name in ("proxied", "plain", "screened")}
+    etc, spool, data = (os.path.join(directory, d) for d in ("etc", "spool", "data"))
+    for d in (etc, spool, data):
+        os.mkdir(d)
+    shutil.chown(data, "postfix")
+    os.chmod(directory, 0o755)
+    with open(os.path.join(etc, "main.cf"), "w") as f:
+        f.write("""compatibility_level = 3.6
+queue_directory = %s
+data_directory = %s
+myhostname = tailwart-test.invalid
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = all
+mynetworks = 127.0.0.0/8 [::1]/128
+alias_maps =
+alias_database =
+default_transport = discard
+smtpd_client_port_logging = yes
+maillog_file = /dev/stdout
+""" % (spool, data))
+    proxy = "_upstream_proxy_protocol=haproxy -o %%s_upstream_proxy_timeout=%s" % \
+        PEER_PROXY_TIMEOUT
+    services = [
+        "127.0.0.1:%d inet n - n - - smtpd -o syslog_name=postfix/proxied -o smtpd%s"
+        % (ports["proxied"], proxy % "smtpd"),
+        "127.0.0.1:%d inet n - n - - smtpd -o syslog_name=postfix/plain" % ports["plain"],
+        "127.0.0.1:%d inet n - n - 1 postscreen -o syslog_name=postfix/screened -o postscreen%s"
+        % (ports["screened"], proxy % "postscreen"),
+        "smtpd pass - - n - - smtpd -o syslog_name=postfix/screened",
+        "dnsblog unix - - n - 0 dnsblog", "tlsproxy unix - - n - 0 tlsproxy",
+        "pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
+        "qmgr unix n - n 300 1 qmgr", "rewrite unix - - n - - trivial-rewrite",
+        "bounce unix - - n - 0 bounce", "defer unix - - n - 0 bounce",
+        "trace unix - - n - 0 bounce", "verify unix - - n - 1 verify",
+        "flush unix n - n 1000? 0 flush", "proxymap unix - - n - - proxymap",
+        "smtp unix - - n - - smtp", "relay unix - - n - - smtp", "showq unix n - n - - showq",
+        "error unix - - n - - error", "retry unix - - n - - error",
+        "discard unix - - n - - discard", "anvil unix - - n - 1 anvil",
+        "scache unix - - n - 1 scache", "postlog unix-dgram n - n - 1 postlogd"]
+    with open(os.path.join(etc, "master.cf"), "w") as f:
+        f.write("\n".join(services) + "\n")
+    subprocess.run([binary, "-c", etc, "check"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                   timeout=60)                  # creates the queue directories
+    peer = Peer([binary, "-c", etc, "start-fg"], directory, "postfix")
+    try:
+        # master opens every listener before it serves one: probing the plain one is enough,
+        # and keeps header-less probes (logged as warnings) away from the other two
+        peer.wait_listening(ports["plain"])
+        yield peer, ports
+    finally:
+        subprocess.run([binary, "-c", etc, "stop"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+        peer.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def log_since(peer, start, pattern, timeout=WAIT):
+    """Waits for `pattern` in the peer's log after character `start`; returns that part."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = peer.text()[start:]
+        if re.search(pattern, text, re.M):
+            return text
+        assert time.monotonic() < deadline, "no %r in the log of %s:\n%s" % (
+            pattern, peer.log_path, text)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_interop_check_postfix_smtpd_with_proxy_protocol_passes(postfix_doctor, version):
+    peer, ports = postfix_doctor
+    start = len(peer.text())
+    doctor = Doctor("--proxy-protocol", version, mapping("smtp", ports["proxied"]))
+    assert doctor.code == 0, doctor
+    doctor.finding("ok", "connect", "from 127.0.0.1",
+                   "the mail server must trust PROXY headers from 127.0.0.1")
+    doctor.finding("ok", "smtp", '127.0.0.1:%d greeted "220 tailwart-test.invalid ESMTP Postfix'
+                   % ports["proxied"], ACCEPTED_HEADER[version], 'QUIT answered "221 2.0.0 Bye"')
+    # no client made up: Postfix logs the doctor's own address, and a session ended by QUIT
+    log = log_since(peer, start, r"postfix/proxied/smtpd\[\d+\]: disconnect from ")
+    assert re.search(r"disconnect from localhost\[127\.0\.0\.1\]:\d+ quit=1 commands=1$", log,
+                     re.M), log
+    assert set(re.findall(r"connect from \S*\[([^]]+)\]", log)) == {"127.0.0.1"}, log
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_interop_check_postfix_smtpd_without_proxy_protocol_reads_the_header_as_a_command(
+        postfix_doctor, version):
+    peer, ports = postfix_doctor
+    start = len(peer.text())
+    doctor = Doctor("--proxy-protocol", version, mapping("smtp", ports["plain"]))
+    assert doctor.code == 1, doctor
+    line = doctor.finding("FAIL", "smtp", "127.0.0.1:%d read the PROXY header as a command"
+                          % ports["plain"], "trust PROXY headers from 127.0.0.1")
+    assert "smtpd_upstream_proxy_protocol" in line, line                    # the fix, named
+    # Postfix's view: the header came as commands. v2 holds `QUIT\n`, so the bytes after it are
+    # pipelined after a QUIT (or after CONNECT, when they came before the greeting); v1 is one
+    # unknown command. (Log lines from Postfix 3.7.)
+    log_since(peer, start, {
+        "v2": r"postfix/plain/smtpd\[\d+\]: improper command pipelining after (CONNECT|QUIT) "
+              r"from localhost\[127\.0\.0\.1\]:\d+: .*\\000",
+        "v1": r"postfix/plain/smtpd\[\d+\]: disconnect from localhost\[127\.0\.0\.1\]:\d+ "
+              r"quit=1 unknown=0/1 commands=1/2$"}[version])
+
+
+def test_interop_check_postfix_expecting_a_header_that_is_off(postfix_doctor):
+    peer, ports = postfix_doctor
+    start = len(peer.text())
+    doctor = Doctor("--proxy-protocol", "off", mapping("smtp", ports["proxied"]))
+    assert doctor.code == 1, doctor
+    # Postfix 3.7 waits smtpd_upstream_proxy_timeout, then greets with a 421 and closes
+    doctor.finding("FAIL", "smtp", '127.0.0.1:%d greeted "421 ' % ports["proxied"],
+                   "expects a PROXY header")
+    log_since(peer, start, r"postfix/proxied/smtpd\[\d+\]: warning: haproxy read: timeout error")
+
+
+def test_interop_check_postscreen_with_proxy_protocol_passes(postfix_doctor):
+    peer, ports = postfix_doctor
+    start = len(peer.text())
+    doctor = Doctor(mapping("smtp", ports["screened"]))
+    assert doctor.code == 0, doctor
+    doctor.finding("ok", "smtp", '127.0.0.1:%d greeted "220 tailwart-test.invalid ESMTP Postfix'
+                   % ports["screened"], "PROXY v2 LOCAL accepted")
+    log = log_since(peer, start, r"postfix/screened/smtpd\[\d+\]: disconnect from ")
+    assert re.search(r"postfix/screened/postscreen\[\d+\]: CONNECT from \[127\.0\.0\.1\]:\d+ to "
+                     r"\[127\.0\.0\.1\]:%d$" % ports["screened"], log, re.M), log
+
+
+# -- Dovecot: haproxy = yes, trusted and not; a listener without it ----------------------------
+
+DOVECOT_LOGIN = {"imap-login": "dovecot-imapd", "pop3-login": "dovecot-pop3d",
+                 "managesieve-login": "dovecot-managesieved"}
+
+
+def start_dovecot(trusted):
+    """A private Dovecot (as root: it drops to its own users) on free loopback ports, logging
+    to its stderr: `imap`, `pop3` and `sieve` listeners with `haproxy = yes` and a PROXY
+    timeout of PEER_PROXY_TIMEOUT, and `imap_plain` without. (peer, {listener: port}, directory)"""
+    binary = shutil.which("dovecot") or next((p for p in ("/usr/sbin/dovecot",) if
+                                              os.path.exists(p)), None)
+    if binary is None:
+        unavailable("dovecot is not installed (apt-get install %s)" % " ".join(
+            sorted(DOVECOT_LOGIN.values())))
+    libexec = next((d for d in ("/usr/lib/dovecot", "/usr/libexec/dovecot") if
+                    os.path.isdir(d)), "/usr/lib/dovecot")
+    for login, package in sorted(DOVECOT_LOGIN.items()):
+        if not os.path.exists(os.path.join(libexec, login)):
+            unavailable("dovecot has no %s (apt-get install %s)" % (login, package))
+    if not is_root():
+        pytest.skip("a private Dovecot needs root here (its login processes chroot)")
+    directory = tempfile.mkdtemp(prefix="tailwart-dovecot-")   # its users walk into base_dir
+    os.chmod(directory, 0o755)
+    ports = {name: free_port() for name in ("imap", "imap_plain", "pop3", "sieve")}
+    users = os.path.join(directory, "users")
+    open(users, "w").close()                    # nobody can log in: the doctor never does
+    conf = os.path.join(directory, "dovecot.conf")
+    with open(conf, "w") as f:
+        f.write("""base_dir = %(d)s/run
+state_dir = %(d)s/state
+log_path = /dev/stderr
+instance_name = tailwart-test
+protocols = imap pop3 sieve
+listen = 127.0.0.1
+ssl = no
+haproxy_trusted_networks = %(trusted)s
+haproxy_timeout = %(timeout)s
+passdb {
+  driver = passwd-file
+  args = %(users)s
+}
+userdb {
+  driver = passwd-file
+  args = %(users)s
+}
+service imap-login {
+  inet_listener imap {
+    port = %(imap)d
+    haproxy = yes
+  }
+  inet_listener imap_plain {
+    port = %(imap_plain)d
+  }
+  inet_listener imaps {
+    port = 0
+  }
+}
+service pop3-login {
+  inet_listener pop3 {
+    port = %(pop3)d
+    haproxy = yes
+  }
+  inet_listener pop3s {
+    port = 0
+  }
+}
+service managesieve-login {
+  inet_listener sieve {
+    port = %(sieve)d
+    haproxy = yes
+  }
+}
+""" % dict(ports, d=directory, trusted=trusted, timeout=PEER_PROXY_TIMEOUT, users=users))
+    peer = Peer([binary, "-F", "-c", conf], directory, "dovecot")
+    try:
+        # Every listener opens at start. Until the auth process answers, a login process
+        # greets with `* OK Waiting for authentication process to respond..` first: wait for
+        # the real greeting on the listener without haproxy (a probe elsewhere is logged).
+        deadline = time.monotonic() + WAIT
+        while True:
+            peer.wait_listening(ports["imap_plain"])
+            with connect(("127.0.0.1", ports["imap_plain"]), timeout=5) as probe:
+                probe.sendall(b"a LOGOUT\r\n")
+                if b"ready." in recv_all(probe).split(b"\r\n", 1)[0]:
+                    break
+            assert time.monotonic() < deadline, "dovecot never ready:\n" + peer.text()
+            time.sleep(0.1)
+    except BaseException:
+        stop_dovecot(peer, directory)
+        raise
+    return peer, ports, directory
+
+
+def stop_dovecot(peer, directory):
+    peer.stop()                 # TERM to the master, by its PID: it ends its children
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dovecot_trusting():
+    """Dovecot trusting PROXY headers from 127.0.0.1, the doctor's source address."""
+    peer, ports, directory = start_dovecot("127.0.0.1")
+    try:
+        yield peer, ports
+    finally:
+        stop_dovecot(peer, directory)
+
+
+@pytest.fixture(scope="module")
+def dovecot_distrusting():
+    """Dovecot trusting PROXY headers from 10.9.9.9 only: not from the doctor."""
+    peer, ports, directory = start_dovecot("10.9.9.9")
+    try:
+        yield peer, ports
+    finally:
+        stop_dovecot(peer, directory)
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_interop_check_dovecot_trusting_the_edge_passes_imap_pop3_sieve(dovecot_trusting, version):
+    peer, ports = dovecot_trusting
+    start = len(peer.text())
+    doctor = Doctor("--proxy-protocol", version, mapping("imap", ports["imap"]),
+                    mapping("pop3", ports["pop3"]), mapping("sieve", ports["sieve"]))
+    assert doctor.code == 0, doctor
+    assert doctor.topics() == ["listen"] * 3 + ["connect", "imap", "connect", "pop3",
+                                                "connect", "sieve"], doctor
+    for proto, greeting, goodbye in (("imap", '"* OK [CAPABILITY ', 'LOGOUT answered "a OK'),
+                                     ("pop3", '"+OK Dovecot', 'QUIT answered "+OK'),
+                                     # its greeting is capability lines, then OK
+                                     ("sieve", '"', 'LOGOUT answered "OK')):
+        doctor.finding("ok", proto, "127.0.0.1:%d greeted %s" % (ports[proto], greeting),
+                       ACCEPTED_HEADER[version], goodbye)
+    # each login process saw a polite client that logged out without trying to log in
+    for login in ("imap-login", "pop3-login", "managesieve-login"):
+        log_since(peer, start, r"%s: Info: Disconnected: Aborted login by logging out \(no auth "
+                               r"attempts.*rip=127\.0\.0\.1" % login)
+
+
+def test_interop_check_dovecot_not_trusting_the_edge_closes_without_a_greeting(
+        dovecot_distrusting):
+    peer, ports = dovecot_distrusting
+    start = len(peer.text())
+    doctor = Doctor(mapping("imap", ports["imap"]))
+    assert doctor.code == 1, doctor
+    # Dovecot closes at once, without reading: a reset when the header came first (it had
+    # unread bytes), else a plain close
+    doctor.finding("FAIL", "imap", "does not trust PROXY headers from 127.0.0.1",
+                   "or has banned 127.0.0.1", "haproxy_trusted_networks",
+                   pattern=r"127\.0\.0\.1:%d (closed the connection without|reset the connection "
+                   r"before) a greeting" % ports["imap"])
+    log_since(peer, start, r"imap-login: Warning: haproxy: Client not trusted "
+                           r"\(rip=127\.0\.0\.1\)")
+
+
+def test_interop_check_dovecot_listener_without_haproxy_reads_the_header_as_a_command(
+        dovecot_trusting):
+    peer, ports = dovecot_trusting
+    doctor = Doctor(mapping("imap", ports["imap_plain"]))
+    assert doctor.code == 1, doctor
+    doctor.finding("FAIL", "imap", "127.0.0.1:%d read the PROXY header as a command"
+                   % ports["imap_plain"], "trust PROXY headers from 127.0.0.1")
+
+
+def test_interop_check_dovecot_expecting_a_header_that_is_off(dovecot_trusting):
+    peer, ports = dovecot_trusting
+    start = len(peer.text())
+    doctor = Doctor("--proxy-protocol", "off", mapping("imap", ports["imap"]))
+    assert doctor.code == 1, doctor
+    doctor.finding("FAIL", "imap", "127.0.0.1:%d closed the connection without a greeting"
+                   % ports["imap"], "expects a PROXY header")
+    log_since(peer, start, r"imap-login: Error: haproxy: Client timed out \(rip=127\.0\.0\.1\)")
