@@ -137,6 +137,9 @@ DEFAULT_HALF_CLOSE_TIMEOUT = 60.0   # HAProxy's `timeout client-fin`/`server-fin
 DEFAULT_RELOAD_DRAIN = 1800.0   # after a reload the old process ends its sessions after this
                                 # long: past IMAP IDLE's 29 minutes, as servers cut IDLE at 30
 DEFAULT_PORTS = ["25", "465", "587", "143", "993", "4190"]
+DEFAULT_PER_CLIENT = 50         # Postfix's anvil allows 50 at once per client by default
+DEFAULT_PER_CLIENT_RATE = 300   # a minute; Postfix has no default rate: 5 a second is far above
+                                # a real sender (a big provider uses a handful of connections)
 SETTINGS_KEYS = ("UPSTREAM", "PORTS", "OPTIONS")
 
 
@@ -194,6 +197,22 @@ def build_parser():
     relaying.add_argument("--relay", choices=("auto", "splice", "copy"), default="auto",
                           help="how bytes move: splice (zero-copy, Linux with Python >= 3.10), "
                           "copy, or auto (default: the fastest this system has)")
+    limits = parser.add_argument_group("clients")
+    limits.add_argument("--per-client", type=non_negative_int, default=DEFAULT_PER_CLIENT,
+                        metavar="N", help="most sessions at once from one client (an IPv4 "
+                        "address, an IPv6 /64); 0: no limit (default: %d, as Postfix's anvil)"
+                        % DEFAULT_PER_CLIENT)
+    limits.add_argument("--per-client-rate", type=non_negative_int, metavar="N",
+                        default=DEFAULT_PER_CLIENT_RATE, help="most new connections from one "
+                        "client per minute; 0: no limit (default: %d)" % DEFAULT_PER_CLIENT_RATE)
+    limits.add_argument("--exempt", type=network, action="append", metavar="CIDR",
+                        help="clients the two limits above never apply to (your own networks, "
+                        "monitoring); may be repeated (default: loopback, 127.0.0.0/8 and ::1; "
+                        "giving --exempt replaces it)")
+    limits.add_argument("--deny", type=network, action="append", default=[], metavar="CIDR",
+                        help="refuse clients from CIDR at accept; may be repeated")
+    limits.add_argument("--allow", type=network, action="append", default=[], metavar="CIDR",
+                        help="refuse every client not in CIDR (and not denied); may be repeated")
     add_timeouts(parser.add_argument_group("timeouts"))
     running = parser.add_argument_group("running")
     running.add_argument("--settings", metavar="FILE",
@@ -227,6 +246,23 @@ def metrics_address(text):
         raise argparse.ArgumentTypeError("%r is not IP:PORT; write e.g. 127.0.0.1:9425 or "
                                          "[::1]:9425" % text)
     return host, parse_port(port, "--metrics port", text)
+
+
+def non_negative_int(text):
+    """A whole number >= 0 (0 turns a limit off)."""
+    if not DIGITS_RE.match(text):
+        raise argparse.ArgumentTypeError("%r is not a whole number >= 0" % text)
+    return int(text)
+
+
+def network(text):
+    """A CIDR (or a bare address) -> ipaddress network; host bits set are refused."""
+    import ipaddress
+    try:
+        return ipaddress.ip_network(text.strip("[]"), strict=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError("%r is not a network: %s (write e.g. 192.0.2.0/24, "
+                                         "2001:db8::/32 or 192.0.2.7)" % (text, e))
 
 
 def add_timeouts(group):
@@ -356,13 +392,19 @@ REFUSALS = {
     "pop3": b"-ERR [SYS/TEMP] Service not available, try again later\r\n",
     "sieve": b'BYE (TRYLATER) "Service not available, try again later"\r\n',
 }
+LIMIT_REFUSALS = {         # over a per-client limit
+    "smtp": b"421 4.7.0 Too many connections from your address\r\n",
+    "imap": b"* BYE [UNAVAILABLE] Too many connections from your address\r\n",
+    "pop3": b"-ERR [SYS/TEMP] Too many connections from your address\r\n",
+    "sieve": b'BYE (TRYLATER) "Too many connections from your address"\r\n',
+}
 
 
 class Mapping:
     """One listen address and the upstreams its connections are piped to, plus its counters."""
 
     __slots__ = ("bind", "port", "upstreams", "spec", "label", "protocol",
-                 "active", "sessions", "failed", "up", "down")
+                 "active", "sessions", "failed", "up", "down", "refused")
 
     def __init__(self, bind, port, upstreams, spec="", protocol=None):
         self.bind = bind            # None (all interfaces) or an IP address without brackets
@@ -372,6 +414,7 @@ class Mapping:
         self.label = format_address(bind or "", port)
         self.protocol = protocol or PORT_PROTOCOLS.get(port, "tcp")     # what clients speak
         self.active = self.sessions = self.failed = self.up = self.down = 0
+        self.refused = {}           # reason -> clients refused at accept
 
     def __repr__(self):
         return "Mapping(%r, %r, %r)" % (self.bind, self.port, self.upstreams)
@@ -899,6 +942,88 @@ SESSION_MEMORY = 2 * 64 * 1024 + 4096   # the most a session holds: 2 x CHUNK (s
 WARN_INTERVAL = 10.0            # at most one "out of file descriptors" line this often
 ACCEPT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}   # that client left already
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+CLIENTS_MAX = 65536             # clients tracked at once (~250 bytes each: 16 MiB at most)
+CLIENT_WINDOW = 60.0            # the per-client rate is counted per minute
+DENIED, EXEMPT = "denied", "exempt"
+
+
+class Clients:
+    """Per-client limits and the allow/deny lists, checked at accept in O(1).
+
+    A client is an IPv4 address or an IPv6 /64 (one host can hold a whole /64). Each has
+    an entry [sessions open, minute began, connections this minute, verdict, refusals
+    this minute]; the verdict (denied, exempt or None) is worked out once per entry, so the
+    CIDR lists cost nothing on later accepts. Entries of clients with nothing open and a
+    minute past are dropped by a sweep each minute; when CLIENTS_MAX clients are tracked a
+    new one is let in untracked (the global cap still holds) rather than refused.
+    """
+
+    __slots__ = ("per_client", "rate", "exempt", "deny", "allow", "entries", "full_warned")
+
+    def __init__(self, options):
+        self.per_client = options.per_client
+        self.rate = options.per_client_rate
+        self.exempt, self.deny, self.allow = options.exempt, options.deny, options.allow
+        if self.exempt is None:         # this machine itself: a local webmail, monitoring
+            self.exempt = [network("127.0.0.0/8"), network("::1")]
+        self.entries = {}
+        self.full_warned = -WARN_INTERVAL
+
+    @staticmethod
+    def key(ip):
+        """The client an address belongs to: itself (IPv4), or its /64 (IPv6)."""
+        ip = plain_ip(ip)
+        if ":" not in ip:
+            return ip
+        return socket.inet_pton(socket.AF_INET6, ip)[:8]
+
+    def verdict(self, ip):
+        """denied, exempt or None, from the lists (once per entry)."""
+        import ipaddress
+        address = ipaddress.ip_address(plain_ip(ip))
+        if any(address in net for net in self.deny) or \
+                (self.allow and not any(address in net for net in self.allow)):
+            return DENIED
+        if any(address in net for net in self.exempt):
+            return EXEMPT
+        return None
+
+    def admit(self, ip, now):
+        """(entry or None, refusal reason or None) for a client connecting now."""
+        key = self.key(ip)
+        entry = self.entries.get(key)
+        if entry is None:
+            if len(self.entries) >= CLIENTS_MAX:
+                self.sweep(now)
+            if len(self.entries) >= CLIENTS_MAX:
+                verdict = self.verdict(ip)
+                if now - self.full_warned >= WARN_INTERVAL:
+                    self.full_warned = now
+                    log(WARNING, "clients: %d tracked; new ones are let in unlimited until "
+                        "some leave" % CLIENTS_MAX)
+                return None, ("denied" if verdict is DENIED else None)
+            entry = self.entries[key] = [0, now, 0, self.verdict(ip), 0]
+        if now - entry[1] >= CLIENT_WINDOW:
+            entry[1], entry[2], entry[4] = now, 0, 0
+        verdict = entry[3]
+        if verdict is DENIED:
+            return None, "denied"
+        entry[2] += 1
+        if verdict is None:
+            if self.per_client and entry[0] >= self.per_client:
+                return None, "per-client"
+            if self.rate and entry[2] > self.rate:
+                return None, "per-client-rate"
+        entry[0] += 1
+        return entry, None
+
+    def sweep(self, now):
+        """Drop the clients with nothing open whose minute is over."""
+        old = now - CLIENT_WINDOW
+        for key in [key for key, entry in self.entries.items() if not entry[0] and entry[1] < old]:
+            del self.entries[key]
 
 
 class Acceptor:
@@ -1798,7 +1923,7 @@ class Session:
 
     __slots__ = ("server", "mapping", "client", "upstream", "peer", "target",
                  "stage", "started", "active_at", "up", "down", "connector", "end",
-                 "client_events", "upstream_events")
+                 "client_events", "upstream_events", "client_entry")
 
     def __init__(self, server, mapping, client, peer):
         self.server = server
@@ -1814,6 +1939,7 @@ class Session:
         self.connector = Connector(self)    # None once connected
         self.end = None                 # how it ended; the first FIN sets it
         self.client_events = self.upstream_events = 0
+        self.client_entry = None        # the Clients entry counting this session
 
     def start(self):
         """Read the client while the connector looks for an upstream."""
@@ -2165,6 +2291,7 @@ class Server:
         self.relay = Relay(options.relay)
         max_sessions, self.relay.pipes.limit = capacity(len(mappings), options.max_connections)
         self.acceptor = Acceptor(self, listeners, max_sessions)
+        self.clients = Clients(options)
         self.notifier = Notifier(self)
         self.reload = Reload(self)
         self.metrics = None             # Metrics, with --metrics
@@ -2191,11 +2318,16 @@ class Server:
         return own
 
     def start_session(self, mapping, client, peer):
-        """A client was accepted: count it and start its session."""
+        """A client was accepted: refuse it if the lists or its limits say so, else count
+        it and start its session."""
         if log.threshold >= DEBUG:
             log(DEBUG, "accept client=%s listen=%s"
                 % (format_address(plain_ip(peer[0]), peer[1]), mapping.label))
+        entry, refusal = self.clients.admit(peer[0], self.now)
+        if refusal is not None:
+            return self.refuse_client(mapping, client, peer, refusal)
         session = Session(self, mapping, client, peer)
+        session.client_entry = entry
         self.sessions.add(session)
         mapping.active += 1
         mapping.sessions += 1
@@ -2203,10 +2335,36 @@ class Server:
             self.notifier.changed()
         session.start()
 
+    def refuse_client(self, mapping, client, peer, reason):
+        """Close a client the lists or its limits refuse, before any upstream is tried:
+        over a limit it is told so in its protocol; a denied one hears nothing. One line
+        per client and reason a minute at most."""
+        text = LIMIT_REFUSALS.get(mapping.protocol) if reason != "denied" else None
+        try:
+            if text is not None:
+                client.send(text)
+                client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        client.close()
+        mapping.refused[reason] = mapping.refused.get(reason, 0) + 1
+        entry = self.clients.entries.get(self.clients.key(peer[0]))
+        first = entry is None or not entry[4]
+        if entry is not None:
+            entry[4] += 1
+        if first:
+            log(WARNING, "refused client=%s listen=%s reason=%s%s" % (
+                format_address(plain_ip(peer[0]), peer[1]), mapping.label, reason,
+                " (more from this client this minute are counted, not logged)"
+                if entry is not None else ""))
+
     def session_ended(self, session, end, reason):
         """Called once by Session.close(): count it, write its line, make room for the next."""
         mapping = session.mapping
         self.sessions.discard(session)
+        entry = session.client_entry
+        if entry is not None:
+            entry[0] -= 1
         mapping.active -= 1
         mapping.up += session.up.count
         mapping.down += session.down.count
@@ -2267,6 +2425,7 @@ class Server:
         self.acceptor.resume()
         timeouts = self.timeouts
         self.timers.every(timeouts.sweep_interval, lambda: timeouts.sweep(self.sessions, self.now))
+        self.timers.every(CLIENT_WINDOW, lambda: self.clients.sweep(self.now))
         self.resolver.warm({host for m in self.mappings for host, _ in m.upstreams})
         log(NOTICE, "ready pid=%d version=%s listeners=%d relay=%s max-connections=%d"
             % (os.getpid(), __version__, len(self.acceptor.listeners), self.relay.mode,
@@ -2362,7 +2521,8 @@ def stats_line(mappings, sessions, upstreams=()):
     for m in mappings:
         row = (m.active, m.sessions, m.failed, m.up + live[m][0], m.down + live[m][1])
         totals = [a + b for a, b in zip(totals, row)]
-        parts.append("%s active=%d sessions=%d failed=%d up=%d down=%d" % ((m.label,) + row))
+        parts.append("%s active=%d sessions=%d failed=%d up=%d down=%d" % ((m.label,) + row)
+                     + "".join(" refused-%s=%d" % item for item in sorted(m.refused.items())))
     for upstream in upstreams:
         parts.append("upstream %s attempts=%d failed=%d skipped=%d%s" % (
             upstream.label, upstream.attempts, sum(upstream.failures.values()),
@@ -2458,8 +2618,11 @@ class Metrics:
                "by reason.", [(labels(upstream=u.label, reason=reason), count)
                               for u in upstreams for reason, count in sorted(u.failures.items())])
         family("refusals_total", "counter", "Clients closed unserved, by reason (no-upstream: "
-               "every upstream failed).",
-               [(labels(listen=m.label, reason="no-upstream"), m.failed) for m in mappings])
+               "every upstream failed; per-client, per-client-rate: a limit; denied: the lists).",
+               [(labels(listen=m.label, reason=reason), count) for m in mappings
+                for reason, count in sorted(dict(m.refused, **{"no-upstream": m.failed}).items())])
+        family("clients_tracked", "gauge", "Clients (IPv4 addresses, IPv6 /64s) in the "
+               "per-client table.", [("", len(server.clients.entries))])
         family("resolver_failures_total", "counter", "Upstream name lookups that failed.",
                [(labels(host=host), count)
                 for host, count in sorted(server.resolver.failures.items())])
