@@ -960,7 +960,8 @@ class Clients:
     new one is let in untracked (the global cap still holds) rather than refused.
     """
 
-    __slots__ = ("per_client", "rate", "exempt", "deny", "allow", "entries", "full_warned")
+    __slots__ = ("per_client", "rate", "exempt", "deny", "allow", "entries", "full_warned",
+                 "swept_at")
 
     def __init__(self, options):
         self.per_client = options.per_client
@@ -970,6 +971,7 @@ class Clients:
             self.exempt = [network("127.0.0.0/8"), network("::1")]
         self.entries = {}
         self.full_warned = -WARN_INTERVAL
+        self.swept_at = 0.0
 
     @staticmethod
     def key(ip):
@@ -995,8 +997,8 @@ class Clients:
         key = self.key(ip)
         entry = self.entries.get(key)
         if entry is None:
-            if len(self.entries) >= CLIENTS_MAX:
-                self.sweep(now)
+            if len(self.entries) >= CLIENTS_MAX and now - self.swept_at >= 1.0:
+                self.sweep(now)         # at most once a second: it is O(clients)
             if len(self.entries) >= CLIENTS_MAX:
                 verdict = self.verdict(ip)
                 if now - self.full_warned >= WARN_INTERVAL:
@@ -1021,6 +1023,7 @@ class Clients:
 
     def sweep(self, now):
         """Drop the clients with nothing open whose minute is over."""
+        self.swept_at = now
         old = now - CLIENT_WINDOW
         for key in [key for key, entry in self.entries.items() if not entry[0] and entry[1] < old]:
             del self.entries[key]

@@ -6060,3 +6060,180 @@ def test_interop_check_dovecot_expecting_a_header_that_is_off(dovecot_trusting):
     doctor.finding("FAIL", "imap", "127.0.0.1:%d closed the connection without a greeting"
                    % ports["imap"], "expects a PROXY header")
     log_since(peer, start, r"imap-login: Error: haproxy: Client timed out \(rip=127\.0\.0\.1\)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-client limits, allow and deny (issue 13)
+# ----------------------------------------------------------------------------------------------
+
+def connect_from(source, port, timeout=WAIT):
+    """A client socket bound to `source` (another 127.0.0.x is another client)."""
+    c = socket.socket()
+    c.settimeout(timeout)
+    c.bind((source, 0))
+    c.connect(("127.0.0.1", port))
+    return c
+
+
+def limited_edge(*options, protocol="smtp"):
+    """(edge, port, upstream): an SMTP mapping to an echo upstream, with `options`; loopback
+    is not exempt (--exempt names a network no test client is in)."""
+    up = Upstream(echo)
+    proxy, port = Edge.on_free_port(lambda port: [
+        "--proxy-protocol", "off", "--exempt", "192.0.2.0/24"] + list(options) + [
+        "127.0.0.1:%d/%s=%s" % (port, protocol, up.address)])
+    return proxy, port, up
+
+
+def test_limit_per_client_refuses_the_next_one_and_lets_others_in():
+    proxy, port, up = limited_edge("--per-client", "3")
+    with up, proxy:
+        held = [connect_from("127.0.0.2", port) for _ in range(3)]
+        for c in held:
+            c.sendall(b"x")
+            assert recv_exactly(c, 1) == b"x"
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            smtplib.SMTP("127.0.0.1", port, timeout=WAIT, source_address=("127.0.0.2", 0))
+        assert refused.value.smtp_code == 421
+        assert refused.value.smtp_error == b"4.7.0 Too many connections from your address"
+        other = connect_from("127.0.0.3", port)         # another client is not held back
+        other.sendall(b"y")
+        assert recv_exactly(other, 1) == b"y"
+        other.close()
+        line = proxy.wait_for(r"refused client=127\.0\.0\.2:")
+        assert "reason=per-client" in line, line
+        held.pop().close()                              # one ends: room for one again
+        proxy.wait_for(r"session client=127\.0\.0\.2:")
+        again = connect_from("127.0.0.2", port)
+        again.sendall(b"z")
+        assert recv_exactly(again, 1) == b"z"
+        for c in held + [again]:
+            c.close()
+        stats = edge_stats(proxy)
+        assert "refused-per-client=1" in stats, stats
+
+
+def test_limit_per_client_rate_counts_new_connections_a_minute():
+    proxy, port, up = limited_edge("--per-client-rate", "5", protocol="imap")
+    with up, proxy:
+        for _ in range(5):
+            with connect_from("127.0.0.4", port) as c:
+                c.sendall(b"x")
+                assert recv_exactly(c, 1) == b"x"
+        with connect_from("127.0.0.4", port) as c:          # the sixth this minute
+            assert recv_all(c) == b"* BYE [UNAVAILABLE] Too many connections from your address\r\n"
+        with connect_from("127.0.0.6", port) as c:          # another client: its own minute
+            c.sendall(b"y")
+            assert recv_exactly(c, 1) == b"y"
+        assert "reason=per-client-rate" in proxy.wait_for(r"refused client=127\.0\.0\.4:")
+
+
+def test_limit_exempt_clients_are_never_limited():
+    up = Upstream(echo)
+    proxy, port = Edge.on_free_port(lambda port: [
+        "--proxy-protocol", "off", "--per-client", "2", "--exempt", "127.0.0.7",
+        "127.0.0.1:%d/smtp=%s" % (port, up.address)])
+    with up, proxy:
+        held = [connect_from("127.0.0.7", port) for _ in range(6)]
+        for c in held:
+            c.sendall(b"e")
+            assert recv_exactly(c, 1) == b"e"
+        for c in held:
+            c.close()
+        assert "refused client=" not in proxy.output()
+
+
+def test_limit_loopback_is_exempt_by_default():
+    up = Upstream(echo)
+    proxy, port = Edge.on_free_port(lambda port: [
+        "--proxy-protocol", "off", "--per-client", "1",
+        "127.0.0.1:%d/smtp=%s" % (port, up.address)])
+    with up, proxy:
+        held = [connect_from("127.0.0.8", port) for _ in range(3)]
+        for c in held:
+            c.sendall(b"l")
+            assert recv_exactly(c, 1) == b"l"
+            c.close()
+
+
+def test_deny_and_allow_refuse_at_accept_without_a_word():
+    proxy, port, up = limited_edge("--deny", "127.0.0.9", "--allow", "127.0.0.0/29")
+    with up, proxy:
+        for source in ("127.0.0.9", "127.0.0.9", "127.0.0.10"):   # denied; outside the allow
+            with connect_from(source, port) as c:
+                assert recv_all(c) == b""
+        with connect_from("127.0.0.2", port) as c:
+            c.sendall(b"a")
+            assert recv_exactly(c, 1) == b"a"
+        stats = edge_stats(proxy)
+        assert "refused-denied=3" in stats, stats
+        # logged once per client a minute: 127.0.0.9 once, 127.0.0.10 once
+        assert len(re.findall(r"refused client=127\.0\.0\.9:", proxy.output())) == 1
+        assert len(re.findall(r"refused client=127\.0\.0\.10:", proxy.output())) == 1
+        assert len(up.conns) == 1               # the refused never reached the upstream
+
+
+def test_limit_ipv6_clients_are_grouped_by_64():
+    class Options:
+        per_client, per_client_rate = 2, 0
+        exempt, deny, allow = [], [], []
+    clients = edge.Clients(Options)
+    assert clients.admit("2001:db8:1:2::1", 0.0)[1] is None
+    assert clients.admit("2001:db8:1:2:ffff::9", 0.0)[1] is None
+    assert clients.admit("2001:db8:1:2:abcd::7", 0.0)[1] == "per-client"   # same /64
+    assert clients.admit("2001:db8:1:3::1", 0.0)[1] is None                 # next /64
+    assert clients.admit("::ffff:192.0.2.1", 0.0)[0] is clients.entries["192.0.2.1"]
+
+
+def test_abuse_client_table_stays_bounded_under_address_cycling():
+    import tracemalloc
+
+    class Options:
+        per_client, per_client_rate = 50, 300
+        exempt, deny, allow = [], [], []
+    clients = edge.Clients(Options)
+    tracemalloc.start()
+    now = 0.0
+    for i in range(3 * edge.CLIENTS_MAX):       # an attacker cycling through /64s
+        entry, refusal = clients.admit("2001:db8:%x:%x::1" % (i >> 16, i & 0xffff), now)
+        if entry is not None:
+            entry[0] -= 1                      # the session ends at once
+        now += 0.001
+    size, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(clients.entries) <= edge.CLIENTS_MAX
+    print("clients tracked: %d, peak memory %.1f MiB" % (len(clients.entries), peak / 2**20))
+    assert peak < 40 * 2**20, peak
+
+
+def test_limit_a_flood_from_one_address_never_stops_another():
+    proxy, port, up = limited_edge("--per-client", "10")
+    with up, proxy:
+        stop = threading.Event()
+        refused = [0]
+
+        def flood():
+            while not stop.is_set() and refused[0] < 3000:
+                try:
+                    with connect_from("127.0.0.11", port, timeout=5) as c:
+                        if c.recv(100).startswith(b"421"):
+                            refused[0] += 1
+                except OSError:
+                    pass
+        hold = [connect_from("127.0.0.11", port) for _ in range(10)]
+        flooders = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
+        for t in flooders:
+            t.start()
+        try:
+            for i in range(50):                # the other client, throughout the flood
+                with connect_from("127.0.0.12", port) as c:
+                    c.sendall(b"%d" % i)
+                    assert recv_exactly(c, len(b"%d" % i)) == b"%d" % i
+        finally:
+            stop.set()
+            for t in flooders:
+                t.join(WAIT)
+            for c in hold:
+                c.close()
+        assert refused[0] > 0
+        assert proxy.proc.poll() is None
