@@ -120,6 +120,104 @@ def loadavg():
 
 
 # ----------------------------------------------------------------------------------------------
+# --flood: what a refused client costs, and whether others are still served (issue 13)
+# ----------------------------------------------------------------------------------------------
+
+def flood(args, n):
+    """One address opens `n` connections past its per-client limit while another address is
+    served. Figures: relay CPU per refused connection, per relayed one (connect, greeting,
+    close), and the other client's time from connect to the greeting, with and without."""
+    import threading
+    greeter = socket.socket()
+    greeter.bind(("127.0.0.1", 0))
+    greeter.listen(1024)
+
+    def greet():
+        while True:
+            try:
+                conn, _ = greeter.accept()
+            except OSError:
+                return
+            try:
+                conn.sendall(b"220 bench.invalid ESMTP\r\n")
+            except OSError:
+                pass
+            conn.close()
+    threading.Thread(target=greet, daemon=True).start()
+    port = free_port()
+    relay = subprocess.Popen([args.python, args.script, "-q", "--proxy-protocol", "off",
+                              "--per-client", "10", "--per-client-rate", "0",
+                              "--exempt", "192.0.2.0/24",
+                              "127.0.0.1:%d/smtp=127.0.0.1:%d" % (port, greeter.getsockname()[1])],
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: listening(port), 10, proc=relay, what="the relay")
+
+        def one(source):
+            c = socket.socket()
+            c.settimeout(10)
+            c.bind((source, 0))
+            started = time.monotonic()
+            c.connect(("127.0.0.1", port))
+            first = c.recv(100)
+            took = time.monotonic() - started
+            c.close()
+            return first, took
+
+        def cpu_per(source, count, expect):
+            before = cpu_seconds([relay.pid])
+            for _ in range(count):
+                first, _ = one(source)
+                assert first.startswith(expect), first
+            return (cpu_seconds([relay.pid]) - before) / count * 1e6
+
+        relayed = cpu_per("127.0.0.12", n, b"220 ")
+        held = [socket.socket() for _ in range(10)]
+        for c in held:
+            c.bind(("127.0.0.11", 0))
+            c.connect(("127.0.0.1", port))
+        time.sleep(0.2)
+        refused = cpu_per("127.0.0.11", n, b"421 4.7.0")
+        quiet = [one("127.0.0.12")[1] for _ in range(500)]
+        stop = threading.Event()
+        flooded = [0]
+
+        def flooder():
+            while not stop.is_set():
+                try:
+                    if one("127.0.0.11")[0].startswith(b"421"):
+                        flooded[0] += 1
+                except OSError:
+                    pass
+        threads = [threading.Thread(target=flooder, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        while flooded[0] < 200:
+            time.sleep(0.01)
+        during = [one("127.0.0.12")[1] for _ in range(500)]
+        stop.set()
+        for t in threads:
+            t.join(10)
+
+        def pct(xs, q):
+            xs = sorted(xs)
+            return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3
+        print("flood: %d connections each way; relay CPU: %.0f us per refused connection, %.0f "
+              "us per relayed one (connect, greeting, close)" % (n, refused, relayed))
+        print("another client's time to its greeting: quiet p50 %.2f ms p99 %.2f ms; during a "
+              "flood of %d refused connections p50 %.2f ms p99 %.2f ms" % (
+                  pct(quiet, .5), pct(quiet, .99), flooded[0], pct(during, .5),
+                  pct(during, .99)))
+        for c in held:
+            c.close()
+        return 0
+    finally:
+        relay.terminate()
+        relay.wait(30)
+        greeter.close()
+
+
+# ----------------------------------------------------------------------------------------------
 # /proc: process trees, CPU, memory
 # ----------------------------------------------------------------------------------------------
 
@@ -1305,6 +1403,11 @@ def parse_args(argv):
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--wrk-conns", type=int, default=16)
     p.add_argument("--json", default="bench-results.json", help="raw figures (default: %(default)s)")
+    p.add_argument("--flood", type=int, metavar="N",
+                   help="instead of the table: N connections from one address over its "
+                   "per-client limit; prints the relay's CPU per refused and per relayed "
+                   "connection, and another client's time to its greeting with and without "
+                   "the flood (p50/p99)")
     p.add_argument("--_role", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.reps is None:
@@ -1324,6 +1427,8 @@ def main(argv=None):
         if args._role[0] == "client":
             return role_client(int(args._role[1]), int(args._role[2]))
         parser.error("unknown role")
+    if args.flood:
+        return flood(args, args.flood)
     scenarios = list(SCENARIOS)
     if args.only:
         scenarios = []
