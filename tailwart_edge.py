@@ -241,7 +241,10 @@ def build_parser():
 
 def metrics_address(text):
     """--metrics ADDR:PORT -> (ip, port); the address is an IP: no lookup at start."""
-    host, port, _ = split_address(text, "--metrics address", text)
+    try:
+        host, port, _ = split_address(text, "--metrics address", text)
+    except ConfigError as e:
+        raise ConfigError("--metrics: %s" % e)
     if not host or not (is_ip(host, socket.AF_INET) or is_ip(host, socket.AF_INET6)):
         raise argparse.ArgumentTypeError("%r is not IP:PORT; write e.g. 127.0.0.1:9425 or "
                                          "[::1]:9425" % text)
@@ -2848,8 +2851,8 @@ class Reload:
         self.child = None
         if took_over:
             write_reload_status("ok pid=%s" % rest)
-            log(NOTICE, "reload: pid=%s took over; draining %d sessions (up to %gs)"
-                % (rest, len(server.sessions), server.reload_drain))
+            log(NOTICE, "reload: pid=%s took over; draining %s (up to %gs)"
+                % (rest, plural(len(server.sessions), "session"), server.reload_drain))
             return server.begin_drain(server.reload_drain, handed_over=True)
         write_reload_status("failed %s" % rest)
         log(WARNING, "reload failed: %s" % rest)
@@ -3016,8 +3019,8 @@ class Notifier:
     def status(self):
         """The one-line STATUS= for systemctl status."""
         server = self.server
-        return "%d active, %d sessions; listening on %s" % (
-            len(server.sessions), sum(m.sessions for m in server.mappings),
+        return "%d active, %s; listening on %s" % (
+            len(server.sessions), plural(sum(m.sessions for m in server.mappings), "session"),
             " ".join(m.label for m in server.mappings))
 
     def ready(self):
@@ -3045,7 +3048,8 @@ class Notifier:
 
     def stopping(self):
         """The drain began."""
-        self.send("STOPPING=1", "STATUS=draining %d sessions" % len(self.server.sessions))
+        self.send("STOPPING=1", "STATUS=draining %s" % plural(len(self.server.sessions),
+                                                              "session"))
 
     def hand_over(self, pid):
         """A reload's new process is ready: make it the service's main process (MAINPID=,

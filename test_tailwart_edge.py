@@ -13,6 +13,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import http.client
 import imaplib
 import inspect
 import os
@@ -21,6 +22,7 @@ import poplib
 import random
 import re
 import resource
+import select
 import shutil
 import signal
 import smtplib
@@ -31,6 +33,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -2179,7 +2183,7 @@ def test_systemd_nspawn_reload_keeps_sessions_and_refuses_no_client(booted):
         fresh.relays_both_ways(imap, 3)
         assert holders_in(container, [first, second], port, fresh.port) == {second}
         log = container.wait_journal("tailwart-edge", r"took over")
-        assert re.search(r"^reload: pid=%d took over; draining \d+ sessions" % second, log,
+        assert re.search(r"^reload: pid=%d took over; draining \d+ sessions?" % second, log,
                          re.M), log
         assert re.search(r"^ready pid=%d version=\S+ " % second, log, re.M), log
 
@@ -4135,7 +4139,7 @@ def test_systemd_socket_activation_extra_socket_is_a_start_error_naming_it():
 # ----------------------------------------------------------------------------------------------
 
 PR_SET_CHILD_SUBREAPER = 36
-TOOK_OVER = r"reload: pid=(\d+) took over; draining (\d+) sessions \(up to ([\d.]+)s\)"
+TOOK_OVER = r"reload: pid=(\d+) took over; draining (\d+) sessions? \(up to ([\d.]+)s\)"
 
 
 def process_state(pid):
@@ -6237,3 +6241,819 @@ def test_limit_a_flood_from_one_address_never_stops_another():
                 c.close()
         assert refused[0] > 0
         assert proxy.proc.poll() is None
+
+
+@pytest.mark.skipif(not has_ipv6(), reason="no IPv6 on loopback")
+def test_limit_per_client_over_ipv6():
+    up = Upstream(echo)
+    proxy, port = Edge.on_free_port(lambda port: [
+        "--proxy-protocol", "off", "--per-client", "1", "--exempt", "192.0.2.0/24",
+        "[::1]:%d/pop3=%s" % (port, up.address)], host="::1")
+    with up, proxy:
+        first = socket.create_connection(("::1", port), timeout=WAIT)
+        first.sendall(b"6")
+        assert recv_exactly(first, 1) == b"6"
+        with pytest.raises(poplib.error_proto) as refused:
+            poplib.POP3("::1", port, timeout=WAIT)
+        assert b"Too many connections from your address" in refused.value.args[0]
+        first.close()
+        assert "reason=per-client" in proxy.wait_for(r"refused client=\[::1\]:")
+
+
+# ----------------------------------------------------------------------------------------------
+# Visible failures and --metrics (issue 12)
+# ----------------------------------------------------------------------------------------------
+
+# -- a strict parser of the Prometheus text exposition format 0.0.4 -----------------------------
+# https://prometheus.io/docs/instrumenting/exposition_formats/ ("Text format details"), read
+# strictly: every family declares # HELP and # TYPE once each, both before its first sample;
+# a family's samples form one group; a sample's name must be its family's (plus _sum/_count/
+# _bucket for summaries and histograms); no series twice; the text ends with a line feed.
+
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+LABEL_VALUE = re.compile(r'"((?:[^"\\\n]|\\[\\"n])*)"')     # escapes: \\ \" \n, nothing else
+FLOAT = re.compile(r"(?:[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]Inf|NaN)\Z")
+HELP_LINE = re.compile(r"# HELP (%s)(?:[ \t]+((?:[^\\\n]|\\[\\n])*))?\Z" % METRIC_NAME.pattern)
+TYPE_LINE = re.compile(r"# TYPE (%s)[ \t]+(counter|gauge|histogram|summary|untyped)[ \t]*\Z"
+                       % METRIC_NAME.pattern)
+SAMPLE_SUFFIXES = {"counter": ("",), "gauge": ("",), "untyped": ("",),
+                   "summary": ("", "_sum", "_count"), "histogram": ("_bucket", "_sum", "_count")}
+
+
+class ExpositionError(ValueError):
+    """The text breaks the format (the message names the line)."""
+
+
+def unescape(text):
+    return re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), text)
+
+
+def series_key(name, labels):
+    return name, tuple(sorted(labels.items()))
+
+
+class Exposition:
+    """A parsed exposition: `families` (name -> {"help", "type", "samples"}) and `series`
+    ((name, sorted label items) -> value)."""
+
+    def __init__(self, text):
+        if not text.endswith("\n"):
+            raise ExpositionError("the text does not end with a line feed")
+        self.families, self.series = {}, {}
+        current = None
+        for number, line in enumerate(text[:-1].split("\n"), 1):
+            try:
+                current = self.parse_line(line, current)
+            except ExpositionError as e:
+                raise ExpositionError("line %d: %s: %r" % (number, e, line)) from None
+        if current is not None:
+            self.check_declared(current)
+
+    def check_declared(self, name):
+        family = self.families[name]
+        for kind in ("help", "type"):
+            if family[kind] is None:
+                raise ExpositionError("family %s has no # %s" % (name, kind.upper()))
+
+    def parse_line(self, line, current):
+        """Takes one line; returns the family now current."""
+        if line == "":
+            return current                              # the format ignores empty lines
+        if line.startswith("#"):
+            declaration = re.match(r"#[ \t]*(HELP|TYPE)\b", line)
+            if not declaration:
+                return current                          # a comment
+            match = (HELP_LINE if declaration.group(1) == "HELP" else TYPE_LINE).match(line)
+            if not match:
+                raise ExpositionError("malformed # %s" % declaration.group(1))
+            return self.declare(match.group(1), declaration.group(1).lower(),
+                                unescape(match.group(2) or ""), current)
+        name, labels, value = self.parse_sample(line)
+        if current is None or None in (self.families[current]["help"],
+                                       self.families[current]["type"]):
+            raise ExpositionError("sample %s before its family's # HELP and # TYPE" % name)
+        family = self.families[current]
+        if name not in [current + suffix for suffix in SAMPLE_SUFFIXES[family["type"]]]:
+            raise ExpositionError("sample %s is not of family %s (%s)"
+                                  % (name, current, family["type"]))
+        key = series_key(name, labels)
+        if key in self.series:
+            raise ExpositionError("series %s%r given twice" % (name, labels))
+        self.series[key] = family["samples"][key] = value
+        return current
+
+    def declare(self, name, kind, value, current):
+        if name != current:
+            if name in self.families:
+                raise ExpositionError("family %s declared again after another family" % name)
+            if current is not None:
+                self.check_declared(current)
+            self.families[name] = {"help": None, "type": None, "samples": {}}
+        family = self.families[name]
+        if family[kind] is not None:
+            raise ExpositionError("a second # %s for %s" % (kind.upper(), name))
+        if family["samples"]:
+            raise ExpositionError("# %s for %s after its samples" % (kind.upper(), name))
+        family[kind] = value
+        return name
+
+    @staticmethod
+    def parse_sample(line):
+        """(name, {label: value}, float) of a sample line."""
+        match = METRIC_NAME.match(line)
+        if not match:
+            raise ExpositionError("no metric name")
+        name, at, labels = match.group(), match.end(), {}
+        if line[at:at + 1] == "{":
+            at += 1
+            while line[at:at + 1] != "}":
+                label = LABEL_NAME.match(line, at)
+                if not label or line[label.end():label.end() + 1] != "=":
+                    raise ExpositionError("malformed label at column %d" % (at + 1))
+                if label.group().startswith("__"):
+                    raise ExpositionError("label name %s is reserved" % label.group())
+                value = LABEL_VALUE.match(line, label.end() + 1)
+                if not value:
+                    raise ExpositionError("malformed label value at column %d" % (label.end() + 2))
+                if label.group() in labels:
+                    raise ExpositionError("label %s given twice" % label.group())
+                labels[label.group()] = unescape(value.group(1))
+                at = value.end()
+                if line[at:at + 1] == ",":
+                    at += 1
+                elif line[at:at + 1] != "}":
+                    raise ExpositionError("',' or '}' expected at column %d" % (at + 1))
+            at += 1
+        fields = line[at:].split()
+        if not re.match(r"[ \t]", line[at:at + 1]) or len(fields) not in (1, 2):
+            raise ExpositionError("a value (and an optional timestamp) expected after %s" % name)
+        if not FLOAT.match(fields[0]):
+            raise ExpositionError("value %r is not a float" % fields[0])
+        if len(fields) == 2 and not re.match(r"-?[0-9]+\Z", fields[1]):
+            raise ExpositionError("timestamp %r is not an integer" % fields[1])
+        return name, labels, float(fields[0])
+
+    def value(self, name, **labels):
+        """One series' value, or None when it is absent."""
+        return self.series.get(series_key(name, labels))
+
+    def samples(self, name):
+        """[(labels, value)] of every series named `name`."""
+        return [(dict(items), value) for (each, items), value in self.series.items()
+                if each == name]
+
+
+GOOD_EXPOSITION = (
+    '# A comment line\n'
+    '# HELP demo_requests_total Requests, with a \\\\ and a\\nsecond line.\n'
+    '# TYPE demo_requests_total counter\n'
+    'demo_requests_total{path="/a \\"b\\" \\\\ \\n",code="200"} 1027 1395066363000\n'
+    'demo_requests_total{code="200",path="/c",} 3\n'
+    '\n'
+    '# TYPE demo_temperature gauge\n'
+    '# HELP demo_temperature\n'
+    'demo_temperature +Inf\n'
+    '# HELP demo_other Others.\n'
+    '# TYPE demo_other gauge\n'
+    'demo_other{a="1"} -Inf\n'
+    'demo_other{a="2"} NaN\n'
+    'demo_other{a="3"} -1.5e-3\n'
+    '# HELP demo_rpc_seconds A summary.\n'
+    '# TYPE demo_rpc_seconds summary\n'
+    'demo_rpc_seconds{quantile="0.5"} 4773\n'
+    'demo_rpc_seconds_sum 1.7560473e+07\n'
+    'demo_rpc_seconds_count 2693\n'
+    '# HELP demo_empty A family with no samples yet.\n'
+    '# TYPE demo_empty counter\n')
+
+
+def test_metrics_parser_accepts_the_format_with_escapes_and_special_values():
+    parsed = Exposition(GOOD_EXPOSITION)
+    assert parsed.families["demo_requests_total"]["help"] == \
+        "Requests, with a \\ and a\nsecond line."
+    assert parsed.value("demo_requests_total", path='/a "b" \\ \n', code="200") == 1027
+    assert parsed.value("demo_requests_total", path="/c", code="200") == 3
+    assert parsed.value("demo_temperature") == float("inf")
+    assert parsed.value("demo_other", a="1") == float("-inf")
+    assert parsed.value("demo_other", a="2") != parsed.value("demo_other", a="2")     # NaN
+    assert parsed.value("demo_rpc_seconds_count") == 2693
+    assert parsed.families["demo_empty"] == {"help": "A family with no samples yet.",
+                                             "type": "counter", "samples": {}}
+
+
+def declared(name, kind="counter"):
+    return "# HELP %s h\n# TYPE %s %s\n" % (name, name, kind)
+
+
+BAD_EXPOSITIONS = [
+    # text, what the error must say
+    (declared("a") + "a 1", r"does not end with a line feed"),
+    ("a 1\n", r"sample a before its family's # HELP and # TYPE"),
+    ("# TYPE a counter\na 1\n", r"before its family's # HELP"),
+    ("# HELP a h\na 1\n", r"before its family's # HELP and # TYPE"),
+    (declared("a") + "# HELP a again\na 1\n", r"a second # HELP for a"),
+    (declared("a") + "# TYPE a gauge\n", r"a second # TYPE for a"),
+    (declared("a") + "a 1\n# HELP a late\n", r"a second # HELP"),
+    (declared("a") + "b 1\n", r"sample b is not of family a"),
+    (declared("a") + "a_sum 1\n", r"sample a_sum is not of family a \(counter\)"),
+    (declared("a") + declared("b") + "a 1\n", r"sample a is not of family b"),
+    (declared("a") + "a 1\n" + declared("b") + declared("a"), r"a declared again"),
+    ("# HELP a h\n# HELP b h\n# TYPE b gauge\n", r"family a has no # TYPE"),
+    ("# HELP a h\n", r"family a has no # TYPE"),
+    (declared("a") + 'a{x="1",y="2"} 1\na{y="2",x="1"} 2\n', r"given twice"),
+    (declared("a") + "a 1\na 2\n", r"series a\{\} given twice"),
+    (declared("a") + 'a{x="1",x="2"} 1\n', r"label x given twice"),
+    (declared("a") + 'a{x="\\t"} 1\n', r"malformed label value"),
+    (declared("a") + 'a{x="1} 1\n', r"malformed label value"),
+    (declared("a") + 'a{x=1} 1\n', r"malformed label value"),
+    (declared("a") + 'a{1x="1"} 1\n', r"malformed label"),
+    (declared("a") + 'a{__x="1"} 1\n', r"label name __x is reserved"),
+    (declared("a") + 'a{x="1" y="2"} 1\n', r"',' or '}' expected"),
+    (declared("a") + 'a{x="1"}1\n', r"a value .* expected"),
+    (declared("a") + "a\n", r"a value .* expected"),
+    (declared("a") + "a 1 2 3\n", r"a value .* expected"),
+    (declared("a") + "a 1,5\n", r"value '1,5' is not a float"),
+    (declared("a") + "a Infinity\n", r"value 'Infinity' is not a float"),
+    (declared("a") + "a 1 1.5\n", r"timestamp '1.5' is not an integer"),
+    ("# HELP 1a h\n", r"malformed # HELP"),
+    ("# HELP a bad \\t escape\n", r"malformed # HELP"),
+    ("# TYPE a countr\n", r"malformed # TYPE"),
+    (declared("a-b"), r"malformed # HELP"),
+    ("-a 1\n", r"no metric name"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_EXPOSITIONS, ids=[t for t, _ in BAD_EXPOSITIONS])
+def test_metrics_parser_refuses(text, message):
+    with pytest.raises(ExpositionError) as raised:
+        Exposition(text)
+    assert re.search(message, str(raised.value)), str(raised.value)
+
+
+# -- the endpoint, read by real HTTP clients -----------------------------------------------------
+
+METRIC_FAMILIES = {
+    # every family the contract names, and its TYPE
+    "tailwart_edge_info": "gauge",
+    "tailwart_edge_start_time_seconds": "gauge",
+    "tailwart_edge_uptime_seconds": "gauge",
+    "tailwart_edge_sessions_total": "counter",
+    "tailwart_edge_sessions_active": "gauge",
+    "tailwart_edge_bytes_total": "counter",
+    "tailwart_edge_upstream_attempts_total": "counter",
+    "tailwart_edge_upstream_failures_total": "counter",
+    "tailwart_edge_refusals_total": "counter",
+    "tailwart_edge_resolver_failures_total": "counter",
+    "tailwart_edge_open_fds": "gauge",
+    "tailwart_edge_max_fds": "gauge",
+    "tailwart_edge_max_sessions": "gauge",
+    "tailwart_edge_log_dropped_lines_total": "counter",
+}
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CLOSE_BOUND = 30        # seconds a stuck scraper may keep its connection, at the very most
+
+
+def http_get(port, path="/metrics", host="127.0.0.1", timeout=5):
+    """(status, headers, body) of one GET by urllib, with no proxy from the environment."""
+    url = "http://%s:%d%s" % ("[%s]" % host if ":" in host else host, port, path)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers, e.read()
+
+
+def scrape(port, host="127.0.0.1"):
+    """The exposition at /metrics, parsed strictly (a 200 with the format's content type)."""
+    status, headers, body = http_get(port, host=host)
+    assert status == 200, (status, body)
+    assert headers["Content-Type"] == METRICS_TYPE
+    return Exposition(body.decode("utf-8"))
+
+
+def session_lines(proxy):
+    return sum(1 for line in list(proxy.lines) if line and "session client=" in line)
+
+
+def wait_sessions(proxy, count):
+    """Until `count` sessions have ended (their counters are final then)."""
+    eventually(lambda: session_lines(proxy) >= count)
+
+
+def fd_count(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def soft_fd_limit(pid):
+    with open("/proc/%d/limits" % pid) as f:
+        line = next(line for line in f if line.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+def counted(metrics, name):
+    """The series of `name` that counted something (a label set may be listed at 0 or not)."""
+    return [(labels, value) for labels, value in metrics.samples(name) if value != 0]
+
+
+def test_metrics_count_sessions_bytes_and_a_refused_upstream():
+    port, failing, mport, dead = free_port(), free_port(), free_port(), free_port()
+    started = time.time()
+    with Upstream(echo) as up, \
+            Edge("--proxy-protocol", "off", "--metrics", "127.0.0.1:%d" % mport,
+                 "127.0.0.1:%d=%s" % (port, up.address),
+                 "127.0.0.1:%d=127.0.0.1:%d" % (failing, dead)) as proxy:
+        payloads = [b"a", b"b" * 100, b"c" * 5000, bytes(range(256)) * 300]
+        for payload in payloads:
+            assert round_trip(port, payload) == payload
+        with connect(("127.0.0.1", failing)) as c:
+            assert recv_all(c) == b""                   # every upstream refused: closed
+        wait_sessions(proxy, 5)
+        metrics = scrape(mport)
+        cap = int(re.search(r"max-connections=(\d+)", proxy.wait_for(r"\bready\b")).group(1))
+        fds, limit = fd_count(proxy.pid), soft_fd_limit(proxy.pid)
+        scraped = time.time()
+    for name, kind in METRIC_FAMILIES.items():
+        assert metrics.families[name]["type"] == kind, name
+        assert metrics.families[name]["help"], name
+    listen, other, sent = "127.0.0.1:%d" % port, "127.0.0.1:%d" % failing, sum(map(len, payloads))
+    assert metrics.value("tailwart_edge_sessions_total", listen=listen) == 4
+    assert metrics.value("tailwart_edge_sessions_total", listen=other) == 1
+    assert metrics.value("tailwart_edge_sessions_active", listen=listen) in (0, None)
+    assert metrics.value("tailwart_edge_bytes_total", listen=listen, direction="up") == sent
+    assert metrics.value("tailwart_edge_bytes_total", listen=listen, direction="down") == sent
+    assert metrics.value("tailwart_edge_upstream_attempts_total", upstream=up.address) == 4
+    assert metrics.value("tailwart_edge_upstream_attempts_total",
+                         upstream="127.0.0.1:%d" % dead) == 1
+    assert counted(metrics, "tailwart_edge_upstream_failures_total") == [
+        ({"upstream": "127.0.0.1:%d" % dead, "reason": "refused"}, 1)]
+    assert counted(metrics, "tailwart_edge_refusals_total") == [
+        ({"listen": other, "reason": "no-upstream"}, 1)]
+    assert counted(metrics, "tailwart_edge_resolver_failures_total") == []
+    assert metrics.samples("tailwart_edge_info") == [({"version": edge.__version__}, 1)]
+    assert started - 1 <= metrics.value("tailwart_edge_start_time_seconds") <= scraped
+    assert 0 < metrics.value("tailwart_edge_uptime_seconds") <= scraped - started + 1
+    assert abs(metrics.value("tailwart_edge_open_fds") - fds) <= 3, fds
+    assert metrics.value("tailwart_edge_max_fds") == limit
+    assert metrics.value("tailwart_edge_max_sessions") == cap
+    assert metrics.value("tailwart_edge_log_dropped_lines_total") == 0
+    for (name, _), value in metrics.series.items():
+        if metrics.families.get(name, {}).get("type") == "counter":
+            assert value >= 0 and value == int(value), (name, value)
+
+
+def test_metrics_active_sessions_and_their_bytes_while_they_are_open():
+    port, mport = free_port(), free_port()
+    listen = "127.0.0.1:%d" % port
+    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "--metrics", "127.0.0.1:%d"
+                                    % mport, "%s=%s" % (listen, up.address)) as proxy:
+        with connect(("127.0.0.1", port)) as first, connect(("127.0.0.1", port)) as second:
+            for c, payload in ((first, b"12345"), (second, b"x" * 7000)):
+                c.sendall(payload)
+                assert recv_exactly(c, len(payload)) == payload
+            metrics = scrape(mport)
+            assert metrics.value("tailwart_edge_sessions_active", listen=listen) == 2
+            assert metrics.value("tailwart_edge_sessions_total", listen=listen) == 2
+            for direction in ("up", "down"):
+                assert metrics.value("tailwart_edge_bytes_total", listen=listen,
+                                     direction=direction) == 7005
+        wait_sessions(proxy, 2)
+        metrics = scrape(mport)
+        assert metrics.value("tailwart_edge_sessions_active", listen=listen) == 0
+        assert metrics.value("tailwart_edge_bytes_total", listen=listen, direction="up") == 7005
+
+
+def test_metrics_answer_is_http_1_0_with_type_and_length_then_closes():
+    mport = free_port()
+    with Edge("--metrics", "127.0.0.1:%d" % mport,
+              "127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())):
+        client = http.client.HTTPConnection("127.0.0.1", mport, timeout=5)
+        try:
+            client.request("GET", "/metrics")
+            response = client.getresponse()
+            body = response.read()
+        finally:
+            client.close()
+        assert (response.version, response.status, response.reason) == (10, 200, "OK")
+        assert response.getheader("Content-Type") == METRICS_TYPE
+        assert int(response.getheader("Content-Length")) == len(body)
+        Exposition(body.decode("utf-8"))
+        with connect(("127.0.0.1", mport), timeout=5) as raw:    # as Prometheus asks, raw
+            raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/plain;"
+                        b"version=0.0.4\r\nConnection: keep-alive\r\n\r\n")
+            answer = recv_all(raw)                  # to EOF: the edge closes after the answer
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0] == b"HTTP/1.0 200 OK"
+        assert b"\r\ncontent-length: %d" % len(body) in head.lower()
+        Exposition(body.decode("utf-8"))
+
+
+@pytest.mark.parametrize("path", ["/", "/metric", "/metrics/x", "/favicon.ico"])
+def test_metrics_another_path_is_404(path):
+    mport = free_port()
+    with Edge("--metrics", "127.0.0.1:%d" % mport,
+              "127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())):
+        status, _, _ = http_get(mport, path)
+        assert status == 404
+        assert scrape(mport).value("tailwart_edge_info", version=edge.__version__) == 1
+
+
+def test_metrics_read_by_curl():
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    mport = free_port()
+    with Edge("--metrics", "127.0.0.1:%d" % mport,
+              "127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())):
+        result = subprocess.run([curl, "-sS", "--noproxy", "*", "--max-time", "5", "-D", "-",
+                                 "http://127.0.0.1:%d/metrics" % mport], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    head, _, body = result.stdout.decode("utf-8").partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.0 200 OK\r\n"), head
+    assert "Content-Type: %s" % METRICS_TYPE in head.split("\r\n")
+    assert Exposition(body).value("tailwart_edge_info", version=edge.__version__) == 1
+
+
+def test_metrics_on_ipv6_loopback():
+    if not has_ipv6():
+        pytest.skip("no IPv6 loopback")
+    mport = free_port("::1")
+    with Edge("--metrics", "[::1]:%d" % mport,
+              "127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())):
+        assert scrape(mport, host="::1").value("tailwart_edge_info",
+                                                version=edge.__version__) == 1
+
+
+def test_metrics_on_a_wildcard_address_warns_at_start():
+    mport = free_port("0.0.0.0")
+    with Edge("--metrics", "0.0.0.0:%d" % mport,
+              "127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())) as proxy:
+        assert "0.0.0.0:%d" % mport in proxy.wait_for(r" warning .*metrics")
+        assert scrape(mport).value("tailwart_edge_info", version=edge.__version__) == 1
+
+
+@pytest.mark.parametrize("value", ["99999", "nohost:x", "127.0.0.1:99999", "127.0.0.1:x",
+                                   "127.0.0.1", "::1:9100", ""])
+def test_metrics_bad_address_exits_2_with_one_line(value):
+    code, out, err = run_script("--metrics", value,
+                                "127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port()))
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tailwart_edge.py: error: "), err
+    assert "--metrics" in lines[0] or "'%s'" % value in lines[0], err
+    assert "Traceback" not in err
+
+
+# -- scrapers that misbehave: each holds only its own connection, and not for long -------------
+
+def silent_scraper(port, result):
+    """Connects and sends nothing: how long until the edge closes."""
+    start = time.monotonic()
+    with connect(("127.0.0.1", port), timeout=CLOSE_BOUND) as s:
+        try:
+            while s.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            return
+    result["secs"] = time.monotonic() - start
+
+
+def trickling_scraper(port, result):
+    """Sends a request one byte a second, never ending it."""
+    start = time.monotonic()
+    request = b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * CLOSE_BOUND * 2
+    with connect(("127.0.0.1", port), timeout=CLOSE_BOUND) as s:
+        for byte in request:
+            if time.monotonic() - start > CLOSE_BOUND:
+                return
+            if select.select([s], [], [], 1.0)[0]:
+                try:
+                    if not s.recv(65536):
+                        break               # an answer (a 408 or so) is fine; EOF is the end
+                except ConnectionResetError:
+                    break
+                continue
+            try:
+                s.send(bytes([byte]))
+            except OSError:
+                break
+        else:
+            return
+    result["secs"] = time.monotonic() - start
+
+
+def huge_scraper(port, result):
+    """Sends a request header of up to 64 MiB."""
+    start = time.monotonic()
+    with connect(("127.0.0.1", port), timeout=2) as s:
+        try:
+            s.sendall(b"GET /metrics HTTP/1.0\r\nX-Big: ")
+            for _ in range(1024):
+                s.sendall(b"a" * 65536)
+                if time.monotonic() - start > CLOSE_BOUND:
+                    return
+        except socket.timeout:
+            pass                            # the edge reads no more: it must close, then
+        except OSError:
+            result["secs"] = time.monotonic() - start
+            return
+        s.settimeout(max(0.1, CLOSE_BOUND - (time.monotonic() - start)))
+        try:
+            while s.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            return
+    result["secs"] = time.monotonic() - start
+
+
+def test_metrics_stuck_scrapers_do_not_stop_relaying_and_are_closed_in_bounded_time():
+    port, mport = free_port(), free_port()
+    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "--metrics", "127.0.0.1:%d"
+                                    % mport, "127.0.0.1:%d=%s" % (port, up.address)) as proxy:
+        scrape(mport)
+        before = fd_count(proxy.pid)
+        results = {kind: {} for kind in ("silent", "trickling", "huge")}
+        threads = [threading.Thread(target=scraper, args=(mport, results[kind]), daemon=True)
+                   for kind, scraper in (("silent", silent_scraper),
+                                         ("trickling", trickling_scraper),
+                                         ("huge", huge_scraper))]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.5)                     # each has its connection and is stuck
+        for i in range(20):
+            assert round_trip(port, b"relayed %d" % i) == b"relayed %d" % i
+        assert scrape(mport).value("tailwart_edge_sessions_total",
+                                   listen="127.0.0.1:%d" % port) == 20
+        for thread in threads:
+            thread.join(CLOSE_BOUND + 5)
+        assert all("secs" in result for result in results.values()), \
+            "not closed within %d s: %r" % (CLOSE_BOUND, results)
+        assert round_trip(port, b"after") == b"after"
+        eventually(lambda: fd_count(proxy.pid) <= before)
+        assert proxy.proc.poll() is None
+
+
+def test_metrics_200_scrapes_and_20_aborted_ones_leave_no_descriptor_behind():
+    mport = free_port()
+    with Edge("--metrics", "127.0.0.1:%d" % mport,
+              "127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())) as proxy:
+        scrape(mport)
+        before = fd_count(proxy.pid)
+        for _ in range(200):
+            status, _, body = http_get(mport)
+            assert status == 200 and body.endswith(b"\n")
+        for i in range(20):                 # gone before the answer: mid-request or at once
+            with connect(("127.0.0.1", mport)) as s:
+                if i % 2:
+                    s.sendall(b"GET /met")
+        eventually(lambda: fd_count(proxy.pid) <= before)
+        assert scrape(mport).value("tailwart_edge_info", version=edge.__version__) == 1
+
+
+# -- failures you can see in the log, in stats and in STATUS= ------------------------------------
+
+def dead_upstream_counts(proxy, dead):
+    """(attempts, failed, skipped) of upstream 127.0.0.1:dead in a fresh stats line; skipped
+    is 0 where the edge does not skip a failed upstream for a while."""
+    mark = proxy.mark()
+    proxy.signal(signal.SIGUSR1)
+    line = proxy.wait_for(r"\bstats ", start=mark)
+    found = re.search(r"\| upstream 127\.0\.0\.1:%d attempts=(\d+) failed=(\d+)"
+                      r"(?: skipped=(\d+))?" % dead, line)
+    assert found, line
+    return int(found.group(1)), int(found.group(2)), int(found.group(3) or 0)
+
+
+def test_visible_refused_first_upstream_is_a_warning_once_per_10s_then_says_suppressed():
+    port, dead = free_port(), free_port()
+    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=127.0.0.1:%d,%s"
+                                    % (port, dead, up.address)) as proxy:
+        began = time.monotonic()            # the edge's 10 s begin after this
+        assert round_trip(port, b"first") == b"first"
+        warning = r"\bconnect upstream=127\.0\.0\.1:%d\b" % dead
+        line = proxy.wait_for(warning)
+        seen = time.monotonic()             # ... and before this
+        assert re.search(r' warning connect upstream=127\.0\.0\.1:%d( address=127\.0\.0\.1:%d)? '
+                         r'error="Connection refused" next=%s$'
+                         % (dead, dead, re.escape(up.address)), line), line
+        while time.monotonic() - began < 3.5:   # more failures (or probes, if it skips a
+            assert round_trip(port, b"more") == b"more"     # failed upstream for a while)
+            time.sleep(0.02)
+        attempts, failed, skipped = dead_upstream_counts(proxy, dead)
+        assert failed == attempts >= 2, (attempts, failed, skipped)
+        if time.monotonic() - began < 9.5:      # else too slow a machine to tell
+            assert len([l for l in list(proxy.lines) if l and re.search(warning, l)]) == 1
+        time.sleep(max(0, seen + 10.5 - time.monotonic()))       # the 10 s are over
+        mark = proxy.mark()
+        assert round_trip(port, b"later") == b"later"
+        line = proxy.wait_for(warning, start=mark)
+        assert " warning " in line and line.endswith(" suppressed=%d" % (failed - 1)), line
+
+
+def test_visible_stats_count_attempts_and_failures_per_upstream():
+    port, dead = free_port(), free_port()
+    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=127.0.0.1:%d,%s"
+                                    % (port, dead, up.address)) as proxy:
+        for i in range(21):
+            assert round_trip(port, b"%d" % i) == b"%d" % i
+        wait_sessions(proxy, 21)
+        proxy.signal(signal.SIGUSR1)
+        line = proxy.wait_for(r"\bstats ")
+    assert re.search(r"stats active=0 sessions=21 failed=0 ", line), line
+    # Every session tried the dead upstream first and failed over; an edge that skips a failed
+    # upstream for a while counts the sessions that went past it as skipped.
+    found = re.search(r" \| upstream 127\.0\.0\.1:%d attempts=(\d+) failed=(\d+)"
+                      r"(?: skipped=(\d+))?(?: down)?"
+                      r" \| upstream %s attempts=21 failed=0(?: skipped=0)?$"
+                      % (dead, re.escape(up.address)), line)
+    assert found, line
+    attempts, failed, skipped = (int(n or 0) for n in found.groups())
+    assert attempts == failed and attempts + skipped == 21, line
+
+
+def test_visible_timed_out_first_upstream_is_a_warning_and_a_timeout_metric():
+    # A listener with a full backlog: Linux drops further SYNs, so connect() hangs.
+    with Upstream(None, backlog=0, accept=False) as full, Upstream(echo) as up:
+        fillers = []
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", full.port))
+            fillers.append(s)
+        time.sleep(0.2)
+        port, mport = free_port(), free_port()
+        try:
+            with Edge("--connect-timeout", "1", "--proxy-protocol", "off", "--metrics",
+                      "127.0.0.1:%d" % mport, "127.0.0.1:%d=%s,%s"
+                      % (port, full.address, up.address)) as proxy:
+                assert round_trip(port, b"second") == b"second"
+                line = proxy.wait_for(r"\bconnect upstream=%s\b" % full.address)
+                assert " warning " in line and line.endswith(" next=%s" % up.address), line
+                assert re.search(r'error="[^"]*tim', line, re.I), line
+                metrics = scrape(mport)
+                assert counted(metrics, "tailwart_edge_upstream_failures_total") == [
+                    ({"upstream": full.address, "reason": "timeout"}, 1)]
+        finally:
+            for s in fillers:
+                s.close()
+
+
+def test_visible_verbose_shows_accept_connect_and_session_start():
+    port = free_port()
+    with Upstream(echo) as up, Edge("-v", "--proxy-protocol", "off", "127.0.0.1:%d=%s"
+                                    % (port, up.address)) as proxy:
+        with connect(("127.0.0.1", port)) as c:
+            client = "127.0.0.1:%d" % c.getsockname()[1]
+            c.sendall(b"v")
+            assert recv_exactly(c, 1) == b"v"
+        wait_sessions(proxy, 1)
+        lines = list(proxy.lines)
+    found = []
+    for pattern in (r" debug accept client=%s listen=127\.0\.0\.1:%d\b" % (client, port),
+                    r" debug connect client=%s upstream=%s address=%s secs=[0-9.]+\b"
+                    % (client, up.address, up.address),
+                    r" debug session-start client=%s listen=127\.0\.0\.1:%d upstream=%s\b"
+                    % (client, port, up.address),
+                    r" session client=%s " % client):
+        found.append(next((i for i, line in enumerate(lines)
+                           if line and re.search(pattern, line)), None))
+        assert found[-1] is not None, "no line matching %r in\n%s" % (pattern, proxy.output())
+    assert found == sorted(found), proxy.output()         # in the order they happen
+
+
+def test_visible_verbose_shows_a_lookup_with_its_time():
+    port = free_port()
+    with Upstream(echo) as up, Edge("-v", "--dns-ttl", "0.2", "--proxy-protocol", "off",
+                                    "127.0.0.1:%d=localhost:%d" % (port, up.port)) as proxy:
+        time.sleep(0.5)                     # the answer from the start is stale now
+        assert round_trip(port, b"name") == b"name"
+        line = proxy.wait_for(r" debug resolve host=localhost addresses=\S*127\.0\.0\.1")
+        assert re.search(r" secs=[0-9.]+\b", line), line
+
+
+def status_messages(notify, pattern, timeout):
+    """Collect until a STATUS= matching `pattern` arrives; the matching message, or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = notify.next(deadline - time.monotonic())
+        if message and re.search(pattern, message.get("STATUS", "")):
+            return message
+    return None
+
+
+def test_visible_status_follows_a_session_start_and_end_without_a_watchdog(notify_socket):
+    port = free_port()
+    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=%s"
+                                    % (port, up.address),
+                                    env={"NOTIFY_SOCKET": notify_socket.path}) as proxy:
+        notify_socket.wait_for("READY")
+        assert re.search(r"\b0 active\b", notify_socket.messages[0]["STATUS"])
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(b"s")
+            assert recv_exactly(c, 1) == b"s"
+            started = status_messages(notify_socket, r"\b1 active\b", timeout=4)
+            assert started is not None, notify_socket.messages
+        ended = status_messages(notify_socket, r"\b0 active\b", timeout=4)
+        assert ended is not None, notify_socket.messages
+        assert not any("WATCHDOG" in m for m in notify_socket.messages), notify_socket.messages
+        assert proxy.stop() == 0
+
+
+def test_visible_status_comes_at_most_about_once_a_second(notify_socket):
+    port = free_port()
+    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=%s"
+                                    % (port, up.address),
+                                    env={"NOTIFY_SOCKET": notify_socket.path}) as proxy:
+        notify_socket.wait_for("READY")
+        start, sessions = time.monotonic(), 0
+        while time.monotonic() - start < 2:
+            assert round_trip(port, b"r") == b"r"
+            sessions += 1
+        last = status_messages(notify_socket, r"\b0 active, %d sessions\b" % sessions, 4)
+        spent = time.monotonic() - start
+        assert last is not None, notify_socket.messages[-5:]
+        statuses = sum("STATUS" in m for m in notify_socket.messages[1:])
+        assert 1 <= statuses <= spent + 3, (statuses, spent, sessions)
+        assert proxy.stop() == 0
+
+
+def test_visible_stopping_with_one_session_says_a_second_term_closes_it():
+    port = free_port()
+    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=%s"
+                                    % (port, up.address)) as proxy:
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(b"x")
+            assert recv_exactly(c, 1) == b"x"
+            proxy.signal(signal.SIGTERM)
+            line = proxy.wait_for(r"\bstopping active=")
+            # the contract writes "closes them now"; for one session the edge says "it"
+            assert line.endswith(" notice stopping active=1 drain=30s; "
+                                 "a second TERM/INT (Ctrl-C) closes it now"), line
+            mark = proxy.mark()
+            proxy.signal(signal.SIGTERM)
+            line = proxy.wait_for(r"\bsecond stop signal\b", start=mark)
+            assert re.search(r"\bclosing 1 session now$", line), line
+            c.settimeout(5)
+            assert recv_all(c) == b""
+        assert proxy.wait() == 0
+
+
+def test_visible_one_session_is_singular_in_status_and_log(notify_socket):
+    port = free_port()
+    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=%s"
+                                    % (port, up.address),
+                                    env={"NOTIFY_SOCKET": notify_socket.path}) as proxy:
+        notify_socket.wait_for("READY")
+        assert round_trip(port, b"one") == b"one"           # 1 session in all, none open
+        assert status_messages(notify_socket, r"\b0 active\b", timeout=4) is not None
+        with connect(("127.0.0.1", port)) as c:             # 1 open as the drain begins
+            c.sendall(b"x")
+            assert recv_exactly(c, 1) == b"x"
+            assert status_messages(notify_socket, r"\b1 active\b", timeout=4) is not None
+            proxy.signal(signal.SIGUSR1)
+            proxy.wait_for(r"\bstats ")
+            proxy.signal(signal.SIGTERM)
+            proxy.wait_for(r"\bstopping active=1 ")
+            notify_socket.wait_for("STOPPING", timeout=5)
+            c.shutdown(socket.SHUT_WR)
+            assert recv_all(c) == b""
+        assert proxy.wait() == 0
+        while notify_socket.next(timeout=0.5) is not None:
+            pass
+    said = proxy.output().splitlines() + [m["STATUS"] for m in notify_socket.messages
+                                          if "STATUS" in m]
+    plural_one = re.compile(r"(?<![\w=.])1 (sessions|mappings|listeners|upstreams)\b(?!=)")
+    assert not [text for text in said if plural_one.search(text)], said
+
+
+def test_visible_stopping_with_two_sessions_says_a_second_term_closes_them():
+    port = free_port()
+    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=%s"
+                                    % (port, up.address)) as proxy:
+        with connect(("127.0.0.1", port)) as first, connect(("127.0.0.1", port)) as second:
+            for c in (first, second):
+                c.sendall(b"x")
+                assert recv_exactly(c, 1) == b"x"
+            proxy.signal(signal.SIGTERM)
+            line = proxy.wait_for(r"\bstopping active=")
+            assert line.endswith(" notice stopping active=2 drain=30s; "
+                                 "a second TERM/INT (Ctrl-C) closes them now"), line
+            mark = proxy.mark()
+            proxy.signal(signal.SIGTERM)
+            line = proxy.wait_for(r"\bsecond stop signal\b", start=mark)
+            assert re.search(r"\bclosing 2 sessions now$", line), line
+        assert proxy.wait() == 0
+
+
+def test_visible_stopping_without_sessions_adds_no_hint():
+    with Edge("127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())) as proxy:
+        assert proxy.stop() == 0
+        assert proxy.wait_for(r"\bstopping active=").endswith(" stopping active=0 drain=30s")
