@@ -3357,13 +3357,7 @@ def talk(sock, address, source, protocol, kind, timeout, lines):
     reader = LineReader(sock, timeout)
     greeting = []
     try:
-        while True:
-            line = reader.readline()
-            if line is None:
-                break
-            greeting.append(line)
-            if complete(line):
-                break
+        reader.read_until(complete, greeting)
     except socket.timeout:
         greeting = None
     except OSError as e:
@@ -3393,13 +3387,7 @@ def talk(sock, address, source, protocol, kind, timeout, lines):
     answers = []
     try:
         sock.sendall(goodbye.encode("ascii") + b"\r\n")
-        while True:
-            line = reader.readline()
-            if line is None:
-                break
-            answers.append(line)
-            if answered(line):
-                break
+        reader.read_until(answered, answers)
     except (socket.timeout, OSError):
         pass
     errors = [line for line in answers if error(line)]
@@ -3537,6 +3525,7 @@ class LineReader:
         self.data = b""
 
     def readline(self):
+        """The next line without its end, or None at the end of the stream."""
         self.sock.settimeout(self.timeout)
         while b"\n" not in self.data:
             if len(self.data) > 4096:
@@ -3549,6 +3538,17 @@ class LineReader:
             self.data += chunk
         line, _, self.data = self.data.partition(b"\n")
         return line.rstrip(b"\r").decode("utf-8", "replace")
+
+    def read_until(self, done, lines):
+        """Append lines to `lines` until one for which done(line) is true, or the end of
+        the stream (a timeout raises, leaving what came in `lines`)."""
+        while True:
+            line = self.readline()
+            if line is None:
+                return
+            lines.append(line)
+            if done(line):
+                return
 
 
 # ----------------------------------------------------------------------------------------------

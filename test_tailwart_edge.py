@@ -9,6 +9,7 @@ Postfix, HAProxy, nginx), systemd (`systemd`). Real-peer and systemd tests skip 
 software is missing, naming the package; TAILWART_REQUIRE_PEERS=1 (set by CI) makes that a failure.
 """
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -1217,16 +1218,32 @@ stream {
         peer.stop()
 
 
-@pytest.fixture(scope="module")
-def postfix():
+# the internal services a private Postfix instance needs in its master.cf
+POSTFIX_SERVICES = [
+    "pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
+    "qmgr unix n - n 300 1 qmgr", "rewrite unix - - n - - trivial-rewrite",
+    "bounce unix - - n - 0 bounce", "defer unix - - n - 0 bounce",
+    "trace unix - - n - 0 bounce", "verify unix - - n - 1 verify",
+    "flush unix n - n 1000? 0 flush", "proxymap unix - - n - - proxymap",
+    "smtp unix - - n - - smtp", "relay unix - - n - - smtp", "showq unix n - n - - showq",
+    "error unix - - n - - error", "retry unix - - n - - error",
+    "discard unix - - n - - discard", "anvil unix - - n - 1 anvil",
+    "scache unix - - n - 1 scache", "postlog unix-dgram n - n - 1 postlogd"
+]
+
+
+def private_postfix(prefix, main_cf, listeners, probe_port):
+    """A private Postfix instance, run in the foreground from a fresh directory: `main_cf`
+    after the common lines, `listeners` (master.cf lines) before POSTFIX_SERVICES. Yields
+    the Peer once `probe_port` listens (master opens every listener before it serves one);
+    stops it and removes the directory afterwards."""
     binary = shutil.which("postfix") or next((p for p in ("/usr/sbin/postfix",) if
                                               os.path.exists(p)), None)
     if binary is None:
         unavailable("postfix is not installed (apt-get install postfix)")
     # not under pytest's tmp_path: its parents are private to root, and Postfix's own
     # processes (user postfix) must reach the data directory
-    directory = tempfile.mkdtemp(prefix="tailwart-postfix-")
-    port = free_port()
+    directory = tempfile.mkdtemp(prefix=prefix)
     etc, spool, data = (os.path.join(directory, d) for d in ("etc", "spool", "data"))
     for d in (etc, spool, data):
         os.mkdir(d)
@@ -1234,7 +1251,7 @@ def postfix():
     os.chmod(directory, 0o755)          # postfix's own processes walk into the spool
     with open(os.path.join(etc, "main.cf"), "w") as f:
         # a private instance: its own queue, no aliases, accepts mail from loopback clients
-        # (their address comes from the PROXY header) and delivers it to the discard transport
+        # and delivers it to the discard transport
         f.write("""compatibility_level = 3.6
 queue_directory = %s
 data_directory = %s
@@ -1246,34 +1263,31 @@ mynetworks = 127.0.0.0/8 [::1]/128
 alias_maps =
 alias_database =
 default_transport = discard
-smtpd_upstream_proxy_protocol = haproxy
 smtpd_client_port_logging = yes
 maillog_file = /dev/stdout
-""" % (spool, data))
-    services = [
-        "127.0.0.1:%d inet n - n - - smtpd" % port,
-        "pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
-        "qmgr unix n - n 300 1 qmgr", "rewrite unix - - n - - trivial-rewrite",
-        "bounce unix - - n - 0 bounce", "defer unix - - n - 0 bounce",
-        "trace unix - - n - 0 bounce", "verify unix - - n - 1 verify",
-        "flush unix n - n 1000? 0 flush", "proxymap unix - - n - - proxymap",
-        "smtp unix - - n - - smtp", "relay unix - - n - - smtp", "showq unix n - n - - showq",
-        "error unix - - n - - error", "retry unix - - n - - error",
-        "discard unix - - n - - discard", "anvil unix - - n - 1 anvil",
-        "scache unix - - n - 1 scache", "postlog unix-dgram n - n - 1 postlogd"]
+""" % (spool, data) + main_cf)
     with open(os.path.join(etc, "master.cf"), "w") as f:
-        f.write("\n".join(services) + "\n")
+        f.write("\n".join(listeners + POSTFIX_SERVICES) + "\n")
     subprocess.run([binary, "-c", etc, "check"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                    timeout=60)                  # creates the queue directories
     peer = Peer([binary, "-c", etc, "start-fg"], directory, "postfix")
     try:
-        peer.wait_listening(port)
-        yield peer, port
+        peer.wait_listening(probe_port)
+        yield peer
     finally:
         subprocess.run([binary, "-c", etc, "stop"], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, timeout=60)
         peer.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postfix():
+    """smtpd with the PROXY protocol (the header's address is the client's)."""
+    port = free_port()
+    for peer in private_postfix("tailwart-postfix-", "smtpd_upstream_proxy_protocol = haproxy\n",
+                                ["127.0.0.1:%d inet n - n - - smtpd" % port], port):
+        yield peer, port
 
 
 @pytest.mark.parametrize("kind", sorted(CLIENT_KINDS))
@@ -5112,24 +5126,18 @@ def test_refusal_is_a_plain_close_on_tls_and_unknown_ports(protocol):
 def test_refusal_reaches_a_client_that_spoke_first():
     # the client's EHLO is still unread when the edge gives up: a close() then would send a
     # reset, which can destroy the 421 before the client reads it
-    with Upstream(None, backlog=0, accept=False) as up:
-        fillers = []
-        for _ in range(3):                  # a full backlog: further SYNs are dropped
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", up.port))
-            fillers.append(s)
-        try:
-            proxy, port = Edge.on_free_port(lambda port: [
-                "--connect-timeout", "1", "127.0.0.1:%d/smtp=%s" % (port, up.address)])
-            with proxy, connect(("127.0.0.1", port)) as c:
-                c.sendall(b"EHLO early.example\r\n")
-                time.sleep(0.2)
-                c.sendall(b"MAIL FROM:<a@early.example>\r\n")
-                assert recv_all(c).startswith(b"421 4.3.2 ")
-        finally:
-            for s in fillers:
-                s.close()
+    up, fillers = blackhole()
+    try:
+        proxy, port = Edge.on_free_port(lambda port: [
+            "--connect-timeout", "1", "127.0.0.1:%d/smtp=%s" % (port, up.address)])
+        with up, proxy, connect(("127.0.0.1", port)) as c:
+            c.sendall(b"EHLO early.example\r\n")
+            time.sleep(0.2)
+            c.sendall(b"MAIL FROM:<a@early.example>\r\n")
+            assert recv_all(c).startswith(b"421 4.3.2 ")
+    finally:
+        for s in fillers:
+            s.close()
 
 
 def test_refusal_never_follows_bytes_from_the_mail_server():
@@ -5172,7 +5180,9 @@ def blackhole():
     return up, fillers
 
 
-def test_health_a_dead_first_upstream_is_skipped_after_it_failed():
+@contextlib.contextmanager
+def dead_then_live():
+    """(edge, port, dead, live): a mapping to a blackhole first, then a live upstream."""
     dead, fillers = blackhole()
     try:
         with dead, Upstream(header_echo) as live:
@@ -5180,20 +5190,25 @@ def test_health_a_dead_first_upstream_is_skipped_after_it_failed():
                 "--connect-timeout", "2", "127.0.0.1:%d=%s,%s" % (port, dead.address,
                                                                    live.address)])
             with proxy:
-                took = []
-                for payload in (b"first", b"second", b"third"):
-                    started = time.monotonic()
-                    assert round_trip(port, payload) == payload
-                    took.append(time.monotonic() - started)
-                stats = edge_stats(proxy)
-                # the first session waited out the connect timeout; the next two went
-                # straight to the live upstream (within the 1 s the dead one is skipped)
-                assert "upstream %s attempts=1 failed=1 skipped=2 down" % dead.address in stats, stats
-                assert "upstream %s attempts=3 failed=0" % live.address in stats, stats
-                print("time to serve: %s s" % ", ".join("%.3f" % t for t in took))
+                yield proxy, port, dead, live
     finally:
         for s in fillers:
             s.close()
+
+
+def test_health_a_dead_first_upstream_is_skipped_after_it_failed():
+    with dead_then_live() as (proxy, port, dead, live):
+        took = []
+        for payload in (b"first", b"second", b"third"):
+            started = time.monotonic()
+            assert round_trip(port, payload) == payload
+            took.append(time.monotonic() - started)
+        stats = edge_stats(proxy)
+        # the first session waited out the connect timeout; the next two went straight to
+        # the live upstream (within the 1 s the dead one is skipped)
+        assert "upstream %s attempts=1 failed=1 skipped=2 down" % dead.address in stats, stats
+        assert "upstream %s attempts=3 failed=0" % live.address in stats, stats
+        print("time to serve: %s s" % ", ".join("%.3f" % t for t in took))
 
 
 def test_health_a_probe_brings_the_upstream_back():
@@ -5238,27 +5253,18 @@ def test_health_all_upstreams_down_still_tries_one():
 
 
 def test_health_a_probe_whose_client_left_frees_the_probe():
-    dead, fillers = blackhole()
-    try:
-        with dead, Upstream(header_echo) as live:
-            proxy, port = Edge.on_free_port(lambda port: [
-                "--connect-timeout", "2", "127.0.0.1:%d=%s,%s" % (port, dead.address,
-                                                                   live.address)])
-            with proxy:
-                assert round_trip(port, b"first") == b"first"      # dead: down for 1 s
-                time.sleep(1.2)
-                mark = proxy.mark()
-                with connect(("127.0.0.1", port)) as c:           # the probe, whose client
-                    time.sleep(0.3)                                # resets mid-connect
-                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                proxy.wait_for(r"session client=.*end=client-reset", start=mark)
-                with connect(("127.0.0.1", port)):                # a probe again, not a skip
-                    time.sleep(0.3)
-                stats = edge_stats(proxy)
-                assert re.search(r"upstream %s attempts=3 " % re.escape(dead.address), stats), stats
-    finally:
-        for s in fillers:
-            s.close()
+    with dead_then_live() as (proxy, port, dead, live):
+        assert round_trip(port, b"first") == b"first"      # dead: down for 1 s
+        time.sleep(1.2)
+        mark = proxy.mark()
+        with connect(("127.0.0.1", port)) as c:           # the probe, whose client
+            time.sleep(0.3)                                # resets mid-connect
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        proxy.wait_for(r"session client=.*end=client-reset", start=mark)
+        with connect(("127.0.0.1", port)):                # a probe again, not a skip
+            time.sleep(0.3)
+        stats = edge_stats(proxy)
+        assert re.search(r"upstream %s attempts=3 " % re.escape(dead.address), stats), stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -5362,15 +5368,7 @@ smtp_tls_security_level = none
 maillog_file = %(log)s
 maillog_file_prefixes = %(dir)s
 """ % {"spool": spool, "data": data, "port": edge_port, "log": maillog, "dir": directory})
-        services = [
-            "pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
-            "qmgr unix n - n 300 1 qmgr", "rewrite unix - - n - - trivial-rewrite",
-            "bounce unix - - n - 0 bounce", "defer unix - - n - 0 bounce",
-            "trace unix - - n - 0 bounce", "flush unix n - n 1000? 0 flush",
-            "proxymap unix - - n - - proxymap", "smtp unix - - n - - smtp",
-            "relay unix - - n - - smtp", "error unix - - n - - error",
-            "retry unix - - n - - error", "scache unix - - n - 1 scache",
-            "showq unix n - n - - showq", "postlog unix-dgram n - n - 1 postlogd"]
+        services = list(POSTFIX_SERVICES)
         with open(os.path.join(etc, "master.cf"), "w") as f:
             f.write("\n".join(services) + "\n")
         run = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
@@ -5757,35 +5755,10 @@ def postfix_doctor():
     `proxied` (smtpd, smtpd_upstream_proxy_protocol = haproxy), `plain` (smtpd, no PROXY
     protocol) and `screened` (postscreen with postscreen_upstream_proxy_protocol = haproxy,
     handing over to smtpd). Yields (peer, {name: port})."""
-    binary = shutil.which("postfix") or next((p for p in ("/usr/sbin/postfix",) if
-                                              os.path.exists(p)), None)
-    if binary is None:
-        unavailable("postfix is not installed (apt-get install postfix)")
-    directory = tempfile.mkdtemp(prefix="tailwart-postfix-doctor-")     # see `postfix` above
     ports = {name: free_port() for name in ("proxied", "plain", "screened")}
-    etc, spool, data = (os.path.join(directory, d) for d in ("etc", "spool", "data"))
-    for d in (etc, spool, data):
-        os.mkdir(d)
-    shutil.chown(data, "postfix")
-    os.chmod(directory, 0o755)
-    with open(os.path.join(etc, "main.cf"), "w") as f:
-        f.write("""compatibility_level = 3.6
-queue_directory = %s
-data_directory = %s
-myhostname = tailwart-test.invalid
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = all
-mynetworks = 127.0.0.0/8 [::1]/128
-alias_maps =
-alias_database =
-default_transport = discard
-smtpd_client_port_logging = yes
-maillog_file = /dev/stdout
-""" % (spool, data))
     proxy = "_upstream_proxy_protocol=haproxy -o %%s_upstream_proxy_timeout=%s" % \
         PEER_PROXY_TIMEOUT
-    services = [
+    listeners = [
         "127.0.0.1:%d inet n - n - - smtpd -o syslog_name=postfix/proxied -o smtpd%s"
         % (ports["proxied"], proxy % "smtpd"),
         "127.0.0.1:%d inet n - n - - smtpd -o syslog_name=postfix/plain" % ports["plain"],
@@ -5793,30 +5766,11 @@ maillog_file = /dev/stdout
         % (ports["screened"], proxy % "postscreen"),
         "smtpd pass - - n - - smtpd -o syslog_name=postfix/screened",
         "dnsblog unix - - n - 0 dnsblog", "tlsproxy unix - - n - 0 tlsproxy",
-        "pickup unix n - n 60 1 pickup", "cleanup unix n - n - 0 cleanup",
-        "qmgr unix n - n 300 1 qmgr", "rewrite unix - - n - - trivial-rewrite",
-        "bounce unix - - n - 0 bounce", "defer unix - - n - 0 bounce",
-        "trace unix - - n - 0 bounce", "verify unix - - n - 1 verify",
-        "flush unix n - n 1000? 0 flush", "proxymap unix - - n - - proxymap",
-        "smtp unix - - n - - smtp", "relay unix - - n - - smtp", "showq unix n - n - - showq",
-        "error unix - - n - - error", "retry unix - - n - - error",
-        "discard unix - - n - - discard", "anvil unix - - n - 1 anvil",
-        "scache unix - - n - 1 scache", "postlog unix-dgram n - n - 1 postlogd"]
-    with open(os.path.join(etc, "master.cf"), "w") as f:
-        f.write("\n".join(services) + "\n")
-    subprocess.run([binary, "-c", etc, "check"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                   timeout=60)                  # creates the queue directories
-    peer = Peer([binary, "-c", etc, "start-fg"], directory, "postfix")
-    try:
-        # master opens every listener before it serves one: probing the plain one is enough,
-        # and keeps header-less probes (logged as warnings) away from the other two
-        peer.wait_listening(ports["plain"])
+    ]
+    # probing the plain listener keeps header-less probes (logged as warnings) away from the
+    # other two
+    for peer in private_postfix("tailwart-postfix-doctor-", "", listeners, ports["plain"]):
         yield peer, ports
-    finally:
-        subprocess.run([binary, "-c", etc, "stop"], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=60)
-        peer.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def log_since(peer, start, pattern, timeout=WAIT):
@@ -6985,27 +6939,6 @@ def test_visible_status_comes_at_most_about_once_a_second(notify_socket):
         assert proxy.stop() == 0
 
 
-def test_visible_stopping_with_one_session_says_a_second_term_closes_it():
-    port = free_port()
-    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=%s"
-                                    % (port, up.address)) as proxy:
-        with connect(("127.0.0.1", port)) as c:
-            c.sendall(b"x")
-            assert recv_exactly(c, 1) == b"x"
-            proxy.signal(signal.SIGTERM)
-            line = proxy.wait_for(r"\bstopping active=")
-            # the contract writes "closes them now"; for one session the edge says "it"
-            assert line.endswith(" notice stopping active=1 drain=30s; "
-                                 "a second TERM/INT (Ctrl-C) closes it now"), line
-            mark = proxy.mark()
-            proxy.signal(signal.SIGTERM)
-            line = proxy.wait_for(r"\bsecond stop signal\b", start=mark)
-            assert re.search(r"\bclosing 1 session now$", line), line
-            c.settimeout(5)
-            assert recv_all(c) == b""
-        assert proxy.wait() == 0
-
-
 def test_visible_one_session_is_singular_in_status_and_log(notify_socket):
     port = free_port()
     with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=%s"
@@ -7034,22 +6967,28 @@ def test_visible_one_session_is_singular_in_status_and_log(notify_socket):
     assert not [text for text in said if plural_one.search(text)], said
 
 
-def test_visible_stopping_with_two_sessions_says_a_second_term_closes_them():
+@pytest.mark.parametrize("open_sessions, them, sessions", [(1, "it", "1 session"),
+                                                          (2, "them", "2 sessions")])
+def test_visible_stopping_says_a_second_term_closes_them(open_sessions, them, sessions):
     port = free_port()
     with Upstream(echo) as up, Edge("--proxy-protocol", "off", "127.0.0.1:%d=%s"
                                     % (port, up.address)) as proxy:
-        with connect(("127.0.0.1", port)) as first, connect(("127.0.0.1", port)) as second:
-            for c in (first, second):
-                c.sendall(b"x")
-                assert recv_exactly(c, 1) == b"x"
-            proxy.signal(signal.SIGTERM)
-            line = proxy.wait_for(r"\bstopping active=")
-            assert line.endswith(" notice stopping active=2 drain=30s; "
-                                 "a second TERM/INT (Ctrl-C) closes them now"), line
-            mark = proxy.mark()
-            proxy.signal(signal.SIGTERM)
-            line = proxy.wait_for(r"\bsecond stop signal\b", start=mark)
-            assert re.search(r"\bclosing 2 sessions now$", line), line
+        clients = [connect(("127.0.0.1", port)) for _ in range(open_sessions)]
+        for c in clients:
+            c.sendall(b"x")
+            assert recv_exactly(c, 1) == b"x"
+        proxy.signal(signal.SIGTERM)
+        line = proxy.wait_for(r"\bstopping active=")
+        assert line.endswith(" notice stopping active=%d drain=30s; a second TERM/INT (Ctrl-C) "
+                             "closes %s now" % (open_sessions, them)), line
+        mark = proxy.mark()
+        proxy.signal(signal.SIGTERM)
+        line = proxy.wait_for(r"\bsecond stop signal\b", start=mark)
+        assert re.search(r"\bclosing %s now$" % sessions, line), line
+        for c in clients:
+            c.settimeout(5)
+            assert recv_all(c) == b""
+            c.close()
         assert proxy.wait() == 0
 
 
