@@ -1,11 +1,13 @@
-"""Tests for tailwart_edge.py: run `python3 -m pytest -q test_tailwart_edge.py`.
+"""Tests for tailwart_edge.py: run `python3 -m pytest -q -rs test_tailwart_edge.py`.
 
 The end-to-end tests start the real script as a subprocess on loopback (ephemeral ports) and talk
 to it with real sockets. TAILWART_PYTHON=/path/to/python3 runs the script under another
 interpreter; the tests themselves run under the interpreter that runs pytest.
 
 Sections: command line and header codec (unit), the relay end to end, real peers (`interop`:
-Postfix, HAProxy, nginx), systemd (`systemd`). Real-peer and systemd tests skip when their
+Postfix, HAProxy, nginx, Dovecot), systemd (`systemd`), then the doctor (`check`), metrics and
+visible failures (`metrics`, `visible`), refusals, passive health and per-client limits
+(`refusal`, `health`, `limit`). Real-peer and systemd tests skip when their
 software is missing, naming the package; TAILWART_REQUIRE_PEERS=1 (set by CI) makes that a failure.
 """
 
