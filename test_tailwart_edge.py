@@ -5145,6 +5145,7 @@ def test_refusal_reaches_a_client_that_spoke_first():
 def test_refusal_never_follows_bytes_from_the_mail_server():
     def greet_then_reset(conn):
         conn.sendall(b"220 mx.example ESMTP\r\n")
+        time.sleep(0.3)             # a reset overtaking the greeting would discard it
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     with Upstream(greet_then_reset) as up:
         proxy, port = Edge.on_free_port(lambda port: [
