@@ -4752,6 +4752,15 @@ def catches(pid, signum):
     return bool(mask >> (signum - 1) & 1)
 
 
+def cmdline(pid):
+    """A process's command line as one string ('' when it is gone)."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def term_during_reload(relays, tmp_path, wait_for_handlers):
     """HUP to a relay whose copy on disk now sleeps 2 s at start-up, TERM to it while the new
     process starts; returns the new process's exit code (None: reaped by the old one)."""
@@ -4767,7 +4776,9 @@ def term_during_reload(relays, tmp_path, wait_for_handlers):
         new, = children(proxy.pid)
         relays.pids.add(new)
         if wait_for_handlers:               # it sleeps now, its TERM handler in place
-            eventually(lambda: catches(new, signal.SIGTERM), 5)
+            # after the exec: a forked child that has not exec'd yet still shows the old
+            # process's handlers, and the exec resets them (a TERM then killed it, rarely)
+            eventually(lambda: str(script) in cmdline(new) and catches(new, signal.SIGTERM), 5)
         os.kill(proxy.pid, signal.SIGTERM)
         assert ended(proxy) == 0
         code = relays.wait_gone(new)
