@@ -2067,13 +2067,6 @@ class Session:
                 self.client.shutdown(socket.SHUT_WR)
             except OSError:
                 sent = 0
-            try:
-                # unread bytes at close() would turn the FIN into a reset, which may
-                # destroy the reply before the client reads it
-                while self.client.recv(CHUNK):
-                    pass
-            except OSError:
-                pass
             if sent:
                 reason = "%s; told the client %s" % (reason, " ".join(
                     text.decode().split()[:2]))

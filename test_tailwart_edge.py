@@ -5146,7 +5146,9 @@ def test_refusal_reaches_a_client_that_spoke_first():
         with up, proxy, connect(("127.0.0.1", port)) as c:
             c.sendall(b"EHLO early.example\r\n")
             time.sleep(0.2)
-            c.sendall(b"MAIL FROM:<a@early.example>\r\n")
+            # more than the edge reads ahead (PREREAD_LIMIT): the rest stays unread in the
+            # kernel until the refusal
+            c.sendall(b"X" * (edge.PREREAD_LIMIT + 32 * 1024))
             assert recv_all(c).startswith(b"421 4.3.2 ")
     finally:
         for s in fillers:
