@@ -8,21 +8,36 @@ the first byte, tells the mail server who the real client is.
 
 usage: tailwart_edge.py [OPTIONS] MAPPING [MAPPING ...]
 
-  MAPPING  [BIND_ADDR:]LISTEN_PORT[/PROTO]=UPSTREAM_HOST:UPSTREAM_PORT[,HOST:PORT ...]
-           or [BIND_ADDR:]LISTEN_PORT[/PROTO] alone, together with --upstream HOST
+  MAPPING  [BIND_ADDR:]LISTEN_PORT[/PROTO][@MATCH,...]=UPSTREAM_HOST:UPSTREAM_PORT[,HOST:PORT ...]
+           [/proxy=v2|v1|off]
+           or [BIND_ADDR:]LISTEN_PORT[/PROTO][@MATCH,...] alone, together with --upstream HOST
 
 examples:
   tailwart_edge.py 25=stalwart.tail7b1641.ts.net:25 993=stalwart.tail7b1641.ts.net:993
   tailwart_edge.py --upstream stalwart.tail7b1641.ts.net 25 465 587 143 993 4190
   tailwart_edge.py --proxy-protocol off 127.0.0.1:2525=10.0.0.5:25
   tailwart_edge.py '[::1]:993=[fd7a:115c:a1e0::1]:993' --user nobody
+  tailwart_edge.py 443@mail.example.com,alpn:acme-tls/1=stalwart.tail7b1641.ts.net:443 \
+                   443=127.0.0.1:8443/proxy=off
 
 Without BIND_ADDR it listens on every interface, IPv4 and IPv6. BIND_ADDR is an
 IPv4 address or an IPv6 address in brackets. Several upstreams are tried in
 order. PROTO is what clients of the port speak: smtp, smtps, imap, imaps, pop3,
-pop3s, sieve or tcp (none known); by default the port's usual one (25, 587 and
-2525 smtp; 465 smtps; 143 imap; 993 imaps; 110 pop3; 995 pop3s; 4190 sieve;
-others tcp). --check uses it to greet the mail server as a client would.
+pop3s, sieve, http, https, tls or tcp (none known); by default the port's usual
+one (25, 587 and 2525 smtp; 465 smtps; 143 imap; 993 imaps; 110 pop3; 995 pop3s;
+4190 sieve; 80 http; 443 https; others tcp). --check uses it to greet the mail
+server as a client would. /proxy=... sets the PROXY header of that mapping's
+upstreams (default: --proxy-protocol).
+
+Routing by name (a port shared with a web server): several mappings on one
+listen address, each with @MATCH,... , and at most one without (the default
+route). TLS ports (https, tls, smtps, imaps, pop3s) route by the ClientHello's
+server name, HTTP ports by the first request's Host; TLS is never terminated.
+MATCH is a name (mail.example.com), a wildcard (*.example.com: any name below),
+alpn:PROTO (TLS: alpn:acme-tls/1) or, on HTTP, NAME/PATH (a path prefix, as
+mail.example.com/.well-known/acme-challenge/). alpn and paths win, then exact
+names, then the longest wildcard, then the default route; with none, a client
+is closed (TLS: alert unrecognized_name; HTTP: 421).
 
 --check checks every mapping as the relay would use it, without listening: the
 ports, each upstream's name, connect and source address, and its greeting to a
@@ -37,12 +52,15 @@ codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad command line.
 
 # The file reads in the order of a connection's life; each banner is a section:
 #   Command line ........ argv, --settings FILE -> options    parse_args, settings_words
-#   Mappings ............ the mapping grammar -> Mapping,     parse_mapping, overlapping,
-#                         self-loops refused                  refuse_self_loops
+#   Mappings ............ the mapping grammar -> Mapping      parse_mapping, overlapping,
+#                         (its Routes), self-loops refused    refuse_self_loops
 #   Logging ............. one key=value line per event       Log, log
 #   Listeners ........... binding, systemd socket adoption   Listener, open_listeners
 #   Accept .............. batches, the connection cap,       Acceptor, capacity
 #                         the out-of-descriptors pause
+#   Routing ............. a shared port: the ClientHello's   Router, client_hello,
+#                         server name or the HTTP Host       request_head
+#                         -> the route (Route)
 #   PROXY header ........ the codec: pure functions          proxy_header_v1, proxy_header_v2
 #   Resolver ............ names off the event loop           Resolver
 #   Connecting .......... resolve, connect, failover,        Connector, Upstream
@@ -278,6 +296,8 @@ def add_timeouts(group):
              "ways this long (longer than IMAP IDLE's 29 minutes)"),
             ("--half-close-timeout", seconds, DEFAULT_HALF_CLOSE_TIMEOUT, "once one side has "
              "closed, end the session after this long with no traffic"),
+            ("--peek-timeout", seconds, DEFAULT_PEEK_TIMEOUT, "a listener that routes by name "
+             "waits this long for the client's TLS ClientHello or HTTP request head"),
             ("--drain-timeout", non_negative, DEFAULT_DRAIN_TIMEOUT, "on TERM/INT, let open "
              "sessions finish this long"),
             ("--reload-drain", non_negative, DEFAULT_RELOAD_DRAIN, "after a reload (HUP), the "
@@ -319,12 +339,21 @@ def parse_args(argv=None):
     mappings = []
     for text in options.mappings:
         mapping = parse_mapping(text, upstream)
+        # words on one listen address are the routes of one listener, if any of them routes
+        same = [m for m in mappings if m.label == mapping.label]
+        if same and (len(same[0].routes) > 1 or same[0].default is None or
+                     mapping.default is None):
+            same[0].add_route(mapping, "/" in text.partition("=")[0].partition("@")[0])
+            continue
         for other in mappings:
             if overlapping(mapping, other):
                 raise ConfigError("listen address %s in %r collides with %r; each address "
-                                  "and port may be listened on once"
+                                  "and port may be listened on once (or give each word "
+                                  "@NAME,... to route by name)"
                                   % (mapping.label, mapping.spec, other.spec))
         mappings.append(mapping)
+    for mapping in mappings:
+        mapping.finish()
     refuse_self_loops(mappings)
     return options, mappings
 
@@ -342,17 +371,24 @@ def settings_file(argv):
 def settings_words(path):
     """The command-line words a settings file stands for: OPTIONS, then --upstream UPSTREAM,
     then PORTS (default: the six mail ports). The file holds KEY=VALUE lines, # comments and
-    blank lines; a value is split into words as a shell would (quotes, backslashes)."""
+    blank lines; a value is split into words as a shell would (quotes, backslashes), and one
+    in double quotes, or ending in a backslash, goes on over the next lines."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeError) as e:
         raise ConfigError("--settings %s: %s" % (path, getattr(e, "strerror", None) or e))
     values = {"PORTS": DEFAULT_PORTS}
-    for number, line in enumerate(lines, 1):
+    lines = iter(enumerate(lines, 1))
+    for number, line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        while line.count('"') % 2 or line.endswith("\\"):     # a value that goes on
+            following = next(lines, None)           # (PORTS="25 465 \n 443@... ")
+            if following is None:
+                break
+            line = line.rstrip("\\") + " " + following[1].strip()
         key, eq, value = line.partition("=")
         key = key.strip()
         if not eq or key not in SETTINGS_KEYS:
@@ -382,9 +418,16 @@ DIGITS_RE = re.compile(r"[0-9]+\Z")
 COLON_MAPPING_RE = re.compile(r"([0-9]+):([^:\[\]=]+):([0-9]+)\Z")     # 25:host:25
 HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})\Z")
 # what clients of a port speak, unless the mapping says (25/smtp); `s`: TLS from the first byte
-PROTOCOLS = ("smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "sieve", "tcp")
+PROTOCOLS = ("smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "sieve", "http", "https", "tls",
+             "tcp")
 PORT_PROTOCOLS = {25: "smtp", 587: "smtp", 2525: "smtp", 465: "smtps", 143: "imap",
-                  993: "imaps", 110: "pop3", 995: "pop3s", 4190: "sieve"}
+                  993: "imaps", 110: "pop3", 995: "pop3s", 4190: "sieve", 80: "http",
+                  443: "https"}
+# what a routed listener reads to choose a route: the TLS ClientHello's server name on ports
+# where the client speaks first in TLS, the Host of the first request on plain HTTP
+ROUTE_BY = {"https": "tls", "tls": "tls", "smtps": "tls", "imaps": "tls", "pop3s": "tls",
+            "http": "http"}
+PROXY_VERSIONS = ("v2", "v1", "off")
 # what a client is told, in its protocol, when it cannot be served (as nginx's mail module
 # would, but nothing is terminated); TLS ports and unknown ones get a plain close: no
 # plaintext into a TLS stream. IMAP's [UNAVAILABLE] is RFC 5530, POP3's [SYS/TEMP] RFC 3206,
@@ -394,33 +437,113 @@ REFUSALS = {
     "imap": b"* BYE [UNAVAILABLE] Service not available, try again later\r\n",
     "pop3": b"-ERR [SYS/TEMP] Service not available, try again later\r\n",
     "sieve": b'BYE (TRYLATER) "Service not available, try again later"\r\n',
+    "http": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
 }
 LIMIT_REFUSALS = {         # over a per-client limit
     "smtp": b"421 4.7.0 Too many connections from your address\r\n",
     "imap": b"* BYE [UNAVAILABLE] Too many connections from your address\r\n",
     "pop3": b"-ERR [SYS/TEMP] Too many connections from your address\r\n",
     "sieve": b'BYE (TRYLATER) "Too many connections from your address"\r\n',
+    "http": b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
 }
 
 
+class Route:
+    """Where sessions go: upstreams tried in order, and the PROXY header they read.
+
+    A plain mapping has one route, its default. A routed listener (443 shared with a web
+    server) has one per word of the command line, chosen per session by the client's server
+    name (see Router); `matches` are the MATCH items of the word, none for the default.
+    """
+
+    __slots__ = ("matches", "upstreams", "proxy", "header", "spec")
+
+    def __init__(self, matches, upstreams, proxy, spec):
+        self.matches = matches      # ["mail.example.com", "*.example.com", "alpn:acme-tls/1"]
+        self.upstreams = upstreams  # [(host, port)], host without brackets
+        self.proxy = proxy          # "v2", "v1", "off", or None: --proxy-protocol
+        self.header = None          # the header function, set when the server starts
+        self.spec = spec
+
+
 class Mapping:
-    """One listen address and the upstreams its connections are piped to, plus its counters."""
+    """One listen address, the routes its connections take, plus its counters."""
 
-    __slots__ = ("bind", "port", "upstreams", "spec", "label", "protocol",
-                 "active", "sessions", "failed", "up", "down", "refused")
+    __slots__ = ("bind", "port", "routes", "default", "router", "spec", "label", "protocol",
+                 "active", "sessions", "failed", "up", "down", "refused", "routed", "unrouted")
 
-    def __init__(self, bind, port, upstreams, spec="", protocol=None):
+    def __init__(self, bind, port, upstreams, spec="", protocol=None, matches=(), proxy=None):
         self.bind = bind            # None (all interfaces) or an IP address without brackets
         self.port = port
-        self.upstreams = upstreams  # [(host, port)], host without brackets
+        route = Route(list(matches), upstreams, proxy, spec)
+        self.routes = [route]
+        self.default = None if matches else route   # where an unmatched session goes
+        self.router = None          # a Router once a route has MATCH items (finish())
         self.spec = spec
         self.label = format_address(bind or "", port)
         self.protocol = protocol or PORT_PROTOCOLS.get(port, "tcp")     # what clients speak
         self.active = self.sessions = self.failed = self.up = self.down = 0
         self.refused = {}           # reason -> clients refused at accept
+        self.routed = {}            # MATCH item (or "default") -> sessions it routed
+        self.unrouted = {}          # why -> sessions closed before a route was found
+
+    @property
+    def upstreams(self):
+        """Every upstream of every route, in order, once each."""
+        found = []
+        for route in self.routes:
+            found += [u for u in route.upstreams if u not in found]
+        return found
 
     def __repr__(self):
         return "Mapping(%r, %r, %r)" % (self.bind, self.port, self.upstreams)
+
+    def add_route(self, other, protocol_given):
+        """Take the route of `other`, a word for the same listen address (ConfigError when
+        the two cannot share it)."""
+        route = other.routes[0]
+        if protocol_given and other.protocol != self.protocol:
+            if self.protocol == PORT_PROTOCOLS.get(self.port, "tcp"):
+                self.protocol = other.protocol      # the first word did not say; this one does
+            else:
+                raise ConfigError("%r and %r listen on %s with different protocols (%s, %s); "
+                                  "the routes of one listener speak one" % (
+                                      self.spec, other.spec, self.label, self.protocol,
+                                      other.protocol))
+        if not route.matches:
+            if self.default is not None:
+                raise ConfigError("%r and %r are both the default route of %s; give one of "
+                                  "them @NAME,... (the names it takes)" % (
+                                      self.default.spec, other.spec, self.label))
+            self.default = route
+        for item in route.matches:
+            for mine in self.routes:
+                if item in mine.matches:
+                    raise ConfigError("%r is in both %r and %r; a name goes to one route"
+                                      % (item, mine.spec, other.spec))
+        self.routes.append(route)
+
+    def finish(self):
+        """Build the router once every word is in (ConfigError when the port cannot route)."""
+        if self.default is not None and len(self.routes) == 1:
+            return
+        kind = ROUTE_BY.get(self.protocol)
+        if kind is None:
+            raise ConfigError(
+                "%r routes by name, but port %d speaks %s: %s; route a TLS port (PORT/tls, "
+                "443 is https) or an HTTP one (PORT/http)" % (
+                    self.routes[0].spec if self.routes[0].matches else self.routes[-1].spec,
+                    self.port, self.protocol, "the server speaks first, so there is no name "
+                    "to route by" if self.protocol in DIALOGUES else "nothing known to read"))
+        for route in self.routes:
+            for item in route.matches:
+                if item.startswith("alpn:") and kind != "tls":
+                    raise ConfigError("%r in %r: ALPN is TLS's; an HTTP listener routes by "
+                                      "host and path" % (item, route.spec))
+                if "/" in item and not item.startswith("alpn:") and kind != "http":
+                    raise ConfigError("%r in %r: a path is HTTP's; a TLS listener routes by "
+                                      "server name and alpn:PROTO" % (item, route.spec))
+        self.router = Router(kind, self.routes, self.default)
 
 
 def is_ip(text, family):
@@ -490,9 +613,11 @@ def parse_upstream(text, spec):
 
 
 def parse_mapping(text, default_upstream=None):
-    """'[BIND:]PORT[/PROTO]=HOST:PORT[,HOST:PORT...]' (or '[BIND:]PORT[/PROTO]' with a
-    default upstream)."""
+    """'[BIND:]PORT[/PROTO][@MATCH,...]=HOST:PORT[,HOST:PORT...][/proxy=V]' (or without
+    '=...' with a default upstream)."""
     listen, eq, target = text.partition("=")
+    listen, at, match_text = listen.partition("@")
+    matches = parse_matches(match_text, text) if at else ()
     listen, slash, protocol = listen.partition("/")
     if slash and protocol not in PROTOCOLS:
         raise ConfigError("protocol %r in %r is not one of %s; write it as PORT/PROTO, e.g. "
@@ -518,6 +643,7 @@ def parse_mapping(text, default_upstream=None):
                               "an IPv6 address in brackets, or none to listen everywhere"
                               % (bind, text))
     port = parse_port(port_text, "listen port", text)
+    proxy = None
     if not eq:
         if default_upstream is None:
             raise ConfigError("mapping %r has no upstream; write it as %s=HOST:PORT, or give "
@@ -527,22 +653,58 @@ def parse_mapping(text, default_upstream=None):
         raise ConfigError("mapping %r has nothing after '='; write it as %s=HOST:PORT, e.g. "
                           "%s=stalwart.tail7b1641.ts.net:%d" % (text, listen, listen, port))
     else:
+        head, slash, option = target.rpartition("/")
+        if slash and "=" in option:         # HOST:PORT,.../proxy=V
+            target = head
+        else:
+            slash = option = ""
+        name, _, value = option.partition("=")
+        if slash and (name != "proxy" or value not in PROXY_VERSIONS):
+            raise ConfigError("%r in %r is not an option; the one after the upstreams is "
+                              "/proxy=v2, /proxy=v1 or /proxy=off" % ("/" + option, text))
+        proxy = value if slash else None
         upstreams = [parse_upstream(part, text) for part in target.split(",")]
-    return Mapping(bind, port, upstreams, text, protocol or None)
+    return Mapping(bind, port, upstreams, text, protocol or None, matches, proxy)
+
+
+NAME_RE = re.compile(r"(?:\*\.)?[a-z0-9_](?:[a-z0-9_.-]{0,252})\Z")
+
+
+def parse_matches(text, spec):
+    """The MATCH items after '@', lower-cased: NAME, *.SUFFIX, alpn:PROTO, and (HTTP)
+    NAME/PATH, *.SUFFIX/PATH or /PATH."""
+    items = []
+    for item in text.lower().split(","):
+        if item.startswith("alpn:"):
+            valid = 5 < len(item) <= 260 and item.isprintable() and " " not in item
+        else:
+            host, slash, path = item.partition("/")
+            valid = (not host or NAME_RE.match(host.rstrip(".")) and ".." not in host) and \
+                (not slash or ("/" + path).isprintable() and " " not in path) and \
+                (host or slash)
+            item = host.rstrip(".") + slash + path
+        if not valid:
+            raise ConfigError("%r in %r is not a name to route by; write names (mail.example.com),"
+                              " wildcards (*.example.com), alpn:PROTO (alpn:acme-tls/1) or, for "
+                              "HTTP, NAME/PATH, separated by commas after '@'" % (item, spec))
+        if item in items:
+            raise ConfigError("%r is twice in %r" % (item, spec))
+        items.append(item)
+    return items
 
 
 def refuse_self_loops(mappings):
     """A literal upstream that is one of our own listen addresses would make every session
     connect to the relay itself, again and again: refuse it (ConfigError)."""
-    for mapping in mappings:
-        for host, port in mapping.upstreams:
+    for route in [route for mapping in mappings for route in mapping.routes]:
+        for host, port in route.upstreams:
             if literal_address(host, port) is None:
                 continue            # a name: checked each time it resolves (Connector)
             own = own_listener(mappings, host, port)
             if own is not None:
                 raise ConfigError("upstream %s in %r is this relay's own listen address "
                                   "(%s); point it at the mail server instead"
-                                  % (format_address(host, port), mapping.spec, own.spec))
+                                  % (format_address(host, port), route.spec, own.spec))
 
 
 def own_listener(mappings, ip, port):
@@ -802,7 +964,13 @@ def open_listeners(mappings, proxy_protocol):
         mapping = listener.mapping
         log(NOTICE, "listen addr=%s upstream=%s proxy=%s%s" % (
             listener.describe(), ",".join(format_address(*u) for u in mapping.upstreams),
-            proxy_protocol, " (%s)" % listener.origin if listener.origin else ""))
+            mapping.routes[0].proxy or proxy_protocol if mapping.router is None
+            else proxy_protocol, " (%s)" % listener.origin if listener.origin else ""))
+        for route in mapping.routes if mapping.router is not None else ():
+            log(NOTICE, "route listen=%s match=%s upstream=%s proxy=%s" % (
+                listener.describe(), ",".join(route.matches) or "default",
+                ",".join(format_address(*u) for u in route.upstreams),
+                route.proxy or proxy_protocol))
     return listeners
 
 
@@ -1185,6 +1353,202 @@ def raise_fd_limit():
 
 
 # ----------------------------------------------------------------------------------------------
+# Routing: a shared port (443 with a web server) -> the route its client's server name picks
+# ----------------------------------------------------------------------------------------------
+#
+# Without terminating TLS: the relay reads the ClientHello (RFC 8446 4.1.2; RFC 6066 section 3
+# server_name; RFC 7301 ALPN) or, on plain HTTP, the first request's head (RFC 9112), keeps
+# every byte it read and sends them on, behind the route's header, once the route is known.
+# What a session may hold meanwhile is bounded (PEEK_LIMIT), and so is the time (--peek-timeout).
+
+HELLO_LIMIT = 16 * 1024         # the ClientHello message, at most (real ones: 0.5-2 KiB)
+PEEK_LIMIT = HELLO_LIMIT + 512  # bytes read to find it or an HTTP head: + record headers
+DEFAULT_PEEK_TIMEOUT = 5.0      # HAProxy's usual `tcp-request inspect-delay 5s`
+TLS_HANDSHAKE, TLS_CLIENT_HELLO = 22, 1
+EXT_SERVER_NAME, EXT_ALPN = 0, 16
+# the fatal TLS alert unrecognized_name (RFC 6066 section 3): "no site of that name here"
+TLS_UNRECOGNIZED_NAME = b"\x15\x03\x03\x00\x02\x02\x70"
+REQUEST_START_RE = re.compile(br"[!#$%&'*+.^_`|~0-9A-Za-z-]{0,20}(?: |\Z)")   # METHOD SP
+HEAD_END_RE = re.compile(br"\r?\n\r?\n")
+PEEKED_NAME_RE = re.compile(r"[a-z0-9_-][a-z0-9_.-]{0,252}\Z")
+# what a client that cannot be routed hears, by how the peek ended (HTTP: a status line; TLS:
+# an alert where one fits, else a close)
+HTTP_ANSWERS = {status: ("HTTP/1.1 %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                         % status).encode() for status in (
+    "400 Bad Request", "408 Request Timeout", "421 Misdirected Request",
+    "431 Request Header Fields Too Large")}
+
+
+class Router:
+    """A routed listener's rules: the server name (TLS SNI, or the HTTP Host) -> a route.
+
+    The most specific rule wins: alpn:PROTO (TLS) or a path (HTTP, the longest first), then
+    the exact name, then the longest *.SUFFIX wildcard, then the default route (a word with
+    no '@'), if any. `kind` is "tls" or "http": what parse() reads.
+    """
+
+    __slots__ = ("kind", "names", "wildcards", "extras", "default")
+
+    def __init__(self, kind, routes, default):
+        self.kind = kind
+        self.names = {}             # name -> (route, item)
+        self.wildcards = []         # [(".example.com", route, item)], the longest first
+        self.extras = []            # [(proto, None, route, item)] or [(path, host, route, item)]
+        self.default = default
+        for route in routes:
+            for item in route.matches:
+                if item.startswith("alpn:"):
+                    self.extras.append((item[5:], None, route, item))
+                elif "/" in item:
+                    host, _, path = item.partition("/")
+                    self.extras.append(("/" + path, host or None, route, item))
+                elif item.startswith("*."):
+                    self.wildcards.append((item[1:], route, item))
+                else:
+                    self.names[item] = (route, item)
+        self.wildcards.sort(key=lambda rule: -len(rule[0]))
+        if kind == "http":
+            self.extras.sort(key=lambda rule: -len(rule[0]))
+
+    def parse(self, data):
+        """(name or None, ALPN list or request path) once `data` holds the whole ClientHello
+        or request head; None while it does not; ValueError when it never will."""
+        return client_hello(data) if self.kind == "tls" else request_head(data)
+
+    def pick(self, name, extra):
+        """(route, the item that matched) for a server name; (None, '-') when no route
+        takes it."""
+        for value, host, route, item in self.extras:
+            if (value in extra if self.kind == "tls" else extra.startswith(value)) and \
+                    (host is None or name is not None and name_matches(host, name)):
+                return route, item
+        if name is not None:
+            found = self.names.get(name)
+            if found is not None:
+                return found
+            for suffix, route, item in self.wildcards:
+                if name.endswith(suffix):
+                    return route, item
+        if self.default is not None:
+            return self.default, "default"
+        return None, "-"
+
+
+def name_matches(pattern, name):
+    """Does `name` match a rule's name: itself, or *.SUFFIX (any depth below SUFFIX)?"""
+    return name.endswith(pattern[1:]) if pattern.startswith("*.") else name == pattern
+
+
+def peeked_name(raw):
+    """A server name as sent (bytes) -> lower-case text without a trailing dot, or None when it
+    is no host name (then only the default route can take it)."""
+    name = raw.decode("ascii", "replace").lower().rstrip(".")
+    return name if PEEKED_NAME_RE.match(name) else None
+
+
+def client_hello(data):
+    """(server name or None, [ALPN protocols]) from the start of a TLS stream, once the whole
+    ClientHello is in `data` (it may span several records); None until then. ValueError when
+    `data` is not a TLS handshake or the ClientHello is malformed or over HELLO_LIMIT."""
+    pos, message, need = 0, b"", None
+    while need is None or len(message) < need:
+        if len(data) < pos + 5:
+            return None
+        kind, major, length = data[pos], data[pos + 1], struct.unpack_from("!H", data, pos + 3)[0]
+        if kind != TLS_HANDSHAKE or major != 3 or not 0 < length <= 16384:
+            raise ValueError("not a TLS ClientHello" if pos == 0 else
+                             "a record that is not the ClientHello's")
+        here = min(length, len(data) - pos - 5)     # of this record, what has come
+        if need is None and len(message) + here >= 4:
+            head = message + bytes(data[pos + 5:pos + 9 - len(message)])
+            if head[0] != TLS_CLIENT_HELLO:
+                raise ValueError("a TLS handshake that does not start with a ClientHello")
+            need = 4 + struct.unpack("!I", b"\x00" + head[1:4])[0]
+            if need > HELLO_LIMIT + 4:
+                raise ValueError("a ClientHello of %d bytes, over %d" % (need - 4, HELLO_LIMIT))
+        if here < length:
+            return None             # the rest of the record is to come (nothing copied yet)
+        message += bytes(data[pos + 5:pos + 5 + length])
+        pos += 5 + length
+    try:
+        return hello_fields(message[4:need])
+    except (struct.error, IndexError):
+        raise ValueError("a malformed ClientHello")
+
+
+def hello_fields(message):
+    """(server name or None, [ALPN protocols]) of a ClientHello message's body."""
+    pos = 2 + 32                            # legacy_version, random
+    pos += 1 + message[pos]                 # legacy_session_id
+    pos += 2 + struct.unpack_from("!H", message, pos)[0]    # cipher_suites
+    pos += 1 + message[pos]                 # legacy_compression_methods
+    if pos > len(message):
+        raise IndexError
+    name, protocols = None, []
+    if pos == len(message):
+        return name, protocols              # no extensions (SSL 3-style)
+    end = pos + 2 + struct.unpack_from("!H", message, pos)[0]
+    pos += 2
+    if end > len(message):
+        raise IndexError
+    while pos + 4 <= end:
+        kind, length = struct.unpack_from("!HH", message, pos)
+        body = message[pos + 4:pos + 4 + length]
+        pos += 4 + length
+        if len(body) != length:
+            raise IndexError
+        if kind == EXT_SERVER_NAME:         # server_name_list: (type 0 = host_name, name)
+            at = 2
+            while at + 3 <= len(body):
+                size = struct.unpack_from("!H", body, at + 1)[0]
+                if body[at] == 0:
+                    name = peeked_name(body[at + 3:at + 3 + size])
+                    break
+                at += 3 + size
+        elif kind == EXT_ALPN:              # protocol_name_list: (length, name)...
+            at = 2
+            while at < len(body):
+                size = body[at]
+                protocols.append(body[at + 1:at + 1 + size].decode("ascii", "replace"))
+                at += 1 + size
+    return name, protocols
+
+
+def request_head(data):
+    """(host or None, path) of the first HTTP request in `data`, once its head (request line
+    and headers) is complete; None until then; ValueError when it is no HTTP request. The
+    host is the Host header's, or the authority of an absolute-form target (RFC 9112 3.2.2)."""
+    if not REQUEST_START_RE.match(data):
+        raise ValueError("not an HTTP request")
+    end = HEAD_END_RE.search(data)
+    if end is None:
+        return None
+    lines = bytes(data[:end.start()]).decode("latin-1").split("\n")
+    parts = lines[0].strip().split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        raise ValueError("not an HTTP request line")
+    target, host = parts[1], None
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        authority, slash, path = rest.partition("/")
+        host, target = authority, slash + path or "/"
+    else:
+        for line in lines[1:]:
+            field, colon, value = line.partition(":")
+            if colon and field.strip().lower() == "host":
+                host = value.strip()
+                break
+    if host is not None:
+        host = host.rpartition("@")[2]
+        if host.startswith("["):
+            host = host.partition("]")[0] + "]"
+        elif host.rpartition(":")[2].isdigit() or host.endswith(":"):
+            host = host.rpartition(":")[0]
+        host = peeked_name(host.encode("latin-1"))
+    return host, target
+
+
+# ----------------------------------------------------------------------------------------------
 # PROXY protocol header (HAProxy doc/proxy-protocol.txt): pure functions, bytes out
 # ----------------------------------------------------------------------------------------------
 
@@ -1391,7 +1755,8 @@ SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)     # Linux: non-blocking fr
 STREAM_NONBLOCK = socket.SOCK_STREAM | SOCK_NONBLOCK
 
 # session stages (Session.stage)
-RESOLVING, CONNECTING, STREAMING, CLOSED = "resolving", "connecting", "streaming", "closed"
+PEEKING, RESOLVING, CONNECTING = "peeking", "resolving", "connecting"
+STREAMING, CLOSED = "streaming", "closed"
 
 # why an upstream attempt failed, as counted (the metrics' `reason` label)
 FAILURE_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
@@ -1482,11 +1847,12 @@ class Connector:
     The session drops its Connector once connected.
     """
 
-    __slots__ = ("session", "upstream_index", "host", "port", "addrs", "deadline", "error",
-                 "reason", "why", "address", "probe")
+    __slots__ = ("session", "route", "upstream_index", "host", "port", "addrs", "deadline",
+                 "error", "reason", "why", "address", "probe")
 
-    def __init__(self, session):
+    def __init__(self, session, route):
         self.session = session
+        self.route = route              # whose upstreams to try (None: not routed yet)
         self.upstream_index = 0         # the next upstream of the mapping to try
         self.host = self.port = self.addrs = None
         self.deadline = 0.0
@@ -1504,7 +1870,7 @@ class Connector:
         one tried before, if any, has failed: its Upstream counts it."""
         session = self.session
         server = session.server
-        upstreams = session.mapping.upstreams
+        upstreams = self.route.upstreams
         index = self.upstream_index
         table = server.upstreams
         if self.host is not None:
@@ -1551,7 +1917,11 @@ class Connector:
     def timed_out(self):
         """The current step ran past its deadline (called by the server's sweep)."""
         session = self.session
-        if session.stage is RESOLVING:
+        if session.stage is PEEKING:
+            session.unrouted("peek-timeout", "no complete %s within %gs" % (
+                session.mapping.router.kind == "tls" and "ClientHello" or "request head",
+                session.server.peek_timeout), "408 Request Timeout")
+        elif session.stage is RESOLVING:
             self.failure("resolve", "resolving %s timed out" % self.host)
             self.try_next_upstream()
         elif session.stage is CONNECTING:
@@ -1929,7 +2299,7 @@ class Session:
 
     __slots__ = ("server", "mapping", "client", "upstream", "peer", "target",
                  "stage", "started", "active_at", "up", "down", "connector", "end",
-                 "client_events", "upstream_events", "client_entry")
+                 "client_events", "upstream_events", "client_entry", "routing")
 
     def __init__(self, server, mapping, client, peer):
         self.server = server
@@ -1942,13 +2312,20 @@ class Session:
         self.started = self.active_at = server.now
         self.up = Flow()                # client -> upstream
         self.down = Flow()              # upstream -> client
-        self.connector = Connector(self)    # None once connected
+        self.connector = Connector(self, mapping.default)    # None once connected
         self.end = None                 # how it ended; the first FIN sets it
         self.client_events = self.upstream_events = 0
         self.client_entry = None        # the Clients entry counting this session
+        self.routing = None             # ' sni=NAME route=ITEM' for the line, once routed
 
     def start(self):
-        """Read the client while the connector looks for an upstream."""
+        """Read the client while the connector looks for an upstream; on a routed listener,
+        read its ClientHello (or request head) first, for its name (peek)."""
+        if self.mapping.router is not None:
+            self.stage = PEEKING
+            self.up.pending = bytearray()
+            self.connector.deadline = self.server.now + self.server.peek_timeout
+            return self.update_events()
         self.update_events()
         self.connector.try_next_upstream()
 
@@ -1968,6 +2345,8 @@ class Session:
                 if mask & READ:
                     if self.stage is STREAMING:
                         self.up.pull(self.client, self.upstream, relay)
+                    elif self.stage is PEEKING:
+                        self.peek()
                     else:
                         self.preread()
                 if mask & WRITE:
@@ -2026,13 +2405,65 @@ class Session:
         data = relay.view[:n].tobytes()
         up.pending = memoryview(data if up.pending is None else up.pending.tobytes() + data)
 
+    def peek(self):
+        """A routed listener: read what the client sends until its ClientHello (or request
+        head) is whole, then pick the route by its name and start connecting. What was read
+        is kept in `up.pending` and relayed, not consumed; at most PEEK_LIMIT bytes."""
+        up, relay, router = self.up, self.server.relay, self.mapping.router
+        held = up.pending
+        n = io(self.client.recv_into, self.client, relay.buffer, PEEK_LIMIT - len(held))
+        if n is None:
+            return
+        what = "ClientHello" if router.kind == "tls" else "request head"
+        if not n:
+            up.eof = True
+            return self.unrouted("client-fin", "the client closed before its %s was whole"
+                                 % what)
+        up.count += n
+        held += relay.view[:n]
+        try:
+            found = router.parse(held)
+        except ValueError as e:
+            return self.unrouted("peek-bad", str(e), "400 Bad Request")
+        if found is None:
+            if len(held) >= PEEK_LIMIT:
+                self.unrouted("peek-bad", "no whole %s in %d bytes" % (what, PEEK_LIMIT),
+                              "431 Request Header Fields Too Large")
+            return
+        name, extra = found
+        route, item = router.pick(name, extra)
+        self.routing = " %s=%s route=%s" % ("sni" if router.kind == "tls" else "host",
+                                            name or "-", item)
+        if route is None:
+            return self.unrouted("no-route", None, "421 Misdirected Request",
+                                 TLS_UNRECOGNIZED_NAME)
+        routed = self.mapping.routed
+        routed[item] = routed.get(item, 0) + 1
+        up.pending = memoryview(bytes(held))
+        self.connector.route = route
+        self.connector.try_next_upstream()
+
+    def unrouted(self, end, reason, status, alert=None):
+        """The client cannot be routed: an HTTP client hears `status`, a TLS client `alert`
+        (if any; else a plain close); count it, close."""
+        answer = alert if self.mapping.router.kind == "tls" else HTTP_ANSWERS[status]
+        if answer is not None and end != "client-fin":
+            try:
+                self.client.send(answer)
+                self.client.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        unrouted = self.mapping.unrouted
+        unrouted[end] = unrouted.get(end, 0) + 1
+        self.close(end, reason)
+
     def start_streaming(self):
         """The connect completed: the header and what the client sent so far leave in one
         send (one segment), then both directions stream."""
+        header = self.connector.route.header
         self.connector = None
         self.stage = STREAMING
         up = self.up
-        header = self.server.header
         if header is not None:
             head = header(self.peer, self.client.getsockname())
             up.pending = memoryview(head + up.pending.tobytes() if up.pending is not None else head)
@@ -2109,6 +2540,8 @@ def session_line(session, end, reason):
                session.server.now - session.started, end))
     if reason:
         line += ' reason="%s"' % reason.replace('"', "'")
+    if session.routing is not None:
+        line += session.routing
     return line
 
 
@@ -2234,11 +2667,13 @@ class Timeouts:
         self.half_close = options.half_close_timeout
         self.sweep_interval = max(0.05, min(1.0, options.idle_timeout / 4,
                                             options.connect_timeout / 4,
-                                            options.half_close_timeout / 4))
+                                            options.half_close_timeout / 4,
+                                            options.peek_timeout / 4))
 
     def sweep(self, sessions, now):
         """Close sessions silent both ways for the idle timeout (or, once one side has sent
-        FIN, for the half-close timeout); move on those whose lookup or connect is late."""
+        FIN, for the half-close timeout); move on those whose peek, lookup or connect is
+        late."""
         idle, half_closed = now - self.idle, now - self.half_close
         late = [s for s in sessions
                 if (s.active_at < (idle if s.end is None else half_closed)
@@ -2268,16 +2703,18 @@ class Server:
         self.listen_ports = {m.port for m in mappings}
         self.upstreams = {}             # (host, port) -> Upstream, shared by the mappings
         for mapping in mappings:
+            for route in mapping.routes:
+                route.header = HEADERS[route.proxy or options.proxy_protocol]
             for host, port in mapping.upstreams:
                 if (host, port) not in self.upstreams:
                     self.upstreams[host, port] = Upstream(host, port)
         self.own_addresses = {}         # (ip, port) -> is it our own listener?
         self.connect_timeout = options.connect_timeout
+        self.peek_timeout = options.peek_timeout
         self.drain_timeout = options.drain_timeout
         self.reload_drain = options.reload_drain
         self.drain_end = None           # the timer that ends the drain
         self.timeouts = Timeouts(options)
-        self.header = HEADERS[options.proxy_protocol]
         self.selector = selectors.DefaultSelector()
         self.now = time.monotonic()
         self.timers = Timers(self)
@@ -2521,7 +2958,9 @@ def stats_line(mappings, sessions, upstreams=()):
         row = (m.active, m.sessions, m.failed, m.up + live[m][0], m.down + live[m][1])
         totals = [a + b for a, b in zip(totals, row)]
         parts.append("%s active=%d sessions=%d failed=%d up=%d down=%d" % ((m.label,) + row)
-                     + "".join(" refused-%s=%d" % item for item in sorted(m.refused.items())))
+                     + "".join(" refused-%s=%d" % item for item in sorted(m.refused.items()))
+                     + "".join(" routed-%s=%d" % item for item in sorted(m.routed.items()))
+                     + "".join(" unrouted-%s=%d" % item for item in sorted(m.unrouted.items())))
     for upstream in upstreams:
         parts.append("upstream %s attempts=%d failed=%d skipped=%d%s" % (
             upstream.label, upstream.attempts, sum(upstream.failures.values()),
@@ -2617,9 +3056,16 @@ class Metrics:
                "by reason.", [(labels(upstream=u.label, reason=reason), count)
                               for u in upstreams for reason, count in sorted(u.failures.items())])
         family("refusals_total", "counter", "Clients closed unserved, by reason (no-upstream: "
-               "every upstream failed; per-client, per-client-rate: a limit; denied: the lists).",
+               "every upstream failed; per-client, per-client-rate: a limit; denied: the lists; "
+               "no-route, peek-timeout, peek-bad, client-fin: a listener routing by name found "
+               "no route, no whole ClientHello or request head, or the client left first).",
                [(labels(listen=m.label, reason=reason), count) for m in mappings
-                for reason, count in sorted(dict(m.refused, **{"no-upstream": m.failed}).items())])
+                for reason, count in sorted(dict(m.refused, **dict(
+                    m.unrouted, **{"no-upstream": m.failed})).items())])
+        family("routed_total", "counter", "Sessions of a listener routing by name, by the rule "
+               "that matched (default: the default route).",
+               [(labels(listen=m.label, route=item), count) for m in mappings
+                for item, count in sorted(m.routed.items())])
         family("clients_tracked", "gauge", "Clients (IPv4 addresses, IPv6 /64s) in the "
                "per-client table.", [("", len(server.clients.entries))])
         family("resolver_failures_total", "counter", "Upstream name lookups that failed.",
@@ -3167,22 +3613,29 @@ class Doctor:
             options.connect_timeout))
         for mapping in self.mappings:
             self.report([check_listen(mapping)])
-        # each upstream once per protocol its clients speak
+        # each upstream once per protocol its clients speak and header it reads
         upstreams = []
         for mapping in self.mappings:
-            for host, port in mapping.upstreams:
-                if (host, port, mapping.protocol) not in upstreams:
-                    upstreams.append((host, port, mapping.protocol))
+            for route in mapping.routes:
+                # a routed TLS upstream is greeted with the route's first name, as its
+                # clients are: the certificate it shows for them is the one to check
+                name = next((item for item in route.matches if NAME_RE.match(item) and
+                             not item.startswith("*")), None)
+                for host, port in route.upstreams:
+                    check = (host, port, mapping.protocol, route.proxy or options.proxy_protocol,
+                             name)
+                    if check not in upstreams:
+                        upstreams.append(check)
         results = [[] for _ in upstreams]
         threads = []
-        for (host, port, protocol), found in zip(upstreams, results):
+        for (host, port, protocol, kind, name), found in zip(upstreams, results):
             thread = threading.Thread(target=check_upstream, daemon=True, args=(
-                host, port, protocol, options, self.mappings, found))
+                host, port, protocol, kind, name, options, self.mappings, found))
             thread.start()
             threads.append(thread)
         # each step of a check is bounded; a lookup that hangs is the one thing that is not
         deadline = time.monotonic() + 4 * options.connect_timeout + 2 * PLAIN_WAIT + 5
-        for (host, port, _), thread, found in zip(upstreams, threads, results):
+        for (host, port, _, _, _), thread, found in zip(upstreams, threads, results):
             thread.join(max(0.0, deadline - time.monotonic()))
             lines = list(found)
             if thread.is_alive():
@@ -3257,9 +3710,10 @@ def port_owner(port):
     return None
 
 
-def check_upstream(host, port, protocol, options, mappings, lines):
-    """Resolve, connect, send the header a check sends, and hold the dialogue of
-    `protocol`; append a (status, topic, text) to `lines` for each finding."""
+def check_upstream(host, port, protocol, kind, name, options, mappings, lines):
+    """Resolve, connect, send the header a check sends (`kind`), and hold the dialogue of
+    `protocol` (a TLS one with server name `name`, if not None); append a (status, topic,
+    text) to `lines` for each finding."""
     timeout = options.connect_timeout
     started = time.monotonic()
     literal = literal_address(host, port)
@@ -3310,13 +3764,12 @@ def check_upstream(host, port, protocol, options, mappings, lines):
     source = plain_ip(src[0])
     text = "%s in %d ms from %s" % (format_address(*sockaddr[:2]), (time.monotonic() - started)
                                    * 1000, source)
-    kind = options.proxy_protocol
     if kind != "off":
         text += "; the mail server must trust PROXY headers from %s (exactly that address)" \
             % source
     lines.append(("ok", "connect", text))
     try:
-        talk(sock, format_address(*sockaddr[:2]), source, protocol, kind, timeout, lines)
+        talk(sock, format_address(*sockaddr[:2]), source, protocol, kind, timeout, lines, name)
     finally:
         sock.close()
 
@@ -3331,18 +3784,18 @@ def check_header(sock, kind):
     return b"", None
 
 
-def talk(sock, address, source, protocol, kind, timeout, lines):
+def talk(sock, address, source, protocol, kind, timeout, lines, name=None):
     """Send the header, then greet the server as a client of `protocol` would, and end
     politely; names what went wrong."""
     header, header_name = check_header(sock, kind)
     if header:
         sock.sendall(header)
     dialogue_name = IMPLICIT_TLS.get(protocol, protocol)
-    if protocol in IMPLICIT_TLS:
-        sock = check_tls(sock, address, dialogue_name, kind, timeout, lines)
-        if sock is None:
-            return
-    if protocol == "tcp":
+    if protocol in IMPLICIT_TLS or protocol in ("https", "tls"):
+        sock = check_tls(sock, address, dialogue_name, kind, timeout, lines, name)
+        if sock is None or protocol not in IMPLICIT_TLS:
+            return              # https, tls: the handshake is the check
+    if protocol in ("tcp", "http"):
         return lines.append(("ok", "tcp", "%s accepted the connection%s (no greeting to check "
                              "for an unknown protocol; name it as PORT/smtp, /imap ... to check "
                              "one)" % (address, " and the %s header" % kind if header else "")))
@@ -3420,7 +3873,7 @@ def quote(line):
     return '"%s"' % line.replace('"', "'")
 
 
-def check_tls(sock, address, protocol, kind, timeout, lines):
+def check_tls(sock, address, protocol, kind, timeout, lines, name=None):
     """The TLS handshake of an implicit-TLS port (no verification needed to pass): the
     TLS socket, or None after a FAIL line."""
     import ssl
@@ -3436,7 +3889,7 @@ def check_tls(sock, address, protocol, kind, timeout, lines):
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        tls = context.wrap_socket(sock, do_handshake_on_connect=False)
+        tls = context.wrap_socket(sock, do_handshake_on_connect=False, server_hostname=name)
         tls.settimeout(timeout)
         tls.do_handshake()
     except socket.timeout:
@@ -3456,6 +3909,8 @@ def check_tls(sock, address, protocol, kind, timeout, lines):
         return None
     names, days = certificate_names(tls.getpeercert(binary_form=True))
     text = "%s %s, certificate for %s" % (address, tls.version(), ",".join(names) or "no name")
+    if name is not None:
+        text += " (asked for %s)" % name
     status = "ok"
     if days is not None:
         text += ", expires in %d days" % days if days >= 0 else ", EXPIRED %d days ago" % -days
