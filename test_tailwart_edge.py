@@ -582,6 +582,103 @@ def test_header_v2_mixed_families_is_unspec():
 
 
 # ----------------------------------------------------------------------------------------------
+# Routing codec: the ClientHello's server name and ALPN, an HTTP request's Host (unit, `routing`)
+# ----------------------------------------------------------------------------------------------
+
+def client_hello_bytes(name, alpn=None):
+    """The first flight of a real TLS client (Python's ssl): one record holding its ClientHello."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def records(message, sizes):
+    """A handshake message cut into TLS records of the given sizes (the rest in the last)."""
+    out, pos = [], 0
+    for size in list(sizes) + [len(message)]:
+        part = message[pos:pos + size]
+        if part:
+            out.append(b"\x16\x03\x01" + struct.pack("!H", len(part)) + part)
+        pos += len(part)
+    return b"".join(out)
+
+
+def test_routing_codec_client_hello_name_and_alpn_only_once_whole():
+    hello = client_hello_bytes("Mail.Example.COM.", ["acme-tls/1", "h2"])
+    assert edge.client_hello(hello) == ("mail.example.com", ["acme-tls/1", "h2"])
+    assert all(edge.client_hello(hello[:n]) is None for n in range(len(hello)))
+    assert edge.client_hello(client_hello_bytes(None)) == (None, [])
+
+
+@pytest.mark.parametrize("sizes", [[1] * 600, [3, 100], [4], [200, 200]],
+                         ids=["1-byte-records", "3-100-rest", "4-rest", "200-200-rest"])
+def test_routing_codec_client_hello_over_several_records(sizes):
+    message = client_hello_bytes("a.b.example.com")[5:]
+    data = records(message, sizes)
+    assert edge.client_hello(data) == ("a.b.example.com", [])
+    assert all(edge.client_hello(data[:n]) is None for n in range(0, len(data), 7))
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"GET / HTTP/1.1\r\n", "not a TLS ClientHello"),
+    (b"\x80\x2e\x01\x00\x02", "not a TLS ClientHello"),                 # SSL 2 hello
+    (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", "does not start with a ClientHello"),
+    (b"\x16\x03\x01\x00\x09\x01\x00\x50\x00", "over 16384"),  # 20,480: refused from its header
+    (b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\x03\x03\x00\x00", "malformed"),
+    (records(b"\x01\x00\x00\x08abcd", [6]) + b"\x17\x03\x03\x00\x01x", "not the ClientHello"),
+])
+def test_routing_codec_client_hello_refuses_what_is_not_one(data, why):
+    with pytest.raises(ValueError) as raised:
+        edge.client_hello(data)
+    assert why in str(raised.value)
+
+
+def test_routing_codec_request_head():
+    head = edge.request_head
+    assert head(b"GET /.well-known/acme-challenge/t HTTP/1.1\r\nHost: Mail.Example.com:80\r\n\r\n") \
+        == ("mail.example.com", "/.well-known/acme-challenge/t")
+    assert head(b"GET http://autoconfig.example.com/x HTTP/1.1\r\nHost: other\r\n\r\n") == \
+        ("autoconfig.example.com", "/x")
+    assert head(b"GET / HTTP/1.0\n\n") == (None, "/")
+    assert head(b"GET / HTTP/1.1\r\nhost:[2001:db8::1]:80\r\n\r\n") == (None, "/")
+    assert head(b"GET / HTTP/1.1\r\nHost: x") is None and head(b"GE") is None
+    for bad in (b"\x16\x03\x01", b"GET /\r\n\r\n", b"HELLO WORLD\r\n\r\n"):
+        with pytest.raises(ValueError):
+            head(bad)
+
+
+def test_routing_codec_the_most_specific_rule_wins():
+    _, mappings = edge.parse_args([
+        "8443/tls@alpn:acme-tls/1=acme:1", "8443/tls@mail.example.com=mail:1",
+        "8443/tls@*.example.com=wild:1", "8443/tls@*.b.example.com=deeper:1",
+        "8443/tls=web:1"])
+    [mapping] = mappings
+    pick = lambda name, alpn=(): (lambda r: (r[0].upstreams[0][0], r[1]))(
+        mapping.router.pick(name, list(alpn)))
+    assert pick("mail.example.com", ["acme-tls/1"]) == ("acme", "alpn:acme-tls/1")
+    assert pick("mail.example.com", ["h2"]) == ("mail", "mail.example.com")
+    assert pick("x.example.com") == ("wild", "*.example.com")
+    assert pick("x.b.example.com") == ("deeper", "*.b.example.com")
+    assert pick("example.com") == ("web", "default")
+    assert pick(None) == ("web", "default")
+    _, [http] = edge.parse_args(["80@mail.example.com/.well-known/acme-challenge/=mail:80",
+                                 "80@/.well-known/=any:80", "80@mail.example.com=web:80"])
+    route = lambda host, path: http.router.pick(host, path)[0].upstreams[0][0]
+    assert route("mail.example.com", "/.well-known/acme-challenge/t") == "mail"
+    assert route("www.example.com", "/.well-known/acme-challenge/t") == "any"
+    assert route("mail.example.com", "/") == "web"
+    assert http.router.pick("www.example.com", "/") == (None, "-")
+
+
+# ----------------------------------------------------------------------------------------------
 # End to end: the real script on loopback
 # ----------------------------------------------------------------------------------------------
 
