@@ -3292,6 +3292,9 @@ class Reload:
             write_reload_status("ok pid=%s" % rest)
             log(NOTICE, "reload: pid=%s took over; draining %s (up to %gs)"
                 % (rest, plural(len(server.sessions), "session"), server.reload_drain))
+            # the new process is our child: should it end before our drain does (a stop),
+            # it must not stay a zombie in the unit's cgroup, where systemd SIGKILLs it
+            server.timers.call_later(REAP_EVERY, self.reap, [child, None])
             return server.begin_drain(server.reload_drain, handed_over=True)
         write_reload_status("failed %s" % rest)
         log(WARNING, "reload failed: %s" % rest)
@@ -3305,13 +3308,14 @@ class Reload:
         self.channel, self.received = None, b""
 
     def reap(self, state):
-        """Collect a failed new process's exit status (never blocking), killing it if it
-        lingers."""
+        """Collect a new process's exit status once it ends (never blocking): a failed one,
+        killed if it lingers past `tries` turns, or (tries None) the one that took over."""
         child, tries = state
-        if child.poll() is None:
-            if tries <= 0:
-                child.kill()
-            state[1] -= 1
+        if child is not None and child.poll() is None:
+            if tries is not None:
+                if tries <= 0:
+                    child.kill()
+                state[1] -= 1
             self.server.timers.call_later(REAP_EVERY, self.reap, state)
 
     def abort(self):

@@ -4731,6 +4731,29 @@ BAD_SETTINGS = [
 ]
 
 
+def test_reload_the_old_process_reaps_the_new_one_that_ends_first(relays):
+    """The new process is the old one's child. Should it end while the old one still drains
+    (`systemctl stop` ends both), the old one reaps it: a zombie left in the unit's cgroup
+    until the old process's drain ended was SIGKILLed by systemd at stop (seen in the nspawn
+    test under load)."""
+    port = free_port()
+    with Upstream(hashing_echo({})) as up:
+        proxy = relays.start("127.0.0.1:%d=%s" % (port, up.address))
+        old = proxy.pid
+        session = LongSession(port, b"keeps it busy")     # the old process drains it
+        try:
+            new, draining = relays.reload(proxy, old)
+            assert draining == 1
+            os.kill(new, signal.SIGTERM)
+            eventually(lambda: process_state(new) in (None, "Z", "X"))
+            eventually(lambda: process_state(new) is None, timeout=5)   # reaped, not a zombie
+            assert relays.alive(old)
+        finally:
+            session.finish()
+            assert session.join()
+        assert relays.wait_gone(old) == 0
+
+
 @pytest.mark.parametrize("bad, message", BAD_SETTINGS, ids=[b for b, _ in BAD_SETTINGS])
 def test_reload_with_a_bad_settings_file_fails_and_the_old_process_keeps_serving(
         relays, tmp_path, bad, message):
