@@ -2443,10 +2443,10 @@ class Session:
         self.connector.route = route
         self.connector.try_next_upstream()
 
-    def unrouted(self, end, reason, status, alert=None):
+    def unrouted(self, end, reason, status=None, alert=None):
         """The client cannot be routed: an HTTP client hears `status`, a TLS client `alert`
         (if any; else a plain close); count it, close."""
-        answer = alert if self.mapping.router.kind == "tls" else HTTP_ANSWERS[status]
+        answer = alert if self.mapping.router.kind == "tls" else HTTP_ANSWERS.get(status)
         if answer is not None and end != "client-fin":
             try:
                 self.client.send(answer)

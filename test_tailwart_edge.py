@@ -7,8 +7,9 @@ interpreter; the tests themselves run under the interpreter that runs pytest.
 Sections: command line and header codec (unit), the relay end to end, real peers (`interop`:
 Postfix, HAProxy, nginx, Dovecot), systemd (`systemd`), then the doctor (`check`), metrics and
 visible failures (`metrics`, `visible`), refusals, passive health and per-client limits
-(`refusal`, `health`, `limit`). Real-peer and systemd tests skip when their
-software is missing, naming the package; TAILWART_REQUIRE_PEERS=1 (set by CI) makes that a failure.
+(`refusal`, `health`, `limit`), routing by server name and HTTP Host (`routing`). Real-peer and
+systemd tests skip when their software is missing, naming the package; TAILWART_REQUIRE_PEERS=1
+(set by CI) makes that a failure.
 """
 
 import contextlib
@@ -7132,3 +7133,938 @@ def test_visible_stopping_without_sessions_adds_no_hint():
     with Edge("127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())) as proxy:
         assert proxy.stop() == 0
         assert proxy.wait_for(r"\bstopping active=").endswith(" stopping active=0 drain=30s")
+
+
+# -- Routing by server name (SNI) and HTTP Host (issue 14) -------------------------------------
+#
+# One listener, several routes: real TLS servers (Python's ssl, each with its own self-signed
+# certificate; the mail one behind a PROXY v2 parser) and small HTTP servers as the routes'
+# upstreams, real clients (Python's ssl, openssl s_client, urllib, curl) in front. A client sees
+# the certificate (or the answer) of the server its name picks; the log and `stats` say which
+# rule did. The unit tests of the codec are above (`Routing codec`).
+
+try:
+    import ssl
+except ImportError:             # a Python built without it: the TLS routing tests skip
+    ssl = None
+
+ROUTING_NAMES = {"mail": "mail.example.com", "web": "www.example.net"}
+TLS_UNRECOGNIZED_NAME_ALERT = b"\x15\x03\x03\x00\x02\x02\x70"   # RFC 6066 section 3, fatal
+PEEK_BOUND = 10                 # seconds within which --peek-timeout 1 must have closed
+
+
+@pytest.fixture(scope="module")
+def routing_certificates(tmp_path_factory):
+    """{role: (certificate path, key path, certificate DER)} for the two TLS servers, made by
+    the openssl command-line tool (self-signed, CN and subjectAltName the role's name)."""
+    if ssl is None:
+        unavailable("this Python has no ssl module")
+    openssl = need_tool("openssl")
+    directory = tmp_path_factory.mktemp("routing-certificates")
+    made = {}
+    for role, name in ROUTING_NAMES.items():
+        certificate, key = str(directory / (role + ".pem")), str(directory / (role + ".key"))
+        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                        "/CN=" + name, "-addext", "subjectAltName=DNS:" + name,
+                        "-keyout", key, "-out", certificate], check=True, timeout=WAIT,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with open(certificate) as f:
+            made[role] = (certificate, key, ssl.PEM_cert_to_DER_cert(f.read()))
+    return made
+
+
+def proxy_v2_addresses(header):
+    """((client ip, port), (server ip, port)) of a v2 PROXY TCP4 header; AssertionError else."""
+    assert header[:12] == SIG and header[12:16] == b"\x21\x11\x00\x0c", header
+    ports = struct.unpack("!HH", header[24:28])
+    return ((socket.inet_ntop(socket.AF_INET, header[16:20]), ports[0]),
+            (socket.inet_ntop(socket.AF_INET, header[20:24]), ports[1]))
+
+
+class TlsServer(Upstream):
+    """A TLS server with its own certificate, as a route's upstream. With proxy=True it first
+    reads a PROXY v2 header and records the addresses in it (`headers`); without, it checks the
+    stream starts with a TLS record (no header). After the handshake it says `ROLE SNI ALPN\\n`
+    (as it saw them, '-' for none), then reads until the client closes."""
+
+    def __init__(self, role, certificate, proxy, host="127.0.0.1"):
+        path, key, self.der = certificate
+        self.role, self.proxy = role, proxy
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(path, key)
+        self.context.set_alpn_protocols(["acme-tls/1", "http/1.1"])     # what routes may offer
+        self.context.sni_callback = self._server_name
+        self.seen = threading.local()       # the SNI of this thread's handshake
+        self.headers = []                   # (client, server) of each PROXY header
+        self.served = []                    # (SNI, ALPN) of each completed handshake
+        super().__init__(self._serve_tls, host=host)
+
+    def _server_name(self, tls, name, context):
+        self.seen.name = name
+
+    def _serve_tls(self, conn):
+        if self.proxy:
+            self.headers.append(proxy_v2_addresses(read_proxy_header(conn)))
+        else:
+            first = conn.recv(1, socket.MSG_PEEK)
+            assert first == b"\x16", "%s: a stream that is not TLS: %r" % (self.role, first)
+        self.seen.name = None
+        with self.context.wrap_socket(conn, server_side=True) as tls:
+            alpn = tls.selected_alpn_protocol()
+            self.served.append((self.seen.name, alpn))
+            tls.sendall(("%s %s %s\n" % (self.role, self.seen.name or "-", alpn or "-")).encode())
+            try:
+                while tls.recv(4096):
+                    pass
+            except OSError:
+                pass                        # a client gone without close_notify
+
+
+@pytest.fixture
+def tls_upstreams(routing_certificates):
+    """{"mail": TLS server behind a PROXY v2 parser, "web": TLS server taking no header}."""
+    with TlsServer("mail", routing_certificates["mail"], proxy=True) as mail, \
+            TlsServer("web", routing_certificates["web"], proxy=False) as web:
+        yield {"mail": mail, "web": web}
+        assert not mail.errors and not web.errors, mail.errors + web.errors
+
+
+def client_context(alpn=None):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False          # self-signed: the test compares certificates
+    context.verify_mode = ssl.CERT_NONE
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+def line_from(read, limit=4096):
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = read(limit - len(line))
+        if not chunk:
+            raise EOFError("closed after %r" % line)
+        line += chunk
+        assert len(line) < limit, line
+    return line.decode()
+
+
+def tls_client(port, name, alpn=None):
+    """One session through the edge by Python's ssl client: (the server certificate's DER,
+    the server's line, the client's address)."""
+    with connect(("127.0.0.1", port)) as raw:
+        with client_context(alpn).wrap_socket(raw, server_hostname=name) as tls:
+            return tls.getpeercert(binary_form=True), line_from(tls.recv), tls.getsockname()
+
+
+class TlsOverMemory:
+    """A TLS client (ssl.SSLObject over memory) on a socket the test writes itself: its first
+    flight can be sent in any shape, then the handshake goes on as usual."""
+
+    def __init__(self, sock, name, alpn=None):
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context(alpn).wrap_bio(self.incoming, self.outgoing,
+                                                 server_hostname=name)
+        with pytest.raises(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        self.hello = self.outgoing.read()       # the ClientHello, in one record
+        assert self.hello[0] == 0x16 and len(self.hello) == 5 + struct.unpack(
+            "!H", self.hello[3:5])[0], self.hello[:5]
+
+    def _pump(self, step):
+        """step() until it stops wanting to read: bytes out to the socket, socket to bytes in."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                return step()
+            except ssl.SSLWantReadError:
+                pass
+            pending = self.outgoing.read()
+            if pending:
+                self.sock.sendall(pending)
+            assert time.monotonic() < deadline, "no progress in %ds" % WAIT
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("the connection closed during TLS")
+            self.incoming.write(data)
+
+    def finish_handshake(self):
+        self._pump(self.tls.do_handshake)
+        self.sock.sendall(self.outgoing.read())     # the client's Finished
+        return self.tls.getpeercert(binary_form=True)
+
+    def read_line(self):
+        return line_from(lambda n: self._pump(lambda: self.tls.read(n)))
+
+
+def routed_tls_edge(up, *options, default=True, protocol="tls"):
+    """(edge, port): one TLS listener whose names mail.example.com and alpn:acme-tls/1, and
+    *.example.com (a route of its own), go to up["mail"] (global v2 header), the rest (default
+    route) to up["web"] with /proxy=off; without a default route when default=False."""
+    def build(port):
+        listen, mail = "127.0.0.1:%d/%s" % (port, protocol), up["mail"].address
+        words = ["%s@mail.example.com,alpn:acme-tls/1=%s" % (listen, mail),
+                 "%s@*.example.com=%s" % (listen, mail)]
+        if default:
+            words.append("%s=%s/proxy=off" % (listen, up["web"].address))
+        return list(options) + words
+    return Edge.on_free_port(build)
+
+
+def session_of(proxy, client, timeout=WAIT):
+    """The session line of the client at (ip, port)."""
+    return proxy.wait_for(r"\bsession client=%s:%d " % (re.escape(client[0]), client[1]),
+                          timeout)
+
+
+def routing_fields(line):
+    """(sni or host, NAME, ITEM): the fields a routed session's line ends with."""
+    found = re.search(r" end=\S+(?: reason=\"[^\"]*\")? (sni|host)=(\S+) route=(\S+)$", line)
+    assert found, line
+    return found.groups()
+
+
+def listener_stats(line, port):
+    """The part of a `stats` line about the listener on 127.0.0.1:port."""
+    for part in line.split(" | "):
+        if part.startswith("127.0.0.1:%d " % port):
+            return part
+    raise AssertionError("no 127.0.0.1:%d in %s" % (port, line))
+
+
+def closed_quietly(sock, timeout=PEEK_BOUND):
+    """What the edge sent before it closed the connection (EOF within `timeout`)."""
+    sock.settimeout(timeout)
+    return recv_all(sock)
+
+
+# -- TLS: which certificate each client sees ---------------------------------------------------
+
+TLS_ROUTES = [
+    # server_hostname, ALPN offered, the server expected, sni= and route= in the session line
+    ("mail.example.com", None, "mail", "mail.example.com", "mail.example.com"),
+    ("Mail.Example.COM.", None, "mail", "mail.example.com", "mail.example.com"),
+    ("a.example.com", None, "mail", "a.example.com", "*.example.com"),
+    ("a.b.example.com", None, "mail", "a.b.example.com", "*.example.com"),
+    ("example.com", None, "web", "example.com", "default"),
+    ("www.example.net", None, "web", "www.example.net", "default"),
+    (None, None, "web", "-", "default"),
+    ("www.example.net", ["acme-tls/1"], "mail", "www.example.net", "alpn:acme-tls/1"),
+    ("www.example.net", ["h2", "http/1.1"], "web", "www.example.net", "default"),
+]
+
+
+@pytest.mark.parametrize("name, alpn, role, sni, item", TLS_ROUTES,
+                         ids=["%s-%s" % (n, ",".join(a or ["no-alpn"])) for n, a, *_ in TLS_ROUTES])
+def test_routing_tls_python_client_sees_its_routes_certificate(tls_upstreams, name, alpn, role,
+                                                               sni, item):
+    proxy, port = routed_tls_edge(tls_upstreams)
+    with proxy:
+        der, line, client = tls_client(port, name, alpn)
+        assert der == tls_upstreams[role].der
+        assert line.split()[0] == role, line
+        if alpn == ["acme-tls/1"]:
+            assert line.split()[2] == "acme-tls/1", line
+        assert routing_fields(session_of(proxy, client)) == ("sni", sni, item)
+
+
+@pytest.mark.parametrize("protocol", ["https", "smtps", "imaps", "pop3s"])
+def test_routing_tls_on_each_tls_first_protocol(tls_upstreams, protocol):
+    proxy, port = routed_tls_edge(tls_upstreams, protocol=protocol)
+    with proxy:
+        for name, role in [("mail.example.com", "mail"), ("www.example.net", "web")]:
+            der, line, _ = tls_client(port, name)
+            assert der == tls_upstreams[role].der and line.startswith(role + " "), line
+
+
+OPENSSL_ROUTES = [
+    (["-servername", "mail.example.com"], "mail"),
+    (["-servername", "Www.Example.NET"], "web"),
+    (["-servername", "x.y.example.com"], "mail"),
+    (["-noservername"], "web"),
+    (["-servername", "www.example.net", "-alpn", "acme-tls/1"], "mail"),
+]
+
+
+@pytest.mark.parametrize("arguments, role", OPENSSL_ROUTES,
+                         ids=[" ".join(a) for a, _ in OPENSSL_ROUTES])
+def test_routing_tls_openssl_s_client_sees_its_routes_certificate(tls_upstreams, arguments, role):
+    openssl = need_tool("openssl")
+    proxy, port = routed_tls_edge(tls_upstreams)
+    with proxy:
+        done = subprocess.run([openssl, "s_client", "-connect", "127.0.0.1:%d" % port]
+                              + arguments, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True, timeout=WAIT)
+        found = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n",
+                          done.stdout, re.S)
+        assert found, done.stdout
+        assert ssl.PEM_cert_to_DER_cert(found.group(0)) == tls_upstreams[role].der
+        assert re.search(r"^subject=\s*CN\s*=\s*%s$" % re.escape(ROUTING_NAMES[role]),
+                         done.stdout, re.M), done.stdout
+        if "-alpn" in arguments:
+            assert "ALPN protocol: acme-tls/1" in done.stdout, done.stdout
+        proxy.wait_for(r"\bsession client=.* sni=\S+ route=\S+$")
+
+
+def test_routing_tls_proxy_header_on_one_route_and_not_the_other(tls_upstreams):
+    """The mail route takes the global v2 header, with the real client and the address it
+    dialled; the default route (/proxy=off) gets the ClientHello first (TlsServer checks)."""
+    proxy, port = routed_tls_edge(tls_upstreams)
+    mail, web = tls_upstreams["mail"], tls_upstreams["web"]
+    with proxy:
+        _, line, client = tls_client(port, "mail.example.com")
+        assert line.startswith("mail ")
+        assert mail.headers == [(client, ("127.0.0.1", port))]
+        _, line, client = tls_client(port, "www.example.net")
+        assert line.startswith("web ") and web.served == [("www.example.net", None)]
+        assert len(mail.headers) == 1
+
+
+def test_routing_tls_start_up_log_has_a_line_per_route(tls_upstreams):
+    proxy, port = routed_tls_edge(tls_upstreams)
+    mail, web = tls_upstreams["mail"].address, tls_upstreams["web"].address
+    with proxy:
+        listen = proxy.wait_for(r"\blisten addr=127\.0\.0\.1:%d " % port)
+        assert re.search(r" upstream=%s,%s proxy=v2\b" % (re.escape(mail), re.escape(web)),
+                         listen), listen
+        for match, upstream, version in [("mail.example.com,alpn:acme-tls/1", mail, "v2"),
+                                         ("*.example.com", mail, "v2"), ("default", web, "off")]:
+            line = proxy.wait_for(r"\broute listen=127\.0\.0\.1:%d match=%s " % (
+                port, re.escape(match)))
+            assert line.endswith(" upstream=%s proxy=%s" % (upstream, version)), line
+
+
+# -- TLS: the ClientHello in pieces ------------------------------------------------------------
+
+def test_routing_tls_client_hello_one_byte_per_segment_arrives_whole(tls_upstreams):
+    received = []
+
+    def recorder(conn):
+        header = read_proxy_header(conn)
+        received.append((header, recv_exactly(conn, len(hello))))
+        conn.sendall(b"ok")
+    hello = client_hello_bytes("mail.example.com")
+    with Upstream(recorder) as up:
+        proxy, port = Edge.on_free_port(lambda port: [
+            "--peek-timeout", "60", "127.0.0.1:%d/tls@mail.example.com=%s" % (port, up.address),
+            "127.0.0.1:%d/tls=%s/proxy=off" % (port, tls_upstreams["web"].address)])
+        with proxy, connect(("127.0.0.1", port)) as c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(len(hello)):         # at most a few KiB: a few seconds at most
+                c.sendall(hello[i:i + 1])
+                time.sleep(0.001)
+            assert recv_exactly(c, 2) == b"ok"
+            client = c.getsockname()
+            assert received == [(expected_v2(client, ("127.0.0.1", port)), hello)]
+            c.close()
+            assert routing_fields(session_of(proxy, client)) == \
+                ("sni", "mail.example.com", "mail.example.com")
+
+
+@pytest.mark.parametrize("name, role, item", [("mail.example.com", "mail", "mail.example.com"),
+                                              ("www.example.net", "web", "default")])
+def test_routing_tls_client_hello_over_three_records_completes_the_handshake(
+        tls_upstreams, name, role, item):
+    """The ClientHello cut into three TLS records (its 4-byte message header split too): the
+    edge routes by it and relays it unchanged, so the server's handshake completes."""
+    proxy, port = routed_tls_edge(tls_upstreams)
+    with proxy, connect(("127.0.0.1", port)) as c:
+        client = TlsOverMemory(c, name)
+        message = client.hello[5:]
+        c.sendall(records(message, [3, len(message) // 2]))
+        assert client.finish_handshake() == tls_upstreams[role].der
+        assert client.read_line().startswith(role + " " + name + " ")
+        address = c.getsockname()
+        c.close()
+        assert routing_fields(session_of(proxy, address)) == ("sni", name, item)
+
+
+def padded_client_hello(name, size):
+    """A real ClientHello message (handshake header and body) grown by a padding extension
+    (RFC 7685) to a body of `size` bytes."""
+    body = client_hello_bytes(name)[9:]
+    pos = 2 + 32                                            # legacy_version, random
+    pos += 1 + body[pos]                                    # legacy_session_id
+    pos += 2 + struct.unpack_from("!H", body, pos)[0]       # cipher_suites
+    pos += 1 + body[pos]                                    # legacy_compression_methods
+    extensions = body[pos + 2:]
+    assert len(extensions) == struct.unpack_from("!H", body, pos)[0]
+    pad = size - pos - 2 - len(extensions) - 4
+    extensions += struct.pack("!HH", 21, pad) + bytes(pad)
+    body = body[:pos] + struct.pack("!H", len(extensions)) + extensions
+    assert len(body) == size
+    return b"\x01" + struct.pack("!I", size)[1:] + body
+
+
+@pytest.mark.parametrize("size", [edge.HELLO_LIMIT, edge.HELLO_LIMIT + 1],
+                         ids=["16384", "16385"])
+def test_routing_tls_client_hello_of_16_kib_routes_and_one_byte_more_is_peek_bad(
+        tls_upstreams, size):
+    """The bound: a ClientHello of 16 KiB (two records, as it must be) is routed and relayed
+    whole; one byte more is refused from its header."""
+    received = []
+    data = records(padded_client_hello("mail.example.com", size), [16384])
+
+    def recorder(conn):
+        header = read_proxy_header(conn)
+        received.append((header, recv_exactly(conn, len(data))))
+        conn.sendall(b"ok")
+    with Upstream(recorder) as up:
+        proxy, port = Edge.on_free_port(lambda port: [
+            "127.0.0.1:%d/tls@mail.example.com=%s" % (port, up.address),
+            "127.0.0.1:%d/tls=%s/proxy=off" % (port, tls_upstreams["web"].address)])
+        with proxy, connect(("127.0.0.1", port)) as c:
+            try:
+                c.sendall(data)
+                answer = closed_quietly(c, WAIT) if size > edge.HELLO_LIMIT else recv_exactly(c, 2)
+            except (ConnectionResetError, BrokenPipeError):
+                answer = "reset"                # refused before it read the rest: fine too
+            client = c.getsockname()
+            c.close()
+            line = session_of(proxy, client)
+            if size == edge.HELLO_LIMIT:
+                assert answer == b"ok"
+                assert received == [(expected_v2(client, ("127.0.0.1", port)), data)]
+                assert routing_fields(line) == ("sni", "mail.example.com", "mail.example.com")
+            else:
+                assert answer in (b"", "reset")
+                assert " end=peek-bad" in line and not up.conns, line
+
+
+@pytest.mark.parametrize("relay", ["auto", "copy"])
+def test_routing_tls_bytes_after_the_client_hello_stream_intact(tls_upstreams, relay):
+    """What the client sends with and after its ClientHello (read with it by the peek, or
+    not) reaches the route's upstream in order, and 1 MiB streams back intact."""
+    rng = random.Random(1414)
+    hello = client_hello_bytes("mail.example.com")
+    payload = hello + rng.getrandbits(8 << 20).to_bytes(1 << 20, "big")
+    with Upstream(header_echo) as up:
+        proxy, port = Edge.on_free_port(lambda port: [
+            "--relay", relay, "127.0.0.1:%d/tls@mail.example.com=%s" % (port, up.address),
+            "127.0.0.1:%d/tls=%s/proxy=off" % (port, tls_upstreams["web"].address)])
+        with proxy, connect(("127.0.0.1", port)) as c:
+
+            def send():
+                c.sendall(payload)
+                c.shutdown(socket.SHUT_WR)
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            assert recv_all(c) == payload
+            sender.join(WAIT)
+            client = c.getsockname()
+            c.close()
+            line = session_of(proxy, client)
+            assert " up=%d down=%d " % (len(payload), len(payload)) in line, line
+            assert routing_fields(line) == ("sni", "mail.example.com", "mail.example.com")
+
+
+# -- TLS: clients that cannot be routed --------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [b"GET / HTTP/1.0\r\n\r\n",
+                                     bytes([7]) + random.Random(14).randbytes(63)
+                                     if hasattr(random.Random, "randbytes") else b"\x07" * 64],
+                         ids=["http-request", "random-bytes"])
+def test_routing_tls_garbage_is_closed_as_peek_bad(tls_upstreams, payload):
+    proxy, port = routed_tls_edge(tls_upstreams, "--peek-timeout", "1")
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(payload)
+        assert closed_quietly(c) == b""         # no plaintext into a TLS stream
+        line = session_of(proxy, c.getsockname())
+        assert re.search(r" end=peek-bad reason=\"[^\"]+\"", line), line
+        assert not tls_upstreams["mail"].conns and not tls_upstreams["web"].conns
+
+
+@pytest.mark.parametrize("sent", [0, 40], ids=["nothing", "part-of-a-client-hello"])
+def test_routing_tls_silence_is_closed_at_the_peek_timeout(tls_upstreams, sent):
+    proxy, port = routed_tls_edge(tls_upstreams, "--peek-timeout", "1")
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(client_hello_bytes("mail.example.com")[:sent])
+        assert closed_quietly(c) == b""
+        assert " end=peek-timeout" in session_of(proxy, c.getsockname())
+        assert not tls_upstreams["mail"].conns and not tls_upstreams["web"].conns
+
+
+def test_routing_tls_client_closing_before_its_client_hello_is_whole(tls_upstreams):
+    proxy, port = routed_tls_edge(tls_upstreams)
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(client_hello_bytes("mail.example.com")[:40])
+        c.shutdown(socket.SHUT_WR)
+        assert closed_quietly(c) == b""
+        assert " end=client-fin" in session_of(proxy, c.getsockname())
+        assert not tls_upstreams["mail"].conns and not tls_upstreams["web"].conns
+        assert re.search(r" unrouted-client-fin=1\b", listener_stats(edge_stats(proxy), port))
+
+
+def test_routing_tls_upstream_down_is_a_plain_close(tls_upstreams):
+    dead = free_port()
+    proxy, port = Edge.on_free_port(lambda port: [
+        "--connect-timeout", "2", "127.0.0.1:%d/tls@mail.example.com=127.0.0.1:%d" % (port, dead),
+        "127.0.0.1:%d/tls=%s/proxy=off" % (port, tls_upstreams["web"].address)])
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(client_hello_bytes("mail.example.com"))
+        assert closed_quietly(c, WAIT) == b""       # no plaintext into a TLS stream
+        line = session_of(proxy, c.getsockname())
+        assert " end=connect-failed" in line, line
+        assert routing_fields(line) == ("sni", "mail.example.com", "mail.example.com")
+
+
+@pytest.mark.parametrize("name", ["www.example.net", None], ids=["unknown-name", "no-sni"])
+def test_routing_tls_no_route_and_no_default_sends_unrecognized_name(tls_upstreams, name):
+    proxy, port = routed_tls_edge(tls_upstreams, default=False)
+    with proxy:
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(client_hello_bytes(name))
+            assert closed_quietly(c, WAIT) == TLS_UNRECOGNIZED_NAME_ALERT
+            line = session_of(proxy, c.getsockname())
+        assert " end=no-route" in line and re.search(r" sni=%s " % re.escape(name or "-"), line), \
+            line
+        with pytest.raises(ssl.SSLError) as refused:
+            tls_client(port, name)
+        assert "UNRECOGNIZED_NAME" in str(refused.value).upper(), refused.value
+        assert not tls_upstreams["mail"].conns and not tls_upstreams["web"].conns
+
+
+def test_routing_stats_count_routed_items_and_unrouted_reasons(tls_upstreams):
+    """USR1: per listener, routed-ITEM=N for each rule that matched (default too) and
+    unrouted-REASON=N for each way a client went unrouted (client-fin: in its own tests)."""
+    strict = []                                 # the listener without a default route
+
+    def build(port):
+        strict[:] = [free_port()]
+        return ["--peek-timeout", "1",
+                "127.0.0.1:%d/tls@mail.example.com=%s" % (port, tls_upstreams["mail"].address),
+                "127.0.0.1:%d/tls@*.example.com=%s" % (port, tls_upstreams["mail"].address),
+                "127.0.0.1:%d/tls=%s/proxy=off" % (port, tls_upstreams["web"].address),
+                "127.0.0.1:%d/tls@mail.example.com=%s" % (strict[0],
+                                                         tls_upstreams["mail"].address)]
+    proxy, port = Edge.on_free_port(build)
+    with proxy:
+        clients = [tls_client(port, name)[2] for name in
+                   ("mail.example.com", "mail.example.com", "a.example.com", None)]
+        for payload in (b"GET / HTTP/1.0\r\n\r\n", b""):      # peek-bad, peek-timeout
+            with connect(("127.0.0.1", port)) as c:
+                c.sendall(payload)
+                assert closed_quietly(c) == b""
+                clients.append(c.getsockname())
+        with connect(("127.0.0.1", strict[0])) as c:
+            c.sendall(client_hello_bytes("www.example.net"))
+            assert closed_quietly(c) == TLS_UNRECOGNIZED_NAME_ALERT
+            clients.append(c.getsockname())
+        for client in clients:
+            session_of(proxy, client)
+        line = edge_stats(proxy)
+    routed = listener_stats(line, port)
+    for count in ("routed-mail.example.com=2", "routed-*.example.com=1", "routed-default=1",
+                  "unrouted-peek-bad=1", "unrouted-peek-timeout=1"):
+        assert " %s" % count in routed + " ", line
+    assert "no-route" not in routed, line
+    assert re.search(r" unrouted-no-route=1\b", listener_stats(line, strict[0])), line
+
+
+def test_routing_exposition_counts_routed_items_and_unrouted_reasons(tls_upstreams):
+    """/metrics: tailwart_edge_routed_total{listen,route} per rule that matched, and the
+    refusal reasons no-route and peek-bad in tailwart_edge_refusals_total."""
+    ports = {}
+
+    def build(port):
+        ports.update(strict=free_port(), metrics=free_port())
+        return ["--metrics", "127.0.0.1:%d" % ports["metrics"],
+                "127.0.0.1:%d/tls@mail.example.com=%s" % (port, tls_upstreams["mail"].address),
+                "127.0.0.1:%d/tls@*.example.com=%s" % (port, tls_upstreams["mail"].address),
+                "127.0.0.1:%d/tls=%s/proxy=off" % (port, tls_upstreams["web"].address),
+                "127.0.0.1:%d/tls@mail.example.com=%s" % (ports["strict"],
+                                                         tls_upstreams["mail"].address)]
+    proxy, port = Edge.on_free_port(build)
+    with proxy:
+        for name in ("mail.example.com", "a.example.com", "a.example.com", None):
+            tls_client(port, name)
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert closed_quietly(c) == b""
+        with connect(("127.0.0.1", ports["strict"])) as c:
+            c.sendall(client_hello_bytes("www.example.net"))
+            assert closed_quietly(c) == TLS_UNRECOGNIZED_NAME_ALERT
+        wait_sessions(proxy, 6)
+        metrics = scrape(ports["metrics"])
+    listen, strict = "127.0.0.1:%d" % port, "127.0.0.1:%d" % ports["strict"]
+    assert metrics.families["tailwart_edge_routed_total"]["type"] == "counter"
+    assert sorted(counted(metrics, "tailwart_edge_routed_total"), key=repr) == sorted([
+        ({"listen": listen, "route": "mail.example.com"}, 1),
+        ({"listen": listen, "route": "*.example.com"}, 2),
+        ({"listen": listen, "route": "default"}, 1)], key=repr)
+    assert sorted(counted(metrics, "tailwart_edge_refusals_total"), key=repr) == sorted([
+        ({"listen": listen, "reason": "peek-bad"}, 1),
+        ({"listen": strict, "reason": "no-route"}, 1)], key=repr)
+
+
+# -- HTTP: Host routing on a plain HTTP listener -----------------------------------------------
+
+class HttpServer(Upstream):
+    """A small HTTP/1.1 server as a route's upstream: it answers each request (keep-alive)
+    with `ROLE HOST PATH\\n`. With proxy=True it first reads a PROXY v2 header and records its
+    addresses (`headers`); without, it checks the stream starts with a request line."""
+
+    def __init__(self, role, proxy, host="127.0.0.1"):
+        self.role, self.proxy = role, proxy
+        self.headers = []
+        self.requests = []                  # (Host header, path) of each request
+        super().__init__(self._serve_http, host=host)
+
+    def _serve_http(self, conn):
+        if self.proxy:
+            self.headers.append(proxy_v2_addresses(read_proxy_header(conn)))
+        data = b""
+        for _ in range(100):                # requests on one connection, at most
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+                assert len(data) < 65536, data[:200]
+            head, _, data = data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            request = re.match(r"([A-Z]+) (\S+) HTTP/1\.[01]$", lines[0])
+            assert request, "%s: not a request line: %r" % (self.role, lines[0])
+            fields = dict((name.strip().lower(), value.strip()) for name, _, value in
+                          (line.partition(":") for line in lines[1:]))
+            host, path = fields.get("host", "-"), request.group(2)
+            self.requests.append((host, path))
+            body = ("%s %s %s\n" % (self.role, host, path)).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d"
+                         b"\r\n\r\n" % len(body) + body)
+            if fields.get("connection", "").lower() == "close":
+                return
+
+
+@pytest.fixture
+def http_upstreams():
+    """{"mail": HTTP server behind a PROXY v2 parser, "web": one taking no header}."""
+    with HttpServer("mail", proxy=True) as mail, HttpServer("web", proxy=False) as web:
+        yield {"mail": mail, "web": web}
+        assert not mail.errors and not web.errors, mail.errors + web.errors
+
+
+HTTP_MAIL_MATCHES = ("mail.example.com/.well-known/acme-challenge/,autoconfig.example.com,"
+                     "*.example.org")
+
+
+def routed_http_edge(up, *options, default=True, mail=None):
+    """(edge, port): one HTTP listener whose mail names (the ACME path of mail.example.com,
+    autoconfig.example.com, *.example.org) go to up["mail"] (global v2 header), the rest
+    (default route) to up["web"] with /proxy=off."""
+    def build(port):
+        words = ["127.0.0.1:%d/http@%s=%s" % (port, HTTP_MAIL_MATCHES, mail or up["mail"].address)]
+        if default:
+            words.append("127.0.0.1:%d/http=%s/proxy=off" % (port, up["web"].address))
+        return list(options) + words
+    return Edge.on_free_port(build)
+
+
+def urllib_get(port, host, path, timeout=WAIT):
+    """(status, body) of a GET by urllib to the edge with that Host header, no proxy."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path),
+                                     headers={"Host": host})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read().decode()
+
+
+HTTP_ROUTES = [
+    # Host, path, the server expected, host= and route= in the session line
+    ("autoconfig.example.com", "/mail/config-v1.1.xml", "mail", "autoconfig.example.com",
+     "autoconfig.example.com"),
+    ("Autoconfig.Example.COM:80", "/", "mail", "autoconfig.example.com", "autoconfig.example.com"),
+    ("mail.example.com", "/.well-known/acme-challenge/Zm9v", "mail", "mail.example.com",
+     "mail.example.com/.well-known/acme-challenge/"),
+    ("mail.example.com", "/", "web", "mail.example.com", "default"),
+    ("mail.example.com", "/.well-known/other", "web", "mail.example.com", "default"),
+    ("a.b.example.org", "/", "mail", "a.b.example.org", "*.example.org"),
+    ("example.org", "/", "web", "example.org", "default"),
+    ("www.example.net", "/.well-known/acme-challenge/Zm9v", "web", "www.example.net", "default"),
+]
+
+
+@pytest.mark.parametrize("host, path, role, name, item", HTTP_ROUTES,
+                         ids=["%s%s" % (h, p) for h, p, *_ in HTTP_ROUTES])
+def test_routing_http_urllib_host_picks_the_upstream(http_upstreams, host, path, role, name,
+                                                     item):
+    proxy, port = routed_http_edge(http_upstreams)
+    with proxy:
+        status, body = urllib_get(port, host, path)
+        assert (status, body) == (200, "%s %s %s\n" % (role, host, path))
+        line = proxy.wait_for(r"\bsession client=.* host=%s route=%s$" % (
+            re.escape(name), re.escape(item)))
+        client = re.search(r"client=(\S+):(\d+) ", line).groups()
+    headers = http_upstreams["mail"].headers
+    assert headers == ([((client[0], int(client[1])), ("127.0.0.1", port))] if role == "mail"
+                       else [])
+
+
+def test_routing_http_curl_host_picks_the_upstream(http_upstreams):
+    curl = need_tool("curl")
+    proxy, port = routed_http_edge(http_upstreams)
+    with proxy:
+        for path, role in [("/.well-known/acme-challenge/Zm9v", "mail"), ("/", "web")]:
+            url = "http://mail.example.com:%d%s" % (port, path)
+            done = subprocess.run([curl, "-sS", "--noproxy", "*", "--max-time", str(WAIT),
+                                   "--resolve", "mail.example.com:%d:127.0.0.1" % port, url],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, universal_newlines=True,
+                                  timeout=WAIT + 5)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout == "%s mail.example.com:%d %s\n" % (role, port, path)
+        assert len(http_upstreams["mail"].requests) == len(http_upstreams["web"].requests) == 1
+
+
+def test_routing_http_first_request_decides_the_whole_connection(http_upstreams):
+    proxy, port = routed_http_edge(http_upstreams)
+    with proxy:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        try:
+            for host in ("autoconfig.example.com", "www.example.net"):
+                connection.request("GET", "/", headers={"Host": host})
+                response = connection.getresponse()
+                assert response.read().decode() == "mail %s /\n" % host
+        finally:
+            connection.close()
+        assert len(http_upstreams["mail"].headers) == 1 and not http_upstreams["web"].requests
+        line = proxy.wait_for(r"\bsession client=")
+        assert routing_fields(line) == ("host", "autoconfig.example.com", "autoconfig.example.com")
+
+
+def test_routing_http_absolute_form_target_names_the_host(http_upstreams):
+    """A request to a proxy names its host in the target (RFC 9112 3.2.2): that host routes,
+    whatever the Host header says."""
+    proxy, port = routed_http_edge(http_upstreams)
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(b"GET http://autoconfig.example.com/x HTTP/1.1\r\nHost: www.example.net\r\n"
+                  b"Connection: close\r\n\r\n")
+        assert recv_all(c).endswith(
+            b"\r\n\r\nmail www.example.net http://autoconfig.example.com/x\n")
+        client = c.getsockname()
+        c.close()                               # the session ends, its line is written
+        assert routing_fields(session_of(proxy, client)) == \
+            ("host", "autoconfig.example.com", "autoconfig.example.com")
+
+
+def test_routing_http_client_closing_before_its_head_is_whole(http_upstreams):
+    proxy, port = routed_http_edge(http_upstreams)
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: mail.exa")
+        c.shutdown(socket.SHUT_WR)
+        assert closed_quietly(c) == b""         # nobody left to read an answer
+        assert " end=client-fin" in session_of(proxy, c.getsockname())
+        assert not http_upstreams["mail"].conns and not http_upstreams["web"].conns
+        assert re.search(r" unrouted-client-fin=1\b", listener_stats(edge_stats(proxy), port))
+
+
+def test_routing_http_no_route_and_no_default_is_421(http_upstreams):
+    proxy, port = routed_http_edge(http_upstreams, default=False)
+    with proxy:
+        assert urllib_get(port, "www.example.net", "/") == (421, "")
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: mail.example.com\r\n\r\n")
+            assert closed_quietly(c, WAIT) == (b"HTTP/1.1 421 Misdirected Request\r\n"
+                                               b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            line = session_of(proxy, c.getsockname())
+        assert " end=no-route" in line and " host=mail.example.com " in line, line
+        assert not http_upstreams["mail"].conns and not http_upstreams["web"].conns
+
+
+@pytest.mark.parametrize("payload", [b"HELLO WORLD\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00"],
+                         ids=["not-a-request", "tls-to-http"])
+def test_routing_http_garbage_is_400(http_upstreams, payload):
+    proxy, port = routed_http_edge(http_upstreams, "--peek-timeout", "1")
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(payload)
+        assert closed_quietly(c).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        assert " end=peek-bad" in session_of(proxy, c.getsockname())
+        assert not http_upstreams["mail"].conns and not http_upstreams["web"].conns
+
+
+@pytest.mark.parametrize("payload", [b"", b"GET / HTTP/1.1\r\nHost: mail.exa"],
+                         ids=["nothing", "part-of-a-head"])
+def test_routing_http_silence_is_408(http_upstreams, payload):
+    proxy, port = routed_http_edge(http_upstreams, "--peek-timeout", "1")
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(payload)
+        assert closed_quietly(c).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert " end=peek-timeout" in session_of(proxy, c.getsockname())
+        assert not http_upstreams["mail"].conns and not http_upstreams["web"].conns
+
+
+def test_routing_http_head_over_the_bound_is_431(http_upstreams):
+    proxy, port = routed_http_edge(http_upstreams)
+    head = b"GET / HTTP/1.1\r\nHost: mail.example.com\r\nX-Filler: "
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(head + b"a" * (edge.PEEK_LIMIT + 1024 - len(head)))   # over the bound, no end
+        assert closed_quietly(c, WAIT).startswith(b"HTTP/1.1 431 ")
+        assert " end=peek-bad" in session_of(proxy, c.getsockname())
+
+
+def test_routing_http_head_of_16_kib_routes(http_upstreams):
+    proxy, port = routed_http_edge(http_upstreams)
+    head = b"GET / HTTP/1.1\r\nHost: autoconfig.example.com\r\nConnection: close\r\nX-Filler: "
+    head += b"a" * (16 * 1024 - len(head) - 4) + b"\r\n\r\n"
+    with proxy, connect(("127.0.0.1", port)) as c:
+        c.sendall(head)
+        assert recv_all(c).endswith(b"\r\n\r\nmail autoconfig.example.com /\n")
+
+
+def test_routing_http_upstream_down_is_503(http_upstreams):
+    proxy, port = routed_http_edge(http_upstreams, "--connect-timeout", "2",
+                                   mail="127.0.0.1:%d" % free_port())
+    with proxy:
+        assert urllib_get(port, "autoconfig.example.com", "/") == (503, "")
+        assert routing_fields(proxy.wait_for(r"\bsession client=.* end=connect-failed\b")) == \
+            ("host", "autoconfig.example.com", "autoconfig.example.com")
+
+
+def test_routing_proxy_option_on_a_plain_mapping_sets_its_header():
+    """/proxy=... after the upstreams works without routes too: v1 here, off there, while
+    --proxy-protocol says v2."""
+    got, other = [], []
+    with Upstream(lambda conn: capture_header(conn, got)) as v1, Upstream(echo) as off:
+
+        def build(port):
+            other[:] = [free_port()]
+            return ["127.0.0.1:%d=%s/proxy=v1" % (port, v1.address),
+                    "127.0.0.1:%d=%s/proxy=off" % (other[0], off.address)]
+        proxy, port = Edge.on_free_port(build)
+        with proxy:
+            with connect(("127.0.0.1", port)) as c:
+                c.sendall(b"hello\r\n")
+                assert recv_exactly(c, 2) == b"ok"
+                client = c.getsockname()
+            assert got == [(edge.proxy_header_v1(client, ("127.0.0.1", port)), b"hello\r\n")]
+            assert round_trip(other[0], b"no header\r\n") == b"no header\r\n"
+
+
+# -- configuration: refused at start -----------------------------------------------------------
+
+ROUTING_REFUSED = [
+    (["25@mail.example.com=127.0.0.1:25"], r"PORT/tls.*PORT/http"),
+    (["143@mail.example.com=127.0.0.1:143"], r"PORT/tls.*PORT/http"),
+    (["2525/tcp@mail.example.com=127.0.0.1:25"], r"PORT/tls.*PORT/http"),
+    (["8443/tls@mail.example.com=127.0.0.1:1", "8443/tls=127.0.0.1:2", "8443/tls=127.0.0.1:3"],
+     r"both the default route"),
+    (["8443/tls@mail.example.com,Mail.Example.com.=127.0.0.1:1"], r"mail\.example\.com.* twice"),
+    (["8443/tls@mail.example.com=127.0.0.1:1", "8443/tls@mail.example.com=127.0.0.1:2"],
+     r"mail\.example\.com"),
+    (["8443/tls@mail.example.com=127.0.0.1:1/proxy=v3"], r"/proxy=v2, /proxy=v1 or /proxy=off"),
+    (["8443/tls=127.0.0.1:1", "8443/tls=127.0.0.1:2"], r"collides"),    # two defaults, no route
+    (["80@alpn:acme-tls/1=127.0.0.1:1"], r"ALPN is TLS's"),
+    (["8443/tls@mail.example.com/.well-known/=127.0.0.1:1"], r"a path is HTTP's"),
+    (["--peek-timeout", "0", "8443/tls@mail.example.com=127.0.0.1:1"],
+     r"--peek-timeout: '0' is not a positive number"),
+]
+
+
+@pytest.mark.parametrize("argv, message", ROUTING_REFUSED,
+                         ids=[" ".join(a) for a, _ in ROUTING_REFUSED])
+def test_routing_config_error_exits_2_with_one_line(argv, message):
+    code, out, err = run_script(*argv)
+    assert (code, out) == (2, ""), (code, out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tailwart_edge.py: error: "), lines[0]
+    assert re.search(message, lines[0]), lines[0]
+
+
+# -- real peers: HAProxy and nginx parse the header of their route only ------------------------
+
+@pytest.mark.parametrize("peer_name", ["haproxy", "nginx"])
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_interop_routing_peer_logs_the_real_client_of_its_route_only(request, peer_name, version):
+    """The TLS listener's mail.example.com route goes to the peer with a header (the global
+    --proxy-protocol is off, the route says /proxy=VERSION); the peer echoes the ClientHello
+    back and logs the real client; the default route's upstream gets no header."""
+    fixture = request.getfixturevalue(peer_name)
+    peer, peer_port = fixture[:2]
+    log_path = fixture[2] if len(fixture) > 2 else None
+    others = []
+
+    def headerless(conn):
+        others.append(recv_exactly(conn, len(other_hello)))
+        conn.sendall(b"ok")
+    hello, other_hello = client_hello_bytes("mail.example.com"), client_hello_bytes("other.example")
+    with Upstream(headerless) as default:
+        proxy, port = Edge.on_free_port(lambda port: [
+            "--proxy-protocol", "off",
+            "127.0.0.1:%d/tls@mail.example.com=127.0.0.1:%d/proxy=%s" % (port, peer_port, version),
+            "127.0.0.1:%d/tls=%s" % (port, default.address)])
+        with proxy:
+            with connect(("127.0.0.1", port), source="127.0.0.77") as c:
+                c.sendall(hello)
+                assert recv_exactly(c, len(hello)) == hello         # the peer's echo
+                client, server = c.getsockname(), c.getpeername()
+            found = peer.wait_log(r"^session client=%s (?:frontend|server)=(\S+)$"
+                                  % re.escape(addr(client)), path=log_path)
+            assert found.group(1) == addr(server)
+            with connect(("127.0.0.1", port), source="127.0.0.77") as c:
+                c.sendall(other_hello)
+                assert recv_exactly(c, 2) == b"ok"
+            assert others == [other_hello]
+            proxy.stop()
+
+
+# -- the README's case in a settings file ------------------------------------------------------
+
+def test_routing_settings_file_from_the_readme_parses_and_serves(tmp_path, routing_certificates):
+    """The README's /etc/default/tailwart-edge for sharing 443 and 80 (PORTS= over several
+    lines), with the mail ports left out, 443 and 80 moved to free ports on 127.0.0.1, the
+    local web servers at their 127.0.0.1 ports and UPSTREAM=127.0.0.2 (where the mail
+    servers listen on the same port numbers, as Stalwart does on the tailnet)."""
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+    except OSError:
+        unavailable("127.0.0.2 is not a loopback address here")
+    block = readme_block("UPSTREAM=stalwart.tail7b1641.ts.net")
+    web_tls = TlsServer("web", routing_certificates["web"], proxy=False)
+    web_http = HttpServer("web", proxy=False)
+    with web_tls, web_http, contextlib.ExitStack() as servers:
+        for attempt in range(5):                # a mail server's port taken on 127.0.0.1: again
+            mail_tls = servers.enter_context(TlsServer(
+                "mail", routing_certificates["mail"], proxy=True, host="127.0.0.2"))
+            mail_http = servers.enter_context(HttpServer("mail", proxy=True, host="127.0.0.2"))
+            ports = block
+            for old, new in [("25 465 587 143 993 4190", ""),
+                             ("443@", "127.0.0.1:%d/https@" % mail_tls.port),
+                             ("443=127.0.0.1:8443", "127.0.0.1:%d/https=%s" % (
+                                 mail_tls.port, web_tls.address)),
+                             ("80@", "127.0.0.1:%d/http@" % mail_http.port),
+                             ("80=127.0.0.1:8080", "127.0.0.1:%d/http=%s" % (
+                                 mail_http.port, web_http.address))]:
+                assert old in ports, (old, block)
+                ports = ports.replace(old, new, 1)
+            path = tmp_path / "tailwart-edge"
+            path.write_text("UPSTREAM=127.0.0.2\n" + ports)
+            try:
+                proxy = Edge("--settings", str(path), tries=1)
+                break
+            except PortInUse:
+                if attempt == 4:
+                    raise
+        with proxy:
+            for name, alpn, server in [("mail.example.com", None, mail_tls),
+                                       ("autoconfig.example.com", None, mail_tls),
+                                       ("mta-sts.example.com", None, mail_tls),
+                                       ("www.example.net", ["acme-tls/1"], mail_tls),
+                                       ("www.example.net", None, web_tls), (None, None, web_tls)]:
+                der, line, client = tls_client(mail_tls.port, name, alpn)
+                assert der == server.der and line.startswith(server.role + " "), (name, line)
+            assert len(mail_tls.headers) == 4 and len(web_tls.served) == 2
+            for host, role in [("mail.example.com", "mail"), ("mta-sts.example.com", "mail"),
+                               ("www.example.net", "web")]:
+                status, body = urllib_get(mail_http.port, host, "/.well-known/x")
+                assert (status, body) == (200, "%s %s /.well-known/x\n" % (role, host))
+            assert len(mail_http.headers) == 2
+            assert not mail_tls.errors and not mail_http.errors
+        assert not web_tls.errors and not web_http.errors
