@@ -3,22 +3,29 @@
 
 Run by hand (not in CI), as root or with enough file descriptors, on an idle machine:
 
-    python3 bench_tailwart_edge.py                 # everything, ~12-15 minutes
+    python3 bench_tailwart_edge.py                 # everything, ~15 minutes
     python3 bench_tailwart_edge.py --quick         # a smoke run for development, ~2 minutes
     python3 bench_tailwart_edge.py --only bulk,idle --candidates haproxy,tailwart-splice
 
 Every scenario runs every candidate in the same run; the candidates take turns
 (round-robin, one measurement each per repetition, the order rotated every
 repetition) and each figure is the median of --reps repetitions (default 3).
-It prints Markdown tables (ratios against HAProxy and against no proxy), a
-"targets" section, and writes the raw figures to --json (default
-bench-results.json, gitignored). Loopback only; everything it starts is
-stopped by PID when it ends, also on Ctrl-C.
+It prints a summary table in the README's form (a column per candidate, a row
+per figure), the Markdown tables of each scenario (ratios against HAProxy
+default, HAProxy tuned and no proxy), a "targets" section, and writes the raw
+figures to --json (default bench-results.json, gitignored). The header gives
+the CPU model, the kernel and the load average at start and end; a run whose
+1-minute load average was above 0.5 at the start is flagged NOISY there, above
+the summary table and in the JSON ("noisy"). Loopback only; everything it
+starts is stopped by PID when it ends, also on Ctrl-C.
 
 Candidates
   direct            no proxy: the client talks to the upstream itself
-  haproxy           HAProxy `mode tcp`, nbthread 1, `send-proxy-v2` where there is a header
-  haproxy-splice    the same plus `option splice-request` + `option splice-response` (bulk only)
+  haproxy           HAProxy `mode tcp`, nbthread 1, `send-proxy-v2` where there is a header,
+                    default buffers (tune.bufsize 16 KiB)
+  haproxy-tuned     the same with `tune.bufsize 262144` (256 KiB, the relay's old chunk size)
+  haproxy-splice    haproxy-tuned plus `option splice-auto` (the kernel moves the bytes when
+                    HAProxy thinks it pays)
   nginx             nginx stream, worker_processes 1, `proxy_protocol on` where there is a
                     header (nginx can only send PROXY v1, the text form)
   socat             `socat TCP-LISTEN:...,fork TCP:...` (a process per connection; it cannot
@@ -27,6 +34,7 @@ Candidates
   tailwart-splice   tailwart_edge.py --relay splice -q
   tailwart-copy     tailwart_edge.py --relay copy -q
   (tailwart runs with -q, no line per session, since the others log nothing per connection.)
+  CPU is measured for every candidate but direct (there is no relay process; shown as "-").
 
 Scenarios
   bulk   iperf3 -c through the proxy to `iperf3 -s`: 1 and 4 streams (-P), both directions
@@ -35,12 +43,17 @@ Scenarios
          +cstime from /proc/PID/stat summed over the proxy's process tree (root PID and every
          descendant found through PPid at that moment), read before and after each iperf3
          run. cutime/cstime include children that exited and were reaped meanwhile (socat's
-         per-connection processes). GB = bytes the iperf3 receiver got / 1e9.
+         per-connection processes). GB = bytes the iperf3 receiver got / 1e9. The "after"
+         reading waits (up to 3 s) until the tree is back to its size before the run, so no
+         child is being reaped while it is read (it would be counted nowhere).
   conn   new connections per second with a PROXY header: wrk -H 'Connection: close' to an
          nginx HTTP upstream started by the bench, on a `listen ... proxy_protocol` listener
-         (so a real receiver parses every header); direct hits its plain listener.
+         (so a real receiver parses every header); direct hits its plain listener. CPU µs
+         per connection: the proxy's CPU (same /proc sum as for bulk, read before and after
+         wrk) / the requests wrk completed (one connection each).
   keepalive  requests per second and p50/p99 latency over kept-alive connections
-         (wrk --latency, -c 16 -t 1) through the proxy with the header, same upstream.
+         (wrk --latency, -c 16 -t 1) through the proxy with the header, same upstream; CPU µs
+         per request as for conn.
   idle   N (default 9,000) relayed connections held open: a client process opens them
          through the proxy to a stdlib selectors echo server (a separate process, which strips
          a PROXY v1/v2 header; the proxies send the header here as in conn/keepalive). Measured:
@@ -74,7 +87,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CANDIDATES = ("direct", "haproxy", "haproxy-splice", "nginx", "socat",
+CANDIDATES = ("direct", "haproxy", "haproxy-tuned", "haproxy-splice", "nginx", "socat",
               "tailwart-splice", "tailwart-copy")
 B_CANDIDATES = ("tailwart-splice-b", "tailwart-copy-b")   # with --script-b
 SCENARIOS = ("bulk", "conn", "keepalive", "idle")
@@ -84,6 +97,8 @@ BULK_TESTS = [("1 stream", 1, False), ("1 stream -R", 1, True),
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+NOISY_LOAD = 0.5                # 1-minute load average at start above this: the run is NOISY
+HAPROXY_TUNED_BUFSIZE = 262144  # issue 15: HAProxy with the relay's old 256 KiB chunks
 
 
 def say(*parts):
@@ -262,6 +277,16 @@ def cpu_seconds(roots):
     return total / TICK
 
 
+def cpu_seconds_at_rest(roots, processes, timeout=3.0):
+    """cpu_seconds(roots) once the tree is back to `processes` processes (waiting at most
+    `timeout` s). A per-connection child (socat) reaped while the tree is read is counted
+    neither on its own nor in its parent's cutime yet: that lost up to 2/3 of socat's CPU."""
+    deadline = time.monotonic() + timeout
+    while len(tree(roots)) > processes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cpu_seconds(roots)
+
+
 def memory(roots):
     """(RSS, PSS) in bytes summed over the process tree. PSS splits shared pages among the
     processes sharing them, so it does not count a forked child's copy of its parent twice."""
@@ -428,26 +453,35 @@ class Direct(Candidate):
 
 
 class HAProxy(Candidate):
+    """HAProxy `mode tcp`: default (16 KiB buffers), tuned (bufsize 256 KiB) or tuned with
+    `option splice-auto`."""
+
     needs = ("haproxy",)
 
-    def __init__(self, env, splice=False):
+    def __init__(self, env, name="haproxy", bufsize=None, splice=False):
         Candidate.__init__(self, env)
+        self.name = name
+        self.bufsize = bufsize
         self.splice = splice
-        self.name = "haproxy-splice" if splice else "haproxy"
 
     def start(self, upstream, header, idle, plain_upstream=None):
         self.port = free_port()
+        maxconn = self.env.idle_conns + 500 if idle else 4000
+        tuning = "    tune.bufsize %d\n" % self.bufsize if self.bufsize else ""
+        if self.splice:
+            # HAProxy reserves 2 descriptors per pipe (default maxconn / 4 pipes) and refuses
+            # to start above the hard RLIMIT_NOFILE: 9,500 connections need 23,764 at 20,000
+            tuning += "    maxpipes %d\n" % max(16, min(
+                maxconn // 4, (self.env.nofile - 2 * maxconn - 200) // 2))
         cfg = os.path.join(self.env.tmp, "%s-%d.cfg" % (self.name, self.port))
         with open(cfg, "w") as f:
-            f.write("global\n    nbthread 1\n    maxconn %d\n\n"
-                    "defaults\n    mode tcp\n    timeout connect 10s\n"
+            f.write("global\n    nbthread 1\n    maxconn %d\n%s\n"
+                    "defaults\n    mode tcp\n%s    timeout connect 10s\n"
                     "    timeout client 1h\n    timeout server 1h\n\n"
-                    "listen bench\n    bind 127.0.0.1:%d\n%s"
+                    "listen bench\n    bind 127.0.0.1:%d\n"
                     "    server up 127.0.0.1:%d%s\n"
-                    % (self.env.idle_conns + 500 if idle else 4000, self.port,
-                       "    option splice-request\n    option splice-response\n"
-                       if self.splice else "",
-                       upstream, " send-proxy-v2" if header else ""))
+                    % (maxconn, tuning, "    option splice-auto\n" if self.splice else "",
+                       self.port, upstream, " send-proxy-v2" if header else ""))
         self.proc = self.env.procs.start(self.name, ["haproxy", "-db", "-f", cfg])
         wait_until(lambda: listening(self.port), 10, self.proc, self.env.procs, self.name)
         return self.port
@@ -545,7 +579,9 @@ def make_candidates(env):
     return dict({
         "direct": Direct(env),
         "haproxy": HAProxy(env),
-        "haproxy-splice": HAProxy(env, splice=True),
+        "haproxy-tuned": HAProxy(env, "haproxy-tuned", bufsize=HAPROXY_TUNED_BUFSIZE),
+        "haproxy-splice": HAProxy(env, "haproxy-splice", bufsize=HAPROXY_TUNED_BUFSIZE,
+                                  splice=True),
         "nginx": NginxStream(env),
         "socat": Socat(env),
         "tailwart-splice": Tailwart(env, "splice"),
@@ -651,6 +687,7 @@ def run_iperf3(env, port, streams, reverse, roots):
     if reverse:
         argv.append("-R")
     last = None
+    resting = len(tree(roots)) if roots else 0
     for attempt in range(3):
         cpu0 = cpu_seconds(roots) if roots else None
         t0 = time.monotonic()
@@ -661,7 +698,7 @@ def run_iperf3(env, port, streams, reverse, roots):
             last = "iperf3 timed out"
             continue
         wall = time.monotonic() - t0
-        cpu1 = cpu_seconds(roots) if roots else None
+        cpu1 = cpu_seconds_at_rest(roots, resting) if roots else None
         try:
             doc = json.loads(out)
         except ValueError:
@@ -695,13 +732,14 @@ def run_wrk(env, port, close, roots):
     if close:
         argv += ["-H", "Connection: close"]
     argv.append("http://127.0.0.1:%d/" % port)
+    resting = len(tree(roots)) if roots else 0
     cpu0 = cpu_seconds(roots) if roots else None
     try:
         out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, timeout=env.seconds + 30).stdout
     except subprocess.TimeoutExpired:
         return {"error": "wrk timed out"}
-    cpu1 = cpu_seconds(roots) if roots else None
+    cpu1 = cpu_seconds_at_rest(roots, resting) if roots else None
     text = out.decode(errors="replace")
     res = {}
     m = re.search(r"Requests/sec:\s+([0-9.]+)", text)
@@ -719,8 +757,10 @@ def run_wrk(env, port, close, roots):
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     res["non2xx"] = int(m.group(1)) if m else 0
     if cpu0 is not None and res.get("requests"):
+        # with Connection: close every request is a connection of its own
         res["cpu_s"] = cpu1 - cpu0
-        res["cpu_us_per_req"] = res["cpu_s"] / res["requests"] * 1e6
+        res["cpu_us_per_conn" if close else "cpu_us_per_req"] = \
+            res["cpu_s"] / res["requests"] * 1e6
     return res
 
 
@@ -1003,7 +1043,8 @@ def record(env, scenario, test, cand, rep, res, notes=""):
     row.update(res)
     env.runs.append(row)
     brief = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()
-             if k in ("gbps", "cpu_s_per_gb", "rps", "p50_ms", "p99_ms", "socket_errors",
+             if k in ("gbps", "cpu_s_per_gb", "rps", "p50_ms", "p99_ms", "cpu_us_per_conn",
+                      "cpu_us_per_req", "socket_errors",
                       "non2xx", "establish_s", "rss_per_conn", "echo_correct", "error")}
     note("%s/%s rep %d %s: %s" % (scenario, test, rep + 1, cand.name, brief))
 
@@ -1048,7 +1089,6 @@ def scenario_http(env, cands, which):
         for s in which:
             env.skip(s, "nginx not found for the HTTP upstream (apt-get install -y nginx)")
         return
-    cands = [c for c in cands if c.name != "haproxy-splice"]
     server, pp, plain = start_http_upstream(env)
     if not http_check(plain):
         env.procs.stop(server)
@@ -1083,8 +1123,7 @@ def scenario_idle(env, cands):
             if c.name == "socat":
                 env.skip_candidate("idle", "socat", "forks a process per connection "
                                    "(--idle-socat to include it)")
-    cands = [c for c in cands if c.name != "haproxy-splice"
-             and (c.name != "socat" or env.idle_socat)]
+    cands = [c for c in cands if c.name != "socat" or env.idle_socat]
     echo = LineProc(env, "echo-server", [env.python_self, os.path.abspath(__file__),
                                          "--_role", "echo"])
     try:
@@ -1111,24 +1150,39 @@ def scenario_idle(env, cands):
 # Report
 # ----------------------------------------------------------------------------------------------
 
+H, HT, D = "haproxy", "haproxy-tuned", "direct"     # the references of the ratios
+LABELS = {"direct": "direct", "haproxy": "HAProxy", "haproxy-tuned": "HAProxy tuned",
+          "haproxy-splice": "HAProxy tuned splice-auto", "nginx": "nginx", "socat": "socat",
+          "tailwart-splice": "tailwart splice", "tailwart-copy": "tailwart copy",
+          "tailwart-splice-b": "tailwart splice B", "tailwart-copy-b": "tailwart copy B"}
+HEADER_NOTES = {"nginx": "v1", "socat": "no header"}   # what they send instead of PROXY v2
+
+
 def values(env, scenario, test, cand, key):
     return [r[key] for r in env.runs if r["scenario"] == scenario and r["test"] == test
             and r["candidate"] == cand and r.get(key) is not None and "error" not in r]
 
 
-def med(env, scenario, test, cand, key):
-    v = values(env, scenario, test, cand, key)
+def median_or_none(v):
     return statistics.median(v) if v else None
 
 
-def spread(env, scenario, test, cand, key, fmt):
-    v = values(env, scenario, test, cand, key)
+def med(env, scenario, test, cand, key):
+    return median_or_none(values(env, scenario, test, cand, key))
+
+
+def span(v, fmt):
+    """`median (min–max)` of a list of figures, "—" for none."""
     if not v:
         return "—"
     text = fmt % statistics.median(v)
     if len(v) > 1:
         text += " (%s–%s)" % (fmt % min(v), fmt % max(v))
     return text
+
+
+def spread(env, scenario, test, cand, key, fmt):
+    return span(values(env, scenario, test, cand, key), fmt)
 
 
 def ratio(a, b, fmt="%.2f×"):
@@ -1138,7 +1192,7 @@ def ratio(a, b, fmt="%.2f×"):
 
 
 def bulk_cpu_aggregate(env, cand):
-    """Per repetition: CPU seconds of all four bulk tests / GB of all four; median."""
+    """Per repetition: CPU seconds of all four bulk tests / GB of all four."""
     per_rep = []
     for rep in range(env.reps):
         rows = [r for r in env.runs if r["scenario"] == "bulk" and r["candidate"] == cand
@@ -1148,70 +1202,154 @@ def bulk_cpu_aggregate(env, cand):
     return per_rep
 
 
-def report(env):
+def load_text(load):
+    return " ".join(load) if load else "unknown"
+
+
+def noisy_text(info):
+    return ("NOISY: 1-minute load average %s at start (> %.1f); compare candidates within this "
+            "run only" % (info["loadavg_start"][0], NOISY_LOAD)) if info["noisy"] else ""
+
+
+def summary_table(env, names, info):
+    """The README's table: a column per candidate, a row per figure, median (min–max). On the
+    rows that carry a target of issue 15 the tailwart columns add the ratio to HAProxy default
+    (×H) and to HAProxy tuned (×HT)."""
+    def idle_echo(c):
+        rows = [r for r in env.runs if r["scenario"] == "idle" and r["candidate"] == c]
+        good = sum(1 for r in rows if r.get("echo_correct") == env.idle_conns)
+        return [] if not rows else ["yes" if good == len(rows) else
+                                    "%d of %d runs" % (good, len(rows))]
+
+    def of(scenario, test, key):
+        return lambda c: values(env, scenario, test, c, key)
+
+    # (label, figures of a candidate, format, targeted?, CPU or memory of the proxy?, header?)
+    rows = [("bulk, %s, Gbit/s" % test.replace("-R", "reverse").replace("stream ", "stream, ")
+             .replace("streams ", "streams, "), of("bulk", test, "gbps"), "%.1f", True,
+             False, False) for test, _, _ in BULK_TESTS]
+    rows += [
+        ("CPU seconds per GB relayed (all bulk tests)", lambda c: bulk_cpu_aggregate(env, c),
+         "%.2f", True, True, False),
+        ("connections/s, PROXY header, `Connection: close`", of("conn", "", "rps"), "%.0f",
+         True, False, True),
+        ("CPU µs per connection (PROXY header)", of("conn", "", "cpu_us_per_conn"), "%.0f",
+         True, True, True),
+        ("keep-alive requests/s, PROXY header", of("keepalive", "", "rps"), "%.0f", True,
+         False, True),
+        ("keep-alive p99 latency, ms", of("keepalive", "", "p99_ms"), "%.2f", True, False,
+         True),
+        ("CPU µs per keep-alive request", of("keepalive", "", "cpu_us_per_req"), "%.1f", False,
+         True, True),
+        ("memory per idle relayed connection (RSS), B", of("idle", "", "rss_per_conn"), "%.0f",
+         False, True, False),
+        ("%d relayed connections held, all echo correctly" % env.idle_conns, idle_echo, "%s",
+         False, False, False),
+    ]
+    out = ["\n## Summary\n"]
+    if info["noisy"]:
+        out.append("**%s.**\n" % noisy_text(info))
+    out.append("%s, %s cores, Linux %s; load average %s at start, %s at end. %s on CPython "
+               "%s; HAProxy %s. Median of %d (min–max). ×H, ×HT: ratio to HAProxy default "
+               "(16 KiB buffers) and to HAProxy tuned (tune.bufsize %d), on the rows with a "
+               "target. CPU is the proxy's own (- for direct: no proxy).\n" % (
+                   info["cpu"], info["cores"], info["kernel"],
+                   load_text(info["loadavg_start"]), load_text(info.get("loadavg_end")),
+                   info["tailwart_version"], info["tailwart_python"],
+                   info["haproxy_version"],
+                   env.reps, HAPROXY_TUNED_BUFSIZE))
+    out.append("| figure | %s |" % " | ".join(LABELS.get(c, c) for c in names))
+    out.append("| --- |%s" % (" ---: |" * len(names)))
+    for label, figures, fmt, targeted, own, header in rows:
+        if not any(figures(c) for c in names):
+            continue
+        cells = []
+        for c in names:
+            v = figures(c)
+            if not v:
+                cells.append("-" if own and c == D else "")
+                continue
+            text = v[0] if fmt == "%s" else span(v, fmt)
+            if header and c in HEADER_NOTES:
+                text += " (%s)" % HEADER_NOTES[c]
+            if targeted and c.startswith("tailwart"):
+                m = median_or_none(v)
+                text += ", %s %s" % (ratio(m, median_or_none(figures(H)), "%.2f×H"),
+                                     ratio(m, median_or_none(figures(HT)), "%.2f×HT"))
+            cells.append(text)
+        out.append("| %s | %s |" % (label, " | ".join(cells)))
+    return out
+
+
+def report(env, info):
     names = [c for c in CANDIDATES + B_CANDIDATES if any(r["candidate"] == c for r in env.runs)]
-    lines = []
+    lines = summary_table(env, names, info)
     w = lines.append
-    H, HS, D = "haproxy", "haproxy-splice", "direct"
     if any(r["scenario"] == "bulk" for r in env.runs):
         w("\n## 1. Bulk throughput (iperf3, %ds, no header) and 2. proxy CPU per GB\n" % env.seconds)
-        w("Gbit/s and CPU s/GB: median of %d (min–max). ×H = ratio to haproxy, ×HS = to "
-          "haproxy-splice, ×D = to direct. -R = upstream→client.\n" % env.reps)
-        w("| test | candidate | Gbit/s | ×H | ×HS | ×D | CPU s/GB | CPU ×H | CPU ×HS |")
+        w("Gbit/s and CPU s/GB: median of %d (min–max). ×H = ratio to haproxy, ×HT = to "
+          "haproxy-tuned, ×D = to direct. -R = upstream→client.\n" % env.reps)
+        w("| test | candidate | Gbit/s | ×H | ×HT | ×D | CPU s/GB | CPU ×H | CPU ×HT |")
         w("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for test, _, _ in BULK_TESTS:
             for c in names:
+                if not any(r["scenario"] == "bulk" and r["candidate"] == c for r in env.runs):
+                    continue
                 g = med(env, "bulk", test, c, "gbps")
-                if g is None and not values(env, "bulk", test, c, "gbps"):
-                    if not any(r["scenario"] == "bulk" and r["candidate"] == c for r in env.runs):
-                        continue
                 cpu = med(env, "bulk", test, c, "cpu_s_per_gb")
                 w("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                     test, c, spread(env, "bulk", test, c, "gbps", "%.2f"),
                     ratio(g, med(env, "bulk", test, H, "gbps")),
-                    ratio(g, med(env, "bulk", test, HS, "gbps")),
+                    ratio(g, med(env, "bulk", test, HT, "gbps")),
                     ratio(g, med(env, "bulk", test, D, "gbps")),
                     spread(env, "bulk", test, c, "cpu_s_per_gb", "%.2f"),
                     ratio(cpu, med(env, "bulk", test, H, "cpu_s_per_gb")),
-                    ratio(cpu, med(env, "bulk", test, HS, "cpu_s_per_gb"))))
+                    ratio(cpu, med(env, "bulk", test, HT, "cpu_s_per_gb"))))
         w("\nCPU s/GB over all four bulk tests (sum of CPU / sum of GB per repetition; "
-          "median):\n")
-        w("| candidate | CPU s/GB | ×H | ×HS |")
+          "median (min–max)):\n")
+        w("| candidate | CPU s/GB | ×H | ×HT |")
         w("|---|---:|---:|---:|")
         agg = {c: bulk_cpu_aggregate(env, c) for c in names}
-        aggm = {c: statistics.median(v) if v else None for c, v in agg.items()}
+        aggm = {c: median_or_none(v) for c, v in agg.items()}
         env.summary["bulk_cpu_s_per_gb_all"] = aggm
         for c in names:
             if c == D:
                 continue
-            w("| %s | %s | %s | %s |" % (c, "%.3f" % aggm[c] if aggm[c] is not None else "—",
-                                         ratio(aggm[c], aggm.get(H)), ratio(aggm[c], aggm.get(HS))))
+            w("| %s | %s | %s | %s |" % (c, span(agg[c], "%.3f"),
+                                         ratio(aggm[c], aggm.get(H)), ratio(aggm[c], aggm.get(HT))))
     for scenario, title, close in (("conn", "3. Connection rate with a PROXY header "
                                     "(wrk, Connection: close)", True),
                                    ("keepalive", "4. Keep-alive requests with a PROXY header "
                                     "(wrk --latency)", False)):
         if not any(r["scenario"] == scenario for r in env.runs):
             continue
+        cpu_key = "cpu_us_per_conn" if close else "cpu_us_per_req"
         w("\n## %s, -t %d -c %d, %ds\n" % (title, env.wrk_threads, env.wrk_conns, env.seconds))
-        w("| candidate | %s | ×H | ×D | p50 ms | p99 ms | p99 ×H | CPU µs/%s | errors | note |"
-          % ("conn/s" if close else "req/s", "conn" if close else "req"))
-        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        w("| candidate | %s | ×H | ×HT | ×D | p50 ms | p99 ms | p99 ×H | p99 ×HT | CPU µs/%s "
+          "| CPU ×H | CPU ×HT | errors | note |" % ("conn/s" if close else "req/s",
+                                                   "conn" if close else "req"))
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for c in names:
             rows = [r for r in env.runs if r["scenario"] == scenario and r["candidate"] == c]
             if not rows:
                 continue
             rps = med(env, scenario, "", c, "rps")
             p99 = med(env, scenario, "", c, "p99_ms")
+            cpu = med(env, scenario, "", c, cpu_key)
             errs = sum(r.get("socket_errors", 0) + r.get("non2xx", 0) for r in rows) + \
                 sum(1 for r in rows if "error" in r)
-            w("| %s | %s | %s | %s | %s | %s | %s | %s | %d | %s |" % (
+            w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %s |" % (
                 c, spread(env, scenario, "", c, "rps", "%.0f"),
                 ratio(rps, med(env, scenario, "", H, "rps")),
+                ratio(rps, med(env, scenario, "", HT, "rps")),
                 ratio(rps, med(env, scenario, "", D, "rps")),
                 spread(env, scenario, "", c, "p50_ms", "%.3f"),
                 spread(env, scenario, "", c, "p99_ms", "%.3f"),
                 ratio(p99, med(env, scenario, "", H, "p99_ms")),
-                spread(env, scenario, "", c, "cpu_us_per_req", "%.1f"),
+                ratio(p99, med(env, scenario, "", HT, "p99_ms")),
+                "-" if c == D else spread(env, scenario, "", c, cpu_key, "%.1f"),
+                ratio(cpu, med(env, scenario, "", H, cpu_key)),
+                ratio(cpu, med(env, scenario, "", HT, cpu_key)),
                 errs, rows[0].get("note", "")))
     if any(r["scenario"] == "idle" for r in env.runs):
         w("\n## 5. Idle concurrency: %d relayed connections (PROXY header on; the echo server "
@@ -1243,43 +1381,51 @@ def report(env):
 
 
 def targets(env, names):
-    H, HS = "haproxy", "haproxy-splice"
-    out = ["\n## Targets\n", "| target | candidate | measured | met? |", "|---|---|---:|---|"]
+    """Issue 15, item 3: each target judged against its reference (HAProxy default, or HAProxy
+    tuned for bulk), the ratio to the other one reported beside it."""
+    out = ["\n## Targets (issue 15)\n",
+           "| target | candidate | measured | ×H | ×HT | met? |", "|---|---|---:|---:|---:|---|"]
     env.summary["targets"] = []
 
-    def add(target, cand, value, text, ok):
+    def add(target, cand, value, text, ok, to_h=None, to_ht=None):
         env.summary["targets"].append({"target": target, "candidate": cand, "value": value,
+                                       "vs_haproxy": to_h, "vs_haproxy_tuned": to_ht,
                                        "met": ok})
-        out.append("| %s | %s | %s | %s |" % (target, cand, text,
-                                              "—" if ok is None else "MET" if ok else "MISSED"))
+        out.append("| %s | %s | %s | %s | %s | %s |" % (
+            target, cand, text, "—" if to_h is None else "%.2f×" % to_h,
+            "—" if to_ht is None else "%.2f×" % to_ht,
+            "—" if ok is None else "MET" if ok else "MISSED"))
 
-    def cmp(target, cand, a, b, limit, ge=True, what="×"):
-        if a is None or b is None or b == 0:
-            return add(target, cand, None, "n/a", None)
-        r = a / b
-        add(target, cand, r, "%.2f%s" % (r, what), r >= limit if ge else r <= limit)
+    def against(target, cand, figures, fmt, by, limit, ge=True):
+        """figures(candidate) -> list; the target is median / median of `by` (H or HT)."""
+        value = median_or_none(figures(cand))
+        if value is None:
+            return
+        to = {}
+        for ref in (H, HT):
+            m = median_or_none(figures(ref))
+            to[ref] = value / m if m else None
+        r = to[by]
+        add(target, cand, value, fmt % value,
+            None if r is None else r >= limit if ge else r <= limit, to[H], to[HT])
 
-    agg = env.summary.get("bulk_cpu_s_per_gb_all", {})
+    def of(scenario, test, key):
+        return lambda c: values(env, scenario, test, c, key)
+
     for c in [n for n in names if n.startswith("tailwart")]:
-        for test in ("1 stream", "1 stream -R"):
-            g = med(env, "bulk", test, c, "gbps")
-            if g is None:
-                continue
-            cmp("bulk %s >= 1.5× haproxy" % test, c, g, med(env, "bulk", test, H, "gbps"), 1.5)
-            cmp("bulk %s >= 1.1× haproxy-splice" % test, c, g,
-                med(env, "bulk", test, HS, "gbps"), 1.1)
-        if agg.get(c) is not None:
-            cmp("CPU/GB (all bulk) <= 0.3× haproxy", c, agg[c], agg.get(H), 0.3, ge=False)
-            cmp("CPU/GB (all bulk) <= 0.8× haproxy-splice", c, agg[c], agg.get(HS), 0.8, ge=False)
-        v = med(env, "conn", "", c, "rps")
-        if v is not None:
-            cmp("conn/s with PROXY v2 >= 1.0× haproxy", c, v, med(env, "conn", "", H, "rps"), 1.0)
-        v = med(env, "keepalive", "", c, "rps")
-        if v is not None:
-            cmp("keep-alive req/s >= 1.0× haproxy", c, v,
-                med(env, "keepalive", "", H, "rps"), 1.0)
-            cmp("keep-alive p99 <= haproxy's", c, med(env, "keepalive", "", c, "p99_ms"),
-                med(env, "keepalive", "", H, "p99_ms"), 1.0, ge=False)
+        against("CPU µs per connection with PROXY v2 <= 1.0× haproxy", c,
+                of("conn", "", "cpu_us_per_conn"), "%.0f µs", H, 1.0, ge=False)
+        against("connections/s with PROXY v2 >= 1.0× haproxy", c, of("conn", "", "rps"),
+                "%.0f/s", H, 1.0)
+        against("keep-alive requests/s >= 1.0× haproxy", c, of("keepalive", "", "rps"),
+                "%.0f/s", H, 1.0)
+        against("keep-alive p99 <= 1.0× haproxy", c, of("keepalive", "", "p99_ms"), "%.2f ms",
+                H, 1.0, ge=False)
+        for test, _, _ in BULK_TESTS:
+            against("bulk %s Gbit/s >= 1.1× haproxy-tuned" % test, c, of("bulk", test, "gbps"),
+                    "%.2f", HT, 1.1)
+        against("CPU per GB (all bulk) <= 0.9× haproxy-tuned", c,
+                lambda n: bulk_cpu_aggregate(env, n), "%.3f s", HT, 0.9, ge=False)
         v = values(env, "idle", "", c, "rss_per_conn")
         if v:
             m = statistics.median(v)
@@ -1299,7 +1445,9 @@ def targets(env, names):
 # main
 # ----------------------------------------------------------------------------------------------
 
-def tool_version(argv, pattern=None):
+def tool_version(argv, pattern=None, group=None):
+    """The first line of argv's output that matches `pattern`; with `group` (a regular
+    expression with one group), only what that group matches in the line."""
     try:
         out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              stdin=subprocess.DEVNULL, timeout=10).stdout.decode(errors="replace")
@@ -1307,6 +1455,9 @@ def tool_version(argv, pattern=None):
         return None
     for line in out.splitlines():
         if pattern is None or re.search(pattern, line):
+            if group:
+                m = re.search(group, line)
+                return m.group(1) if m else line.strip()
             return line.strip()
     return None
 
@@ -1321,8 +1472,9 @@ def machine(env):
                     break
     except OSError:
         pass
+    load = loadavg()
     return {
-        "cpu": model, "cores": os.cpu_count(), "kernel": platform.release(),
+        "cpu": model, "cores": os.cpu_count(), "kernel": os.uname().release,   # uname -r
         "bench_python": platform.python_version(),
         "tailwart_python": tool_version([env.python, "-c", "import sys; print(sys.version.split()[0])"]),
         "tailwart_python_path": env.python,
@@ -1330,12 +1482,15 @@ def machine(env):
         "tailwart_script_b": env.script_b,
         "tailwart_version": tool_version([env.python, env.script, "--version"]),
         "haproxy": tool_version(["haproxy", "-v"], "version"),
+        "haproxy_version": tool_version(["haproxy", "-v"], "version", r"version (\S+)"),
         "nginx": tool_version(["nginx", "-v"]),
         "socat": tool_version(["socat", "-V"], "socat version"),
         "iperf3": tool_version(["iperf3", "--version"], "iperf"),
         "wrk": tool_version(["wrk", "--version"], "wrk"),
         "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
-        "loadavg_start": loadavg(),
+        "loadavg_start": load,
+        # other work on the machine moves every figure: say so where the figures are shown
+        "noisy": load is not None and float(load[0]) > NOISY_LOAD,
     }
 
 
@@ -1461,14 +1616,16 @@ def main(argv=None):
     env = Env(args, tmp)
     started = time.time()
     info = machine(env)
-    say("# tailwart-edge benchmark\n")
-    say("Machine: %s, %s cores, kernel %s; bench Python %s; tailwart Python %s (%s)" % (
-        info["cpu"], info["cores"], info["kernel"], info["bench_python"],
-        info["tailwart_python"], info["tailwart_python_path"]))
+    say("# tailwart-edge benchmark%s\n" % (" (NOISY)" if info["noisy"] else ""))
+    say("CPU: %s, %s cores. Kernel: %s. Load average at start: %s%s" % (
+        info["cpu"], info["cores"], info["kernel"], load_text(info["loadavg_start"]),
+        (". " + noisy_text(info)) if info["noisy"] else ""))
+    say("Bench Python %s; tailwart Python %s (%s)" % (
+        info["bench_python"], info["tailwart_python"], info["tailwart_python_path"]))
     say("Tools: %s; %s; %s; %s; %s" % (info["haproxy"], info["nginx"], info["socat"],
                                         info["iperf3"], info["wrk"]))
-    say("Script: %s (%s). Load at start: %s. NOFILE soft/hard: %s/%s" % (
-        env.script, info["tailwart_version"], " ".join(info["loadavg_start"] or []), soft, hard))
+    say("Script: %s (%s). NOFILE soft/hard: %s/%s" % (
+        env.script, info["tailwart_version"], soft, hard))
     say("Run: reps=%d seconds=%d idle-conns=%d wrk -t%d -c%d; scenarios=%s" % (
         env.reps, env.seconds, env.idle_conns, env.wrk_threads, env.wrk_conns,
         ",".join(scenarios)))
@@ -1504,12 +1661,15 @@ def main(argv=None):
         env.procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     info["loadavg_end"] = loadavg()
-    text = report(env)
+    text = report(env, info)
     say(text)
-    say("\nLoad at end: %s. Took %.0f s.%s" % (" ".join(info["loadavg_end"] or []),
-                                               time.time() - started,
-                                               " INTERRUPTED: partial results." if interrupted else ""))
-    doc = {"machine": info, "options": {k: v for k, v in vars(args).items() if k != "_role"},
+    say("\nLoad average at start: %s; at end: %s.%s Took %.0f s.%s" % (
+        load_text(info["loadavg_start"]), load_text(info["loadavg_end"]),
+        " NOISY." if info["noisy"] else "", time.time() - started,
+        " INTERRUPTED: partial results." if interrupted else ""))
+    doc = {"noisy": info["noisy"], "noisy_why": noisy_text(info) or None,
+           "loadavg_start": info["loadavg_start"], "loadavg_end": info["loadavg_end"],
+           "machine": info, "options": {k: v for k, v in vars(args).items() if k != "_role"},
            "scenarios": scenarios, "candidates": [c.name for c in chosen],
            "skipped": env.skipped, "runs": env.runs, "summary": env.summary,
            "interrupted": interrupted, "started": started, "elapsed_s": time.time() - started}
