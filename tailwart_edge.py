@@ -2002,11 +2002,14 @@ class Connector:
 #
 # The life of a connection:
 #
-#   accept ──▶ RESOLVING ──▶ CONNECTING ──▶ STREAMING ──▶ CLOSED
-#   (Acceptor)  (Connector: each upstream,   (two Flows)    (Session.close, the session line)
-#                each address, the header)
+#   accept ──▶ [PEEKING] ──▶ RESOLVING ──▶ CONNECTING ──▶ STREAMING ──▶ CLOSED
+#   (Acceptor)  (a routed     (Connector: each upstream,   (two Flows)    (Session.close,
+#               listener:     each address, the header)                  the session line)
+#               Session.peek)
 #
-# The Acceptor accepts a client and the server starts a Session for it. The session's
+# The Acceptor accepts a client and the server starts a Session for it. On a listener that
+# routes by name, the session first reads the ClientHello or request head (PEEKING) and
+# picks the route whose upstreams the connector will try. The session's
 # Connector resolves the first upstream and connects to its addresses one at a time,
 # moving on to the next upstream when all fail; meanwhile what the client sends is kept
 # (preread). When a connect completes, the PROXY header and those early bytes leave in one
@@ -2289,7 +2292,8 @@ LINGER_RST = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends a rese
 class Session:
     """One client connection and its upstream connection.
 
-    Stages: RESOLVING the upstream name and CONNECTING to one of its addresses (both
+    Stages: PEEKING (a routed listener only: reading the client's server name, see
+    peek()), RESOLVING the upstream name and CONNECTING to one of its addresses (both
     driven by `connector`), then STREAMING until both directions have ended (or a
     reset, an error, the idle timeout or the end of a drain), then CLOSED. While not yet
     STREAMING, what the client sends is read into the `up` flow's pending buffer (up to
