@@ -2401,7 +2401,12 @@ def test_systemd_nspawn_reload_keeps_sessions_and_refuses_no_client(booted):
         except ConnectionResetError:
             pass
         log = container.journal("tailwart-edge")
-        killed = re.findall(r".*(?:SIGKILL|timed out|Killing process).*", log)
+        print(log)                      # the whole journal, should the assertion below fail
+        # "Killing process N (n/a)": systemd reached a PID of the cgroup that had already ended
+        # (its name unreadable): nothing was killed. Seen once under full-suite load since the
+        # old process reaps the new one (before, the unreaped process showed as "(python3)").
+        killed = [line for line in re.findall(r".*(?:SIGKILL|timed out|Killing process).*", log)
+                  if not re.search(r"Killing process \d+ \(n/a\)", line)]
         assert not killed, (killed, log[-3000:])
         figures["stop log"] = log[log.rindex("reload: pid=%d took over" % fourth):]
         print("\nreload figures: %r" % (figures,))
