@@ -5354,8 +5354,9 @@ def test_health_a_dead_first_upstream_is_skipped_after_it_failed():
 
 
 def test_health_a_probe_brings_the_upstream_back():
-    back = free_port()
     with Upstream(header_echo) as live:
+        # picked with `live` bound: a port picked before could be the one `live` then got (CI)
+        back = free_port()
         proxy, port = Edge.on_free_port(lambda port: [
             "127.0.0.1:%d=127.0.0.1:%d,%s" % (port, back, live.address)])
         with proxy:
