@@ -1361,7 +1361,7 @@ def raise_fd_limit():
 # every byte it read and sends them on, behind the route's header, once the route is known.
 # What a session may hold meanwhile is bounded (PEEK_LIMIT), and so is the time (--peek-timeout).
 
-HELLO_LIMIT = 16 * 1024         # the ClientHello message, at most (real ones: 0.5-2 KiB)
+HELLO_LIMIT = 16 * 1024         # the ClientHello message, at most (Python's: 517 bytes)
 PEEK_LIMIT = HELLO_LIMIT + 512  # bytes read to find it or an HTTP head: + record headers
 DEFAULT_PEEK_TIMEOUT = 5.0      # HAProxy's usual `tcp-request inspect-delay 5s`
 TLS_HANDSHAKE, TLS_CLIENT_HELLO = 22, 1
