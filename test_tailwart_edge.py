@@ -1091,33 +1091,33 @@ def test_forced_fd_exhaustion_pauses_accepting_without_spinning():
     def limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 
-    port = free_port()
-    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "--max-connections", "1000",
-                                    "127.0.0.1:%d=%s" % (port, up.address),
-                                    preexec_fn=limit) as proxy:
-        clients = [connect(("127.0.0.1", port)) for _ in range(40)]
-        for i, c in enumerate(clients):
-            c.sendall(b"%03d" % i)
-        proxy.wait_for(r"out of file descriptors|EMFILE|Too many open files")
-        before = cpu_seconds(proxy.pid)
-        time.sleep(2)
-        spent = cpu_seconds(proxy.pid) - before
-        assert spent < 0.5, "%.2f CPU seconds in 2 s while out of fds: the loop spins" % spent
-        for i, c in enumerate(clients):
-            try:
-                got = recv_exactly(c, 3)
-            except (EOFError, ConnectionResetError):
-                got = None              # a session that lost its upstream connect to EMFILE
-            assert got in (b"%03d" % i, None)
-            c.close()
-        mark = proxy.mark()
-        proxy.signal(signal.SIGUSR1)        # the descriptors of the closed sessions are free
-        while "stats active=0 " not in proxy.wait_for(r"\bstats ", start=mark):
-            time.sleep(0.1)
+    with Upstream(echo) as up:
+        port = free_port()      # picked with `up` bound: one picked before was once up's (CI)
+        with Edge("--proxy-protocol", "off", "--max-connections", "1000",
+                  "127.0.0.1:%d=%s" % (port, up.address), preexec_fn=limit) as proxy:
+            clients = [connect(("127.0.0.1", port)) for _ in range(40)]
+            for i, c in enumerate(clients):
+                c.sendall(b"%03d" % i)
+            proxy.wait_for(r"out of file descriptors|EMFILE|Too many open files")
+            before = cpu_seconds(proxy.pid)
+            time.sleep(2)
+            spent = cpu_seconds(proxy.pid) - before
+            assert spent < 0.5, "%.2f CPU seconds in 2 s while out of fds: the loop spins" % spent
+            for i, c in enumerate(clients):
+                try:
+                    got = recv_exactly(c, 3)
+                except (EOFError, ConnectionResetError):
+                    got = None              # a session that lost its upstream connect to EMFILE
+                assert got in (b"%03d" % i, None)
+                c.close()
             mark = proxy.mark()
-            proxy.signal(signal.SIGUSR1)
-        assert round_trip(port, b"after") == b"after"
-        assert proxy.proc.poll() is None
+            proxy.signal(signal.SIGUSR1)        # the descriptors of the closed sessions are free
+            while "stats active=0 " not in proxy.wait_for(r"\bstats ", start=mark):
+                time.sleep(0.1)
+                mark = proxy.mark()
+                proxy.signal(signal.SIGUSR1)
+            assert round_trip(port, b"after") == b"after"
+            assert proxy.proc.poll() is None
 
 
 def test_sessions_log_lines_under_journal_have_priorities_and_no_time():
@@ -3891,21 +3891,21 @@ def test_forced_fd_exhaustion_serves_every_client_strict():
     def limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 
-    port = free_port()
-    with Upstream(echo) as up, Edge("--proxy-protocol", "off", "--max-connections", "1000",
-                                    "127.0.0.1:%d=%s" % (port, up.address),
-                                    preexec_fn=limit) as proxy:
-        clients = [connect(("127.0.0.1", port)) for _ in range(40)]
-        for i, c in enumerate(clients):
-            c.sendall(b"%03d" % i)
-        time.sleep(1)
-        before = cpu_seconds(proxy.pid)
-        time.sleep(2)
-        spent = cpu_seconds(proxy.pid) - before
-        assert_every_client_echoed(proxy, clients, lambda i: b"%03d" % i)
-        assert spent < 0.5, "%.2f CPU seconds in 2 s while out of fds: the loop spins" % spent
-        assert round_trip(port, b"after") == b"after"
-        assert proxy.proc.poll() is None
+    with Upstream(echo) as up:
+        port = free_port()      # picked with `up` bound: one picked before was once up's (CI)
+        with Edge("--proxy-protocol", "off", "--max-connections", "1000",
+                  "127.0.0.1:%d=%s" % (port, up.address), preexec_fn=limit) as proxy:
+            clients = [connect(("127.0.0.1", port)) for _ in range(40)]
+            for i, c in enumerate(clients):
+                c.sendall(b"%03d" % i)
+            time.sleep(1)
+            before = cpu_seconds(proxy.pid)
+            time.sleep(2)
+            spent = cpu_seconds(proxy.pid) - before
+            assert_every_client_echoed(proxy, clients, lambda i: b"%03d" % i)
+            assert spent < 0.5, "%.2f CPU seconds in 2 s while out of fds: the loop spins" % spent
+            assert round_trip(port, b"after") == b"after"
+            assert proxy.proc.poll() is None
 
 
 # -- fault 7: splice refused by a seccomp filter (EPERM) ---------------------------------------
