@@ -55,13 +55,34 @@ WAIT = 15           # seconds any single wait may take before a test gives up
 # Helpers: the script as a subprocess, upstream servers, clients
 # ----------------------------------------------------------------------------------------------
 
-def free_port(host="127.0.0.1"):
-    """A port nothing uses right now. The probe socket is closed before the caller binds the
-    port, so another process may take it meanwhile: Edge retries a start that finds it taken."""
+def free_port(host="127.0.0.1", hold=False):
+    """A port nothing uses right now, below the kernel's ephemeral range (ip_local_port_range):
+    no outgoing connection can be given it as its source port, and no socket bound to port 0
+    gets it, so only another bind can take it between this probe and the caller's bind (Edge
+    retries a start that finds it taken). A port in the ephemeral range was once taken by a
+    client connection's source port in CI, between the probe and the script's listen.
+    hold=True returns (port, socket) with the socket bound and not listening: nothing can take
+    the port while it is held, and a connection to it is refused at once (a dead upstream)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    high = min(ephemeral, 32768)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        port = random.randrange(max(1024, high - 12000), high)
+        s = socket.socket(family)
+        try:
+            s.bind((host, port))
+        except OSError:
+            s.close()
+            continue
+        if hold:
+            return port, s
+        s.close()
+        return port
+    raise AssertionError("no free port below %d on %s" % (high, host))
 
 
 def has_ipv6():
@@ -80,12 +101,11 @@ class PortInUse(AssertionError):
 class Edge:
     """The script as a subprocess; the constructor returns once it logged `ready`.
 
-    A port from free_port() can be taken between the probe and the script's bind: by a parallel
-    test run's bind, or by an outgoing connection that the kernel gives that port as its source.
-    When the script exits 1 saying an address is "in use", the constructor starts it again with
-    the same command line, up to `tries` times with growing pauses (1.5 s in all): enough for a
-    holder that lets go soon. A port that an outgoing connection used stays blocked for a minute
-    (its TIME_WAIT), and a parallel run's listener stays for its test: only another port helps.
+    A port from free_port() is below the ephemeral range, but another bind (a parallel test run,
+    some other program) can still take it between the probe and the script's bind. When the
+    script exits 1 saying an address is "in use", the constructor starts it again with the same
+    command line, up to `tries` times with growing pauses (1.5 s in all): enough for a holder
+    that lets go soon. A parallel run's listener stays for its test: only another port helps.
     So a test that can take whatever port it is given starts the script with Edge.on_free_port(),
     which retries each start on a fresh port. Either way a taken port ends in PortInUse.
     """
@@ -5414,32 +5434,6 @@ def test_health_a_probe_whose_client_left_frees_the_probe():
 # Refusals: a real Postfix defers through a down upstream (issue 13)
 # ----------------------------------------------------------------------------------------------
 
-def port_below_ephemeral(host="127.0.0.1", hold=False):
-    """free_port(), but below the kernel's ephemeral range (ip_local_port_range), where no
-    outgoing connection can be given it as its source port. hold=True returns (port, socket)
-    with the socket bound and not listening: nothing can take the port while it is held, and
-    a connection to it is refused at once (a dead upstream)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            ephemeral = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral = 32768
-    high = min(ephemeral, 32768)
-    for _ in range(200):
-        port = random.randrange(max(1024, high - 12000), high)
-        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        try:
-            s.bind((host, port))
-        except OSError:
-            s.close()
-            continue
-        if hold:
-            return port, s
-        s.close()
-        return port
-    raise AssertionError("no free port below %d on %s" % (high, host))
-
-
 def processes_of_postfix_instance(config_directory):
     """PIDs of the processes that run with this instance's configuration (the master and
     the daemons it starts all carry MAIL_CONFIG in their environment)."""
@@ -5475,14 +5469,14 @@ def test_interop_postfix_defers_mail_when_no_upstream_serves():
     if not is_root():
         unavailable("a private Postfix instance needs root")
     started = time.monotonic()
-    dead_port, dead = port_below_ephemeral(hold=True)    # bound, never listening: refused
+    dead_port, dead = free_port(hold=True)    # bound, never listening: refused
     directory = tempfile.mkdtemp(prefix="tailwart-postfix-defer-")
     etc, spool, data = (os.path.join(directory, d) for d in ("etc", "spool", "data"))
     maillog = os.path.join(directory, "maillog")
     proxy = None
     try:
         for attempt in range(5):
-            edge_port = port_below_ephemeral()
+            edge_port = free_port()
             try:
                 proxy = Edge("--connect-timeout", "2",
                              "127.0.0.1:%d/smtp=127.0.0.1:%d" % (edge_port, dead_port), tries=1)
