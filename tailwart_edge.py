@@ -470,7 +470,8 @@ class Mapping:
     """One listen address, the routes its connections take, plus its counters."""
 
     __slots__ = ("bind", "port", "routes", "default", "router", "spec", "label", "protocol",
-                 "active", "sessions", "failed", "up", "down", "refused", "routed", "unrouted")
+                 "active", "sessions", "failed", "up", "down", "refused", "routed", "unrouted",
+                 "local")
 
     def __init__(self, bind, port, upstreams, spec="", protocol=None, matches=(), proxy=None):
         self.bind = bind            # None (all interfaces) or an IP address without brackets
@@ -486,6 +487,7 @@ class Mapping:
         self.refused = {}           # reason -> clients refused at accept
         self.routed = {}            # MATCH item (or "default") -> sessions it routed
         self.unrouted = {}          # why -> sessions closed before a route was found
+        self.local = None           # (ip, port) every client reaches, when bound to one address
 
     @property
     def upstreams(self):
@@ -962,6 +964,11 @@ def open_listeners(mappings, proxy_protocol):
         if ACCEPTED_INHERIT_OPTIONS:
             tune_socket(sock)
         mapping = listener.mapping
+        local = sock.getsockname()[:2]
+        # a mapping with one listener on one address: that address is the header's
+        # destination for every client (no getsockname per session)
+        mapping.local = (local if local[0] not in ("0.0.0.0", "::") and mapping.local is None
+                         and sum(other.mapping is mapping for other in listeners) == 1 else None)
         log(NOTICE, "listen addr=%s upstream=%s proxy=%s%s" % (
             listener.describe(), ",".join(format_address(*u) for u in mapping.upstreams),
             mapping.routes[0].proxy or proxy_protocol if mapping.router is None
@@ -1085,14 +1092,26 @@ def listens_for(sock, mapping):
         socket.inet_pton(family, host) == socket.inet_pton(family, mapping.bind)
 
 
-def tune_socket(sock):
+def tune_socket(sock, keepalive=True):
     """TCP_NODELAY: pass small writes (SMTP replies) on at once, as the peers wrote them.
-    Keepalive: find peers that vanished from long silent sessions (IMAP IDLE) and free them.
     SO_OOBINLINE: a byte sent as TCP urgent data is relayed in its place in the stream, as
-    RFC 6093 advises, instead of being dropped (a relay cannot pass urgency on)."""
+    RFC 6093 advises, instead of being dropped (a relay cannot pass urgency on).
+    Keepalive (see keep_alive), unless the caller sets it later."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+    if keepalive:
+        keep_alive(sock)
+
+
+def keep_alive(sock):
+    """Keepalive: find peers that vanished from long silent sessions (IMAP IDLE) and free
+    them. An upstream socket gets it from the sweep, once its session has lived through one
+    (Timeouts.sweep): four setsockopt calls per connection are ~2 us of CPU that a session
+    of a few milliseconds never needs, and the first probe is minutes away anyway."""
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in KEEPALIVE_OPTIONS:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
@@ -1585,18 +1604,34 @@ def proxy_header_v1(src, dst):
 
 def proxy_header_v2(src, dst):
     """The binary header (section 2.2): signature, version/command, family, length, addresses."""
-    src_ip, dst_ip = plain_ip(src[0]), plain_ip(dst[0])
-    src6, dst6 = ":" in src_ip, ":" in dst_ip
-    if src6 != dst6:
+    src_ip = plain_ip(src[0])
+    # everything but the client's part, made once per local address (a relay has a few)
+    fixed = V2_DESTINATIONS.get(dst)
+    if fixed is None:
+        fixed = v2_destination(dst)
+    dst6, family, prefix, dst_ip, dst_port = fixed
+    if (":" in src_ip) != dst6:
         # UNSPEC with PROXY: the receiver must accept the connection and use its own address
         return V2_SIGNATURE + struct.pack("!BBH", V2_VERSION_PROXY, V2_UNSPEC, 0)
-    family, length = (socket.AF_INET6, 36) if src6 else (socket.AF_INET, 12)
-    return b"".join((
-        V2_SIGNATURE,
-        struct.pack("!BBH", V2_VERSION_PROXY, V2_TCP6 if src6 else V2_TCP4, length),
-        socket.inet_pton(family, src_ip), socket.inet_pton(family, dst_ip),
-        struct.pack("!HH", src[1], dst[1]),
-    ))
+    return b"".join((prefix, socket.inet_pton(family, src_ip), dst_ip,
+                     struct.pack("!HH", src[1], dst_port)))
+
+
+V2_DESTINATIONS = {}            # dst (ip, port, ...) -> v2_destination(dst)
+V2_DESTINATIONS_MAX = 256       # a wildcard listener on many local addresses: the rest uncached
+
+
+def v2_destination(dst):
+    """(IPv6?, family, signature + version + family + length, packed ip, port) for `dst`."""
+    dst_ip = plain_ip(dst[0])
+    dst6 = ":" in dst_ip
+    family = socket.AF_INET6 if dst6 else socket.AF_INET
+    fixed = (dst6, family, V2_SIGNATURE + struct.pack(
+        "!BBH", V2_VERSION_PROXY, V2_TCP6 if dst6 else V2_TCP4, 36 if dst6 else 12),
+        socket.inet_pton(family, dst_ip), dst[1])
+    if len(V2_DESTINATIONS) < V2_DESTINATIONS_MAX:
+        V2_DESTINATIONS[dst] = fixed
+    return fixed
 
 
 HEADERS = {"v2": proxy_header_v2, "v1": proxy_header_v1, "off": None}
@@ -1609,6 +1644,7 @@ HEADERS = {"v2": proxy_header_v2, "v1": proxy_header_v1, "off": None}
 DEFAULT_DNS_TTL = 30.0          # getaddrinfo() tells no TTL; re-resolve this often
 STALE_LIMIT = 86400.0           # serve an expired answer this long at most (RFC 8767: 1-3 days)
 RESOLVER_THREADS = 4
+INFINITY = float("inf")
 
 
 class Resolver:
@@ -1644,8 +1680,10 @@ class Resolver:
         if hit is None:
             literal = literal_address(host, 0)
             if literal is not None:
-                hit = self.cache[host] = (float("inf"), [literal], {}, float("inf"))
+                hit = self.cache[host] = (INFINITY, [literal], {}, INFINITY)
         if hit is not None:
+            if hit[0] == INFINITY:          # an IP literal: no clock, no lookup
+                return callback(tag, with_port(hit, port), None)
             now = time.monotonic()
             if hit[0] <= now < hit[3]:
                 self.look_up(host)          # in the background; this session takes the old answer
@@ -1681,7 +1719,7 @@ class Resolver:
     def expire(self):
         """Treat every cached answer as expired: the next use looks the name up again."""
         for host, entry in self.cache.items():
-            if entry[0] != float("inf"):
+            if entry[0] != INFINITY:
                 self.cache[host] = (0.0,) + entry[1:]
 
     def warm(self, hosts):
@@ -1949,7 +1987,7 @@ class Connector:
                 continue
             if not SOCK_NONBLOCK:
                 sock.setblocking(False)
-            tune_socket(sock)
+            tune_socket(sock, keepalive=False)     # set by the sweep (see keep_alive)
             err = sock.connect_ex(sockaddr)
             if err in CONNECT_PENDING:
                 session.upstream = sock
@@ -1967,7 +2005,8 @@ class Connector:
         """The connect in flight failed: drop its socket and try the next address."""
         session = self.session
         self.failure(reason, why, format_address(*session.target[:2]))
-        session.server.watch(session.upstream.fileno(), session.upstream_events, 0, session)
+        if session.upstream_events:
+            session.server.selector.forget(session.upstream.fileno())   # closed next
         session.upstream_events = 0
         session.upstream.close()
         session.upstream = session.target = None
@@ -2303,7 +2342,7 @@ class Session:
 
     __slots__ = ("server", "mapping", "client", "upstream", "peer", "target",
                  "stage", "started", "active_at", "up", "down", "connector", "end",
-                 "client_events", "upstream_events", "client_entry", "routing")
+                 "client_events", "upstream_events", "client_entry", "routing", "kept_alive")
 
     def __init__(self, server, mapping, client, peer):
         self.server = server
@@ -2321,6 +2360,7 @@ class Session:
         self.client_events = self.upstream_events = 0
         self.client_entry = None        # the Clients entry counting this session
         self.routing = None             # ' sni=NAME route=ITEM' for the line, once routed
+        self.kept_alive = False         # the upstream socket's keepalive is on (the sweep)
 
     def start(self):
         """Read the client while the connector looks for an upstream; on a routed listener,
@@ -2469,7 +2509,7 @@ class Session:
         self.stage = STREAMING
         up = self.up
         if header is not None:
-            head = header(self.peer, self.client.getsockname())
+            head = header(self.peer, self.mapping.local or self.client.getsockname())
             up.pending = memoryview(head + up.pending.tobytes() if up.pending is not None else head)
         if log.threshold >= DEBUG:
             log(DEBUG, "session-start client=%s listen=%s upstream=%s" % (
@@ -2517,9 +2557,9 @@ class Session:
         if connector is not None and connector.probe:
             server.upstreams[connector.host, connector.port].probing = False
         if self.client_events:
-            server.watch(self.client.fileno(), self.client_events, 0, self)
+            server.selector.forget(self.client.fileno())     # closed next: no epoll_ctl
         if self.upstream_events:
-            server.watch(self.upstream.fileno(), self.upstream_events, 0, self)
+            server.selector.forget(self.upstream.fileno())
         self.client.close()
         if self.upstream is not None:
             self.upstream.close()
@@ -2677,7 +2717,11 @@ class Timeouts:
     def sweep(self, sessions, now):
         """Close sessions silent both ways for the idle timeout (or, once one side has sent
         FIN, for the half-close timeout); move on those whose peek, lookup or connect is
-        late."""
+        late. Turn keepalive on for the upstream socket of a session seen streaming."""
+        for s in sessions:
+            if not s.kept_alive and s.stage is STREAMING:
+                s.kept_alive = True
+                keep_alive(s.upstream)
         idle, half_closed = now - self.idle, now - self.half_close
         late = [s for s in sessions
                 if (s.active_at < (idle if s.end is None else half_closed)
@@ -2689,6 +2733,88 @@ class Timeouts:
                 session.close("idle-timeout")
             else:
                 session.close("half-close-timeout")
+
+
+EPOLL = getattr(select, "epoll", None)
+POLL_MAX = 1024                 # events taken per loop turn; the rest stay ready for the next
+
+
+class Poller:
+    """What the loop waits for: `selectors`' register/modify/unregister/select, trimmed for
+    a relay that changes what it waits for several times per connection.
+
+    On Linux it is epoll itself, with each fd's data in a dict: selectors' EpollSelector
+    builds a SelectorKey per register and modify and looks each ready fd's key up in two
+    dicts, which was ~4 us of the ~30 us of Python per relayed connection (profile in the
+    closing note of issue 15). forget() drops an fd whose socket is about to be closed with
+    no epoll_ctl: closing it takes it out of the epoll set (sessions' sockets are never
+    duplicated). Elsewhere the platform's selectors.DefaultSelector does the work behind
+    the same calls. select() returns (data, fd, mask) with selectors' masks: an error or a
+    hang-up is READ|WRITE, as there.
+    """
+
+    __slots__ = ("epoll", "data", "selector")
+
+    def __init__(self):
+        self.data = {}                  # fd -> what its events go to (on_event(fd, mask))
+        self.epoll = EPOLL() if EPOLL is not None else None
+        self.selector = selectors.DefaultSelector() if EPOLL is None else None
+
+    def register(self, fd, events, data):
+        if self.epoll is None:
+            self.selector.register(fd, events, data)
+        else:
+            self.epoll.register(fd, TO_EPOLL[events])
+        self.data[fd] = data
+
+    def modify(self, fd, events, data):
+        if self.epoll is None:
+            self.selector.modify(fd, events, data)
+        else:
+            self.epoll.modify(fd, TO_EPOLL[events])
+        self.data[fd] = data
+
+    def unregister(self, fd):
+        del self.data[fd]
+        if self.epoll is None:
+            self.selector.unregister(fd)
+        else:
+            self.epoll.unregister(fd)
+
+    def forget(self, fd):
+        """fd's socket is closed next: stop delivering its events, at no syscall."""
+        if self.epoll is None:
+            return self.unregister(fd)
+        del self.data[fd]
+
+    def select(self, timeout=None):
+        """[(data, fd, mask)] of the fds ready within `timeout` seconds (None: no limit)."""
+        if self.epoll is None:
+            return [(key.data, key.fd, mask) for key, mask in self.selector.select(timeout)]
+        if timeout is None:
+            timeout = -1
+        elif timeout > 0:
+            # epoll_wait() counts milliseconds: round up, to wait at least `timeout`
+            timeout = -(-timeout * 1000 // 1) / 1000
+        else:
+            timeout = 0
+        data = self.data
+        ready = []
+        for fd, event in self.epoll.poll(timeout, POLL_MAX):
+            owner = data.get(fd)
+            if owner is not None:
+                ready.append((owner, fd, FROM_EPOLL[event & EPOLL_MASK]))
+        return ready
+
+
+if EPOLL is not None:
+    TO_EPOLL = (0, select.EPOLLIN, select.EPOLLOUT, select.EPOLLIN | select.EPOLLOUT)
+    EPOLL_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+    # selectors' rule: anything but EPOLLIN alone means writable, anything but EPOLLOUT
+    # alone readable (so an error or a hang-up wakes both a reader and a writer)
+    FROM_EPOLL = [(WRITE if event & ~select.EPOLLIN else 0) | (READ if event & ~select.EPOLLOUT
+                                                                 else 0)
+                  for event in range(EPOLL_MASK + 1)]
 
 
 class Server:
@@ -2719,7 +2845,7 @@ class Server:
         self.reload_drain = options.reload_drain
         self.drain_end = None           # the timer that ends the drain
         self.timeouts = Timeouts(options)
-        self.selector = selectors.DefaultSelector()
+        self.selector = Poller()
         self.now = time.monotonic()
         self.timers = Timers(self)
         self.sessions = set()
@@ -2847,11 +2973,11 @@ class Server:
                 break
             events = select(timeout)
             self.now = time.monotonic()
-            for key, mask in events:
+            for data, fd, mask in events:
                 try:
-                    key.data.on_event(key.fd, mask)
+                    data.on_event(fd, mask)
                 except Exception:
-                    handle_error(key.data)
+                    handle_error(data)
             if SIGNALS:
                 self.on_signals()
         log(NOTICE, "stopped sessions=%d" % sum(m.sessions for m in self.mappings))

@@ -991,6 +991,56 @@ def test_idle_timeout_closes_a_silent_session():
         assert "end=idle-timeout" in proxy.wait_for(r"session client=")
 
 
+def tcp_timers(local_port, remote_port):
+    """(timer kind, ticks until it fires) of each loopback IPv4 connection local_port ->
+    remote_port, from /proc/net/tcp (kind 2: keepalive; 0: none)."""
+    found = []
+    with open("/proc/net/tcp") as f:
+        for row in f.read().splitlines()[1:]:
+            fields = row.split()
+            if (int(fields[1].split(":")[1], 16) == local_port
+                    and int(fields[2].split(":")[1], 16) == remote_port):
+                kind, when = fields[5].split(":")
+                found.append((int(kind, 16), int(when, 16)))
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs /proc/net/tcp")
+def test_both_sockets_of_a_long_session_have_keepalive():
+    """A silent session (IMAP IDLE) whose peer vanished is found by TCP keepalive: the relay's
+    client socket has it from the accept, its upstream socket once the sweep has seen the
+    session streaming (a connection of a few milliseconds never pays for the setsockopts)."""
+    port = free_port()
+    with Upstream(header_echo) as up, \
+            Edge("127.0.0.1:%d=%s" % (port, up.address)):
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(b"x")
+            assert recv_exactly(c, 1) == b"x"
+            client_port = c.getsockname()[1]
+
+            def kept_alive():
+                client_side = tcp_timers(port, client_port)
+                upstream_side = [timer for local in relay_ports(up.port)
+                                 for timer in tcp_timers(local, up.port)]
+                return (client_side and upstream_side
+                        and all(kind == 2 for kind, _ in client_side + upstream_side))
+            eventually(kept_alive, timeout=5)
+            # the relay's idle time (60 s), not the kernel's default (2 hours); in ticks
+            when = max(w for _, w in tcp_timers(port, client_port))
+            assert when <= 61 * os.sysconf("SC_CLK_TCK"), when
+
+
+def relay_ports(upstream_port):
+    """Local ports of loopback connections to upstream_port (the relay's upstream sockets)."""
+    ports = []
+    with open("/proc/net/tcp") as f:
+        for row in f.read().splitlines()[1:]:
+            fields = row.split()
+            if int(fields[2].split(":")[1], 16) == upstream_port and fields[3] == "01":
+                ports.append(int(fields[1].split(":")[1], 16))
+    return ports
+
+
 def test_sigterm_drains_open_sessions_then_exits_0():
     port = free_port()
     with Upstream(header_echo) as up, Edge("127.0.0.1:%d=%s" % (port, up.address)) as proxy:
