@@ -5265,12 +5265,15 @@ def test_abuse_dns_goes_silent_during_a_stream_of_sessions(dns):
 def test_default_connection_cap_fits_memory_as_well_as_descriptors(monkeypatch):
     """Fault 8: the cap came from the open-file limit alone: LimitNOFILE=262144 sized the relay
     to ~130,000 sessions, which a 1 GB VPS cannot hold at up to 128 KiB each. Now the smaller of
-    what the descriptors allow and what half the memory holds; an explicit --max-connections
+    what the descriptors allow and what half the memory holds (less the splice pipes, full);
+    an explicit --max-connections
     above the descriptors is lowered to them."""
     monkeypatch.setattr(edge.resource, "getrlimit", lambda which: (262144, 262144))
     monkeypatch.setattr(edge, "memory_budget", lambda: (1 << 30) // 2)     # a 1 GiB VPS
     sessions, pipes = edge.capacity(6)
-    assert sessions == (1 << 29) // edge.SESSION_MEMORY and 3500 < sessions < 4100
+    assert pipes == edge.MAX_PIPES      # full, they hold 64 MiB: not there for sessions
+    assert sessions == ((1 << 29) - pipes * edge.PIPE_SIZE) // edge.SESSION_MEMORY
+    assert 3300 < sessions < 3600
     monkeypatch.setattr(edge, "memory_budget", lambda: (64 << 30) // 2)    # 64 GiB: descriptors
     sessions, pipes = edge.capacity(6)
     assert 120000 < sessions < 131072 and pipes == edge.MAX_PIPES
