@@ -971,7 +971,7 @@ def open_listeners(mappings, proxy_protocol):
         local = sock.getsockname()[:2]
         # a mapping with one listener on one address: that address is the header's
         # destination for every client (no getsockname per session)
-        mapping.local = (local if local[0] not in ("0.0.0.0", "::") and mapping.local is None
+        mapping.local = (local if local[0] not in ("0.0.0.0", "::")
                          and sum(other.mapping is mapping for other in listeners) == 1 else None)
         log(NOTICE, "listen addr=%s upstream=%s proxy=%s%s" % (
             listener.describe(), ",".join(format_address(*u) for u in mapping.upstreams),
@@ -1131,7 +1131,7 @@ ACCEPT_BATCH = 64               # accepts per listener per loop turn: fair to li
 ACCEPT_PAUSE = 0.5              # on EMFILE stop accepting this long, as nginx does
 RESERVED_FDS = 24               # stdio, selector, wake-up pipe, notify socket, resolver...
 PIPE_SIZE = 256 * 1024          # a splice pipe's size, and the most one splice moves:
-                                # 0.33 CPU s/GB against 0.46 with the default 64 KiB (issue 15)
+                                # 0.29 CPU s/GB against 0.52 with the default 64 KiB (README)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)    # named in fcntl from Python 3.10
 MAX_PIPES = 256                 # splice pipes open at once, at most (2 descriptors each):
                                 # only stalled spliced directions hold one (64 MiB at most)
@@ -2765,7 +2765,8 @@ class Poller:
     no epoll_ctl: closing it takes it out of the epoll set (sessions' sockets are never
     duplicated). Elsewhere the platform's selectors.DefaultSelector does the work behind
     the same calls. select() returns (data, fd, mask) with selectors' masks: an error or a
-    hang-up is READ|WRITE, as there.
+    hang-up is READ|WRITE, as there, but not narrowed to what was registered (selectors
+    does that): every handler ignores the mask or narrows it itself (Session.on_event).
     """
 
     __slots__ = ("epoll", "data", "selector")

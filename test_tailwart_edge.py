@@ -602,6 +602,52 @@ def test_header_v2_mixed_families_is_unspec():
         SIG + b"\x21\x00\x00\x00"
 
 
+def test_header_v2_cached_destination_gives_the_same_bytes():
+    """The v2 header's fixed part is kept per local address: the second header for one
+    destination, and one for another client family, are what they would be without it."""
+    dst = ("198.51.100.7", 4190)
+    first = edge.proxy_header_v2(("203.0.113.9", 51234), dst)
+    assert dst in edge.V2_DESTINATIONS
+    assert edge.proxy_header_v2(("203.0.113.10", 1), dst) == first[:16] + bytes(
+        [203, 0, 113, 10, 198, 51, 100, 7, 0, 1, 0x10, 0x5e])
+    assert edge.proxy_header_v2(("2001:db8::9", 1, 0, 0), dst) == SIG + b"\x21\x00\x00\x00"
+
+
+@pytest.mark.parametrize("kind", ["epoll", "selectors"])
+def test_poller_keeps_the_selectors_contract(kind, monkeypatch):
+    """The loop's Poller: epoll itself on Linux, selectors.DefaultSelector elsewhere (forced
+    here by hiding epoll); both give (data, fd, mask) with selectors' READ/WRITE (epoll's not
+    narrowed to what was registered: the handlers narrow it), and a forgotten fd gives
+    nothing once its socket is closed."""
+    if kind == "epoll" and edge.EPOLL is None:
+        unavailable("epoll (Linux)")
+    if kind == "selectors":
+        monkeypatch.setattr(edge, "EPOLL", None)
+    poller = edge.Poller()
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        owner = object()
+        poller.register(a.fileno(), edge.READ, owner)
+        assert poller.select(0) == []
+        b.send(b"x")
+        assert poller.select(1) == [(owner, a.fileno(), edge.READ)]
+        poller.modify(a.fileno(), edge.READ | edge.WRITE, "other")
+        assert poller.select(1) == [("other", a.fileno(), edge.READ | edge.WRITE)]
+        poller.unregister(a.fileno())
+        assert poller.select(0) == []
+        poller.register(c.fileno(), edge.READ, owner)
+        d.close()                       # a hang-up wakes a reader (and, from epoll, a writer)
+        [(data, fd, mask)] = poller.select(1)
+        assert (data, fd, mask & edge.READ) == (owner, c.fileno(), edge.READ)
+        poller.forget(c.fileno())
+        c.close()
+        assert poller.select(0) == []
+    finally:
+        for sock in (a, b, c, d):
+            sock.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Routing codec: the ClientHello's server name and ALPN, an HTTP request's Host (unit, `routing`)
 # ----------------------------------------------------------------------------------------------
