@@ -2760,8 +2760,9 @@ class Poller:
 
     On Linux it is epoll itself, with each fd's data in a dict: selectors' EpollSelector
     builds a SelectorKey namedtuple per register and modify (and keeps one per fd: 72
-    bytes, two per session) and looks each ready fd's key up through a method call, which was ~4 us of the ~30 us of Python per relayed connection (profile in the
-    closing note of issue 15). forget() drops an fd whose socket is about to be closed with
+    bytes, two per session) and looks each ready fd's key up through a method call, which
+    was ~4 us of the ~30 us of Python per relayed connection (profile in the closing note
+    of issue 15). forget() drops an fd whose socket is about to be closed with
     no epoll_ctl: closing it takes it out of the epoll set (sessions' sockets are never
     duplicated). Elsewhere the platform's selectors.DefaultSelector does the work behind
     the same calls. select() returns (data, fd, mask) with selectors' masks: an error or a
