@@ -1048,15 +1048,16 @@ def test_idle_timeout_closes_a_silent_session():
         assert "end=idle-timeout" in proxy.wait_for(r"session client=")
 
 
-def tcp_timers(local_port, remote_port):
-    """(timer kind, ticks until it fires) of each loopback IPv4 connection local_port ->
-    remote_port, from /proc/net/tcp (kind 2: keepalive; 0: none)."""
+def tcp_timers(local_port=None, remote_port=None):
+    """(timer kind, ticks until it fires) of each established IPv4 connection local_port ->
+    remote_port (None: any), from /proc/net/tcp (kind 2: keepalive; 0: none)."""
     found = []
     with open("/proc/net/tcp") as f:
         for row in f.read().splitlines()[1:]:
             fields = row.split()
-            if (int(fields[1].split(":")[1], 16) == local_port
-                    and int(fields[2].split(":")[1], 16) == remote_port):
+            local, remote = (int(fields[i].split(":")[1], 16) for i in (1, 2))
+            if (fields[3] == "01" and local_port in (None, local)
+                    and remote_port in (None, remote)):
                 kind, when = fields[5].split(":")
                 found.append((int(kind, 16), int(when, 16)))
     return found
@@ -1077,25 +1078,13 @@ def test_both_sockets_of_a_long_session_have_keepalive():
 
             def kept_alive():
                 client_side = tcp_timers(port, client_port)
-                upstream_side = [timer for local in relay_ports(up.port)
-                                 for timer in tcp_timers(local, up.port)]
+                upstream_side = tcp_timers(remote_port=up.port)     # the relay's, to up
                 return (client_side and upstream_side
                         and all(kind == 2 for kind, _ in client_side + upstream_side))
             eventually(kept_alive, timeout=5)
             # the relay's idle time (60 s), not the kernel's default (2 hours); in ticks
             when = max(w for _, w in tcp_timers(port, client_port))
             assert when <= 61 * os.sysconf("SC_CLK_TCK"), when
-
-
-def relay_ports(upstream_port):
-    """Local ports of loopback connections to upstream_port (the relay's upstream sockets)."""
-    ports = []
-    with open("/proc/net/tcp") as f:
-        for row in f.read().splitlines()[1:]:
-            fields = row.split()
-            if int(fields[2].split(":")[1], 16) == upstream_port and fields[3] == "01":
-                ports.append(int(fields[1].split(":")[1], 16))
-    return ports
 
 
 def test_sigterm_drains_open_sessions_then_exits_0():
