@@ -1388,6 +1388,7 @@ def raise_fd_limit():
 # What a session may hold meanwhile is bounded (PEEK_LIMIT), and so is the time (--peek-timeout).
 
 HELLO_LIMIT = 16 * 1024         # the ClientHello message, at most (Python's: 517 bytes)
+HELLO_RECORDS = 64              # the TLS records it may span, at most
 PEEK_LIMIT = HELLO_LIMIT + 512  # bytes read to find it or an HTTP head: + record headers
 DEFAULT_PEEK_TIMEOUT = 5.0      # HAProxy's usual `tcp-request inspect-delay 5s`
 TLS_HANDSHAKE, TLS_CLIENT_HELLO = 22, 1
@@ -1436,10 +1437,12 @@ class Router:
         if kind == "http":
             self.extras.sort(key=lambda rule: -len(rule[0]))
 
-    def parse(self, data):
-        """(name or None, ALPN list or request path) once `data` holds the whole ClientHello
-        or request head; None while it does not; ValueError when it never will."""
-        return client_hello(data) if self.kind == "tls" else request_head(data)
+    def reader(self):
+        """A new session's parser of what its client sends first (see HelloReader and
+        HeadReader): read(data) -> (name or None, ALPN list or request path) once `data`
+        holds the whole ClientHello or request head; None while it does not; ValueError when
+        it never will."""
+        return HelloReader() if self.kind == "tls" else HeadReader()
 
     def pick(self, name, extra):
         """(route, the item that matched) for a server name; (None, '-') when no route
@@ -1472,34 +1475,68 @@ def peeked_name(raw):
     return name if PEEKED_NAME_RE.match(name) else None
 
 
+class HelloReader:
+    """The ClientHello at the start of a TLS stream, read as it comes: each call looks only at
+    what arrived since the last one (a record is copied once, when it is whole), so a hello cut
+    into one-byte segments or records costs what it costs in one piece. The handshake message
+    may span several records (RFC 8446 5.1); more than HELLO_RECORDS is refused: real clients
+    use one (two past 16 KiB; a few where a tool cuts the hello to dodge inspection)."""
+
+    __slots__ = ("pos", "message", "need")
+
+    def __init__(self):
+        self.pos = 0                    # where the next record starts in the stream
+        self.message = bytearray()      # the handshake bytes of the records read so far
+        self.need = None                # the whole message's length, once its header is in
+
+    def read(self, data):
+        """(server name or None, [ALPN protocols]) once the whole ClientHello is in `data`
+        (the stream from its first byte, grown since the last call); None until then.
+        ValueError when it is not a TLS handshake, or the ClientHello is malformed, over
+        HELLO_LIMIT or over HELLO_RECORDS records."""
+        if data and data[0] != TLS_HANDSHAKE:
+            raise ValueError("not a TLS ClientHello")
+        message = self.message
+        while True:
+            pos = self.pos
+            if len(data) < pos + 5:
+                return None
+            kind, major, length = data[pos], data[pos + 1], data[pos + 3] << 8 | data[pos + 4]
+            if kind != TLS_HANDSHAKE or major != 3 or not 0 < length <= 16384:
+                raise ValueError("not a TLS ClientHello" if pos == 0 else
+                                 "a record that is not the ClientHello's")
+            if self.need is None:       # the message's 4-byte header, from a part record too
+                head = message + data[pos + 5:pos + 5 + min(length, 4 - len(message))]
+                if len(head) == 4:
+                    self.need = self.message_length(head)
+            if len(data) < pos + 5 + length:
+                return None             # the rest of the record is to come (nothing copied)
+            message += data[pos + 5:pos + 5 + length]
+            self.pos = pos + 5 + length
+            if self.need is not None and len(message) >= self.need:
+                try:
+                    return hello_fields(bytes(message[4:self.need]))
+                except (struct.error, IndexError):
+                    raise ValueError("a malformed ClientHello")
+            records = (self.pos - len(message)) // 5
+            if records >= HELLO_RECORDS:
+                raise ValueError("a ClientHello in over %d records" % HELLO_RECORDS)
+
+    @staticmethod
+    def message_length(head):
+        """A handshake message's length with its header (RFC 8446 4), if a ClientHello."""
+        if head[0] != TLS_CLIENT_HELLO:
+            raise ValueError("a TLS handshake that does not start with a ClientHello")
+        need = 4 + (head[1] << 16 | head[2] << 8 | head[3])
+        if need > HELLO_LIMIT + 4:
+            raise ValueError("a ClientHello of %d bytes, over %d" % (need - 4, HELLO_LIMIT))
+        return need
+
+
 def client_hello(data):
-    """(server name or None, [ALPN protocols]) from the start of a TLS stream, once the whole
-    ClientHello is in `data` (it may span several records); None until then. ValueError when
-    `data` is not a TLS handshake or the ClientHello is malformed or over HELLO_LIMIT."""
-    pos, message, need = 0, b"", None
-    while need is None or len(message) < need:
-        if len(data) < pos + 5:
-            return None
-        kind, major, length = data[pos], data[pos + 1], struct.unpack_from("!H", data, pos + 3)[0]
-        if kind != TLS_HANDSHAKE or major != 3 or not 0 < length <= 16384:
-            raise ValueError("not a TLS ClientHello" if pos == 0 else
-                             "a record that is not the ClientHello's")
-        here = min(length, len(data) - pos - 5)     # of this record, what has come
-        if need is None and len(message) + here >= 4:
-            head = message + bytes(data[pos + 5:pos + 9 - len(message)])
-            if head[0] != TLS_CLIENT_HELLO:
-                raise ValueError("a TLS handshake that does not start with a ClientHello")
-            need = 4 + struct.unpack("!I", b"\x00" + head[1:4])[0]
-            if need > HELLO_LIMIT + 4:
-                raise ValueError("a ClientHello of %d bytes, over %d" % (need - 4, HELLO_LIMIT))
-        if here < length:
-            return None             # the rest of the record is to come (nothing copied yet)
-        message += bytes(data[pos + 5:pos + 5 + length])
-        pos += 5 + length
-    try:
-        return hello_fields(message[4:need])
-    except (struct.error, IndexError):
-        raise ValueError("a malformed ClientHello")
+    """(server name or None, [ALPN protocols]) of the ClientHello at the start of `data`, read
+    at once (HelloReader.read)."""
+    return HelloReader().read(data)
 
 
 def hello_fields(message):
@@ -1540,30 +1577,65 @@ def hello_fields(message):
     return name, protocols
 
 
+class HeadReader:
+    """The first HTTP request's head, read as it comes: each call searches only the bytes that
+    arrived since the last one for the blank line that ends the head (RFC 9112 2.1)."""
+
+    __slots__ = ("searched",)
+
+    def __init__(self):
+        self.searched = 0               # bytes of the stream already searched for the end
+
+    def read(self, data):
+        """(host or None, path) once `data` (the stream from its first byte, grown since the
+        last call) holds the whole head; None until then; ValueError when it is no HTTP
+        request, or a malformed one (see request_fields)."""
+        if not REQUEST_START_RE.match(data):        # looks at 21 bytes at most
+            raise ValueError("not an HTTP request")
+        # the end is \r?\n\r?\n: one that ends in the new bytes starts at most 3 before them
+        end = HEAD_END_RE.search(data, max(0, self.searched - 3))
+        self.searched = len(data)
+        if end is None:
+            return None
+        return request_fields(bytes(data[:end.start()]).decode("latin-1"))
+
+
 def request_head(data):
-    """(host or None, path) of the first HTTP request in `data`, once its head (request line
-    and headers) is complete; None until then; ValueError when it is no HTTP request. The
-    host is the Host header's, or the authority of an absolute-form target (RFC 9112 3.2.2)."""
-    if not REQUEST_START_RE.match(data):
-        raise ValueError("not an HTTP request")
-    end = HEAD_END_RE.search(data)
-    if end is None:
-        return None
-    lines = bytes(data[:end.start()]).decode("latin-1").split("\n")
-    parts = lines[0].strip().split(" ")
+    """(host or None, path) of the HTTP request head at the start of `data`, read at once
+    (HeadReader.read)."""
+    return HeadReader().read(data)
+
+
+def request_fields(head):
+    """(host or None, path) of a request head (without its blank line). The host is the
+    Host field's, or the authority of an absolute-form target (RFC 9112 3.2.2); the path is
+    the target with its dot segments removed, so a path rule sees where the request goes.
+    ValueError for what RFC 9112 says a server must answer with 400: a request line not of
+    three words, a field line folded (5.2), without a colon or with white space before it
+    (5.1), two Host fields, or none in an HTTP/1.1 request (3.2)."""
+    lines = head.split("\n")
+    parts = lines[0].rstrip("\r").split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         raise ValueError("not an HTTP request line")
-    target, host = parts[1], None
+    hosts = []
+    for line in lines[1:]:
+        line = line.rstrip("\r")
+        if line[:1] in (" ", "\t"):
+            raise ValueError("a folded header line (obsolete line folding)")
+        field, colon, value = line.partition(":")
+        if not colon or not field or field != field.strip():
+            raise ValueError("a malformed header line")
+        if field.lower() == "host":
+            hosts.append(value.strip())
+    if len(hosts) > 1:
+        raise ValueError("%d Host fields" % len(hosts))
+    target, host = parts[1], hosts[0] if hosts else None
     scheme, sep, rest = target.partition("://")
     if sep and scheme.lower() in ("http", "https"):
         authority, slash, path = rest.partition("/")
         host, target = authority, slash + path or "/"
-    else:
-        for line in lines[1:]:
-            field, colon, value = line.partition(":")
-            if colon and field.strip().lower() == "host":
-                host = value.strip()
-                break
+    elif host is None and parts[2] != "HTTP/1.0":
+        raise ValueError("an HTTP/1.1 request without Host")
     if host is not None:
         host = host.rpartition("@")[2]
         if host.startswith("["):
@@ -1571,7 +1643,26 @@ def request_head(data):
         elif host.rpartition(":")[2].isdigit() or host.endswith(":"):
             host = host.rpartition(":")[0]
         host = peeked_name(host.encode("latin-1"))
-    return host, target
+    return host, without_dot_segments(target)
+
+
+def without_dot_segments(target):
+    """A request target's path with its . and .. segments (also written %2e) removed, as the
+    server will read it (RFC 3986 5.2.4), and the query kept: /a/../b?x -> /b?x."""
+    path, query, rest = target.partition("?")
+    if "." not in path and "%" not in path:
+        return target
+    out = []
+    segments = re.sub("%2[eE]", ".", path).split("/")
+    for segment in segments[1:]:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")
+    return segments[0] + "/" + "/".join(out) + query + rest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2357,7 +2448,7 @@ class Session:
 
     __slots__ = ("server", "mapping", "client", "upstream", "peer", "target",
                  "stage", "started", "active_at", "up", "down", "connector", "end",
-                 "client_events", "upstream_events", "client_entry", "routing", "kept_alive")
+                 "client_events", "upstream_events", "client_entry", "routing", "reader", "kept_alive")
 
     def __init__(self, server, mapping, client, peer):
         self.server = server
@@ -2375,6 +2466,7 @@ class Session:
         self.client_events = self.upstream_events = 0
         self.client_entry = None        # the Clients entry counting this session
         self.routing = None             # ' sni=NAME route=ITEM' for the line, once routed
+        self.reader = None              # while PEEKING: the parser of the client's first bytes
         self.kept_alive = False         # the upstream socket's keepalive is on (the sweep)
 
     def start(self):
@@ -2383,6 +2475,7 @@ class Session:
         if self.mapping.router is not None:
             self.stage = PEEKING
             self.up.pending = bytearray()
+            self.reader = self.mapping.router.reader()
             self.connector.deadline = self.server.now + self.server.peek_timeout
             return self.update_events()
         self.update_events()
@@ -2481,7 +2574,7 @@ class Session:
         up.count += n
         held += relay.view[:n]
         try:
-            found = router.parse(held)
+            found = self.reader.read(held)
         except ValueError as e:
             return self.unrouted("peek-bad", str(e), "400 Bad Request")
         if found is None:
@@ -2489,6 +2582,7 @@ class Session:
                 self.unrouted("peek-bad", "no whole %s in %d bytes" % (what, PEEK_LIMIT),
                               "431 Request Header Fields Too Large")
             return
+        self.reader = None
         name, extra = found
         route, item = router.pick(name, extra)
         self.routing = " %s=%s route=%s" % ("sni" if router.kind == "tls" else "host",
