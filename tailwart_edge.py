@@ -124,7 +124,6 @@ import queue
 import re
 import select
 import selectors
-import shlex
 import socket
 import struct
 import subprocess
@@ -372,38 +371,33 @@ def settings_file(argv):
     return None
 
 
+SETTINGS_MAX_BYTES = 1 << 20       # a few lines in practice; --settings /dev/zero must not hang
+SETTINGS_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")     # CR too: a file saved on Windows
+SETTINGS_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")   # tab is whitespace
+SETTINGS_PLAIN_RE = re.compile(r"[^ \t'\"\\]+")    # unquoted characters (a # too, in a word)
+SETTINGS_DOUBLE_RE = re.compile(r'[^"\\]+')        # inside "...", up to a quote or backslash
+SETTINGS_SPLIT_RE = re.compile(r"[ \t\n]+")        # where systemd splits "$PORTS" into words
+# options that make no sense as the service's own: they would turn it into another command
+SETTINGS_REFUSED_OPTIONS = ("--settings", "--check", "--reload", "--help", "-h", "--version")
+
+
 def settings_words(path):
     """The command-line words a settings file stands for: OPTIONS, then --upstream UPSTREAM,
-    then PORTS (default: the six mail ports). The file holds KEY=VALUE lines, # comments and
-    blank lines; a value is split into words as a shell would (quotes, backslashes), and one
-    in double quotes, or ending in a backslash, goes on over the next lines."""
+    then PORTS (default: the six mail ports). See read_settings for the file's grammar."""
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeError) as e:
-        raise ConfigError("--settings %s: %s" % (path, getattr(e, "strerror", None) or e))
-    values = {"PORTS": DEFAULT_PORTS}
-    lines = iter(enumerate(lines, 1))
-    for number, line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        while line.count('"') % 2 or line.endswith("\\"):     # a value that goes on
-            following = next(lines, None)           # (PORTS="25 465 \n 443@... ")
-            if following is None:
-                break
-            line = line.rstrip("\\") + " " + following[1].strip()
-        key, eq, value = line.partition("=")
-        key = key.strip()
-        if not eq or key not in SETTINGS_KEYS:
-            raise ConfigError("%s line %d: %r is not a setting; write UPSTREAM=HOST, PORTS=... "
-                              "or OPTIONS=..." % (path, number, line))
-        try:
-            # quotes and escapes as in a shell; then words at whitespace, as systemd splits
-            # an EnvironmentFile's "$PORTS" (this file's first reader): PORTS="25 465" is two
-            values[key] = " ".join(shlex.split(value, comments=True)).split()
-        except ValueError as e:
-            raise ConfigError("%s line %d: %s" % (path, number, e))
+        with open(path, "rb") as f:
+            data = f.read(SETTINGS_MAX_BYTES + 1)
+    except OSError as e:
+        raise ConfigError("--settings %s: %s" % (path, e.strerror or e))
+    if len(data) > SETTINGS_MAX_BYTES:
+        raise ConfigError("--settings %s: larger than %d bytes; is it the settings file?"
+                          % (path, SETTINGS_MAX_BYTES))
+    return words_of_settings(data, path)
+
+
+def words_of_settings(data, path):
+    """settings_words of a file's bytes (`path` names it in errors)."""
+    values = read_settings(data, path)
     words = list(values.get("OPTIONS", ()))
     upstream = values.get("UPSTREAM")
     if upstream is not None:
@@ -411,7 +405,121 @@ def settings_words(path):
             raise ConfigError("%s: UPSTREAM= takes one host name or address, not %r"
                               % (path, " ".join(upstream)))
         words += ["--upstream", upstream[0]]
-    return words + list(values["PORTS"])
+    return words + list(values.get("PORTS", DEFAULT_PORTS))
+
+
+def read_settings(data, path):
+    """A settings file's bytes -> {KEY: [word]}; raises ConfigError naming the file and line.
+
+    UTF-8 text (a BOM at the start is ignored) of KEY=VALUE lines, # comment lines and blank
+    lines; each of UPSTREAM, PORTS and OPTIONS at most once. A value is read as sh reads a
+    word list (see value_words), and goes on over the next lines only while a quote is open
+    or a line ends in a backslash. The words are then split at whitespace, as systemd splits
+    "$PORTS" (this file's first reader): PORTS="25 465" is two words."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        number = len(SETTINGS_LINE_BREAK_RE.split(data[:e.start].decode("latin-1")))
+        raise ConfigError("%s line %d: byte 0x%02x is not UTF-8 text; save the file as UTF-8"
+                          % (path, number, data[e.start]))
+    lines = SETTINGS_LINE_BREAK_RE.split(text)
+    for number, line in enumerate(lines, 1):
+        control = SETTINGS_CONTROL_RE.search(line)
+        if control:
+            raise ConfigError("%s line %d: control character %r in the text; remove it"
+                              % (path, number, control.group()))
+    values, first = {}, {}
+    index = 0
+    while index < len(lines):
+        number = index + 1
+        line = lines[index].lstrip(" \t")
+        if not line.rstrip(" \t") or line.startswith("#"):
+            index += 1
+            continue
+        key, eq, value = line.partition("=")    # the value as written: `\ ` at its end counts
+        key = key.strip(" \t")
+        if not eq or key not in SETTINGS_KEYS:
+            raise ConfigError("%s line %d: %r is not a setting; write UPSTREAM=HOST, PORTS=... "
+                              "or OPTIONS=..." % (path, number, line.rstrip(" \t")))
+        if key in first:
+            raise ConfigError("%s line %d: a second %s= (the first is on line %d); give each "
+                              "setting once" % (path, number, key, first[key]))
+        first[key] = number
+        words, index = value_words(lines, index, value, path, key)
+        if key == "OPTIONS":
+            refused = [w for w in words if w.partition("=")[0] in SETTINGS_REFUSED_OPTIONS]
+            if refused:
+                raise ConfigError("%s line %d: OPTIONS= may not hold %s; give it on the command "
+                                  "line" % (path, number, refused[0].partition("=")[0]))
+        values[key] = words
+    return values
+
+
+def value_words(lines, index, value, path, key):
+    """The words of `value`, which follows KEY= on lines[index], and the index of the line
+    after it. As sh: '...' is literal; in "..." a backslash escapes $ ` " \\ and a line
+    break; outside quotes it escapes any character; a backslash-line break vanishes (the
+    value goes on); # begins a comment only at the start of a word, outside quotes."""
+    words, word, in_word, quote = [], [], False, None
+    start = index + 1
+    while True:
+        position, end, continued = 0, len(value), False
+        while position < end:
+            char = value[position]
+            if quote == "'":
+                close = value.find("'", position)
+                if close < 0:
+                    word.append(value[position:])
+                    break
+                word.append(value[position:close])
+                quote, position = None, close + 1
+            elif quote == '"':
+                if char == '"':
+                    quote, position = None, position + 1
+                elif char == "\\":
+                    if position + 1 == end:
+                        continued = True
+                        break
+                    following = value[position + 1]
+                    word.append(following if following in '$`"\\' else "\\" + following)
+                    position += 2
+                else:
+                    run = SETTINGS_DOUBLE_RE.match(value, position)
+                    word.append(run.group())
+                    position = run.end()
+            elif char in " \t":
+                if in_word:
+                    words.append("".join(word))
+                    word, in_word = [], False
+                position += 1
+            elif char == "#" and not in_word:
+                break                       # a comment, to the end of the line
+            elif char in "'\"":
+                quote, in_word, position = char, True, position + 1
+            elif char == "\\":
+                if position + 1 == end:
+                    continued = True
+                    break
+                word.append(value[position + 1])
+                in_word, position = True, position + 2
+            else:
+                run = SETTINGS_PLAIN_RE.match(value, position)
+                word.append(run.group())
+                in_word, position = True, run.end()
+        index += 1
+        if quote is None and not continued:
+            break
+        if index == len(lines):
+            raise ConfigError("%s line %d: the value of %s= %s and the file ends; %s"
+                              % (path, start, key, "opens a quote (%s)" % quote if quote else
+                                 "ends in a backslash", "close the quote" if quote else
+                                 "remove the backslash"))
+        if not continued:
+            word.append("\n")               # a line break inside quotes: whitespace below
+        value = lines[index]
+    if in_word:
+        words.append("".join(word))
+    return [part for word in words for part in SETTINGS_SPLIT_RE.split(word) if part], index
 
 
 # ----------------------------------------------------------------------------------------------
