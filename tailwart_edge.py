@@ -207,57 +207,69 @@ def build_parser():
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mappings", nargs="*", metavar="MAPPING",
                         help="[BIND_ADDR:]LISTEN_PORT[/PROTO]=UPSTREAM_HOST:UPSTREAM_PORT")
-    relaying = parser.add_argument_group("relaying")
-    relaying.add_argument("--proxy-protocol", choices=("v2", "v1", "off"), default="v2",
-                          help="PROXY protocol header sent to the upstream (default: v2)")
-    relaying.add_argument("--upstream", metavar="HOST",
-                          help="upstream host for mappings given as a bare [BIND_ADDR:]PORT")
-    relaying.add_argument("--max-connections", type=positive_int, metavar="N",
-                          help="most sessions at once; more wait in the listen backlog "
-                          "(default: what the open-file limit and memory allow)")
-    relaying.add_argument("--relay", choices=("auto", "splice", "copy"), default="auto",
-                          help="how bytes move: splice (zero-copy, Linux with Python >= 3.10), "
-                          "copy, or auto (default: the fastest this system has)")
-    limits = parser.add_argument_group("clients")
-    limits.add_argument("--per-client", type=non_negative_int, default=DEFAULT_PER_CLIENT,
-                        metavar="N", help="most sessions at once from one client (an IPv4 "
-                        "address, an IPv6 /64); 0: no limit (default: %d, as Postfix's anvil)"
-                        % DEFAULT_PER_CLIENT)
-    limits.add_argument("--per-client-rate", type=non_negative_int, metavar="N",
-                        default=DEFAULT_PER_CLIENT_RATE, help="most new connections from one "
-                        "client per minute; 0: no limit (default: %d)" % DEFAULT_PER_CLIENT_RATE)
-    limits.add_argument("--exempt", type=network, action="append", metavar="CIDR",
-                        help="clients the two limits above never apply to (your own networks, "
-                        "monitoring); may be repeated (default: loopback, 127.0.0.0/8 and ::1; "
-                        "giving --exempt replaces it)")
-    limits.add_argument("--deny", type=network, action="append", default=[], metavar="CIDR",
-                        help="refuse clients from CIDR at accept; may be repeated")
-    limits.add_argument("--allow", type=network, action="append", default=[], metavar="CIDR",
-                        help="refuse every client not in CIDR (and not denied); may be repeated")
+    add_relaying(parser.add_argument_group("relaying"))
+    add_clients(parser.add_argument_group("clients"))
     add_timeouts(parser.add_argument_group("timeouts"))
-    running = parser.add_argument_group("running")
-    running.add_argument("--settings", metavar="FILE",
-                         help="read UPSTREAM=, PORTS= and OPTIONS= lines from FILE (as "
-                         "/etc/default/tailwart-edge); a reload (HUP) reads it again")
-    running.add_argument("--check", action="store_true",
-                         help="check the mappings as the relay would use them, without "
-                         "listening: ports, upstream names, connects, greetings; exit 0 when "
-                         "all is well, 1 when not")
-    running.add_argument("--reload", type=positive_int, metavar="PID",
-                         help="reload the relay running as PID (SIGHUP) and, under systemd, "
-                         "wait for the outcome: exit 0 when the new process took over")
-    running.add_argument("--metrics", metavar="ADDR:PORT", type=metrics_address,
-                         help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by "
-                         "default; a loopback or tailnet address, e.g. 127.0.0.1:9425)")
-    running.add_argument("--user", metavar="NAME",
-                         help="when started as root: bind, then run as this user (a name or "
-                         "a numeric uid)")
-    loud = running.add_mutually_exclusive_group()
+    add_running(parser.add_argument_group("running"))
+    return parser
+
+
+def add_relaying(group):
+    """--proxy-protocol, --upstream, --max-connections, --relay."""
+    group.add_argument("--proxy-protocol", choices=("v2", "v1", "off"), default="v2",
+                       help="PROXY protocol header sent to the upstream (default: v2)")
+    group.add_argument("--upstream", metavar="HOST",
+                       help="upstream host for mappings given as a bare [BIND_ADDR:]PORT")
+    group.add_argument("--max-connections", type=positive_int, metavar="N",
+                       help="most sessions at once; more wait in the listen backlog "
+                       "(default: what the open-file limit and memory allow)")
+    group.add_argument("--relay", choices=("auto", "splice", "copy"), default="auto",
+                       help="how bytes move: splice (zero-copy, Linux with Python >= 3.10), "
+                       "copy, or auto (default: the fastest this system has)")
+
+
+def add_clients(group):
+    """The per-client limits and who they spare; --deny and --allow."""
+    group.add_argument("--per-client", type=non_negative_int, default=DEFAULT_PER_CLIENT,
+                       metavar="N", help="most sessions at once from one client (an IPv4 "
+                       "address, an IPv6 /64); 0: no limit (default: %d, as Postfix's anvil)"
+                       % DEFAULT_PER_CLIENT)
+    group.add_argument("--per-client-rate", type=non_negative_int, metavar="N",
+                       default=DEFAULT_PER_CLIENT_RATE, help="most new connections from one "
+                       "client per minute; 0: no limit (default: %d)" % DEFAULT_PER_CLIENT_RATE)
+    group.add_argument("--exempt", type=network, action="append", metavar="CIDR",
+                       help="clients the two limits above never apply to (your own networks, "
+                       "monitoring); may be repeated (default: loopback, 127.0.0.0/8 and ::1; "
+                       "giving --exempt replaces it)")
+    group.add_argument("--deny", type=network, action="append", default=[], metavar="CIDR",
+                       help="refuse clients from CIDR at accept; may be repeated")
+    group.add_argument("--allow", type=network, action="append", default=[], metavar="CIDR",
+                       help="refuse every client not in CIDR (and not denied); may be repeated")
+
+
+def add_running(group):
+    """--settings, --check, --reload, --metrics, --user, -v/-q, --version."""
+    group.add_argument("--settings", metavar="FILE",
+                       help="read UPSTREAM=, PORTS= and OPTIONS= lines from FILE (as "
+                       "/etc/default/tailwart-edge); a reload (HUP) reads it again")
+    group.add_argument("--check", action="store_true",
+                       help="check the mappings as the relay would use them, without "
+                       "listening: ports, upstream names, connects, greetings; exit 0 when "
+                       "all is well, 1 when not")
+    group.add_argument("--reload", type=positive_int, metavar="PID",
+                       help="reload the relay running as PID (SIGHUP) and, under systemd, "
+                       "wait for the outcome: exit 0 when the new process took over")
+    group.add_argument("--metrics", metavar="ADDR:PORT", type=metrics_address,
+                       help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by "
+                       "default; a loopback or tailnet address, e.g. 127.0.0.1:9425)")
+    group.add_argument("--user", metavar="NAME",
+                       help="when started as root: bind, then run as this user (a name or "
+                       "a numeric uid)")
+    loud = group.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="log more (debug)")
     loud.add_argument("-q", "--quiet", action="store_true",
                       help="no line per session: only start, stop, counters and problems")
-    running.add_argument("--version", action="version", version="tailwart-edge " + __version__)
-    return parser
+    group.add_argument("--version", action="version", version="tailwart-edge " + __version__)
 
 
 def metrics_address(text):
