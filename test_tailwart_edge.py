@@ -5287,6 +5287,7 @@ SETTINGS_REFUSED = [
     ("OPTIONS=-q --check\n", "line 1: OPTIONS= may not hold --check"),
     ("OPTIONS=--reload 1\n", "line 1: OPTIONS= may not hold --reload"),
     ("OPTIONS=--settings=/etc/other\n", "line 1: OPTIONS= may not hold --settings"),
+    ("OPTIONS=-q -h\n", "line 1: OPTIONS= may not hold -h"),   # the service would exit 0
     (b"PORTS=25\n# caf\xe9\n", "line 2: byte 0xe9 is not UTF-8 text"),
     ("PORTS=25\x00\n", "line 1: control character '\\x00'"),
 ]
