@@ -124,7 +124,6 @@ import queue
 import re
 import select
 import selectors
-import shlex
 import socket
 import struct
 import subprocess
@@ -208,57 +207,69 @@ def build_parser():
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mappings", nargs="*", metavar="MAPPING",
                         help="[BIND_ADDR:]LISTEN_PORT[/PROTO]=UPSTREAM_HOST:UPSTREAM_PORT")
-    relaying = parser.add_argument_group("relaying")
-    relaying.add_argument("--proxy-protocol", choices=("v2", "v1", "off"), default="v2",
-                          help="PROXY protocol header sent to the upstream (default: v2)")
-    relaying.add_argument("--upstream", metavar="HOST",
-                          help="upstream host for mappings given as a bare [BIND_ADDR:]PORT")
-    relaying.add_argument("--max-connections", type=positive_int, metavar="N",
-                          help="most sessions at once; more wait in the listen backlog "
-                          "(default: what the open-file limit and memory allow)")
-    relaying.add_argument("--relay", choices=("auto", "splice", "copy"), default="auto",
-                          help="how bytes move: splice (zero-copy, Linux with Python >= 3.10), "
-                          "copy, or auto (default: the fastest this system has)")
-    limits = parser.add_argument_group("clients")
-    limits.add_argument("--per-client", type=non_negative_int, default=DEFAULT_PER_CLIENT,
-                        metavar="N", help="most sessions at once from one client (an IPv4 "
-                        "address, an IPv6 /64); 0: no limit (default: %d, as Postfix's anvil)"
-                        % DEFAULT_PER_CLIENT)
-    limits.add_argument("--per-client-rate", type=non_negative_int, metavar="N",
-                        default=DEFAULT_PER_CLIENT_RATE, help="most new connections from one "
-                        "client per minute; 0: no limit (default: %d)" % DEFAULT_PER_CLIENT_RATE)
-    limits.add_argument("--exempt", type=network, action="append", metavar="CIDR",
-                        help="clients the two limits above never apply to (your own networks, "
-                        "monitoring); may be repeated (default: loopback, 127.0.0.0/8 and ::1; "
-                        "giving --exempt replaces it)")
-    limits.add_argument("--deny", type=network, action="append", default=[], metavar="CIDR",
-                        help="refuse clients from CIDR at accept; may be repeated")
-    limits.add_argument("--allow", type=network, action="append", default=[], metavar="CIDR",
-                        help="refuse every client not in CIDR (and not denied); may be repeated")
+    add_relaying(parser.add_argument_group("relaying"))
+    add_clients(parser.add_argument_group("clients"))
     add_timeouts(parser.add_argument_group("timeouts"))
-    running = parser.add_argument_group("running")
-    running.add_argument("--settings", metavar="FILE",
-                         help="read UPSTREAM=, PORTS= and OPTIONS= lines from FILE (as "
-                         "/etc/default/tailwart-edge); a reload (HUP) reads it again")
-    running.add_argument("--check", action="store_true",
-                         help="check the mappings as the relay would use them, without "
-                         "listening: ports, upstream names, connects, greetings; exit 0 when "
-                         "all is well, 1 when not")
-    running.add_argument("--reload", type=positive_int, metavar="PID",
-                         help="reload the relay running as PID (SIGHUP) and, under systemd, "
-                         "wait for the outcome: exit 0 when the new process took over")
-    running.add_argument("--metrics", metavar="ADDR:PORT", type=metrics_address,
-                         help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by "
-                         "default; a loopback or tailnet address, e.g. 127.0.0.1:9425)")
-    running.add_argument("--user", metavar="NAME",
-                         help="when started as root: bind, then run as this user (a name or "
-                         "a numeric uid)")
-    loud = running.add_mutually_exclusive_group()
+    add_running(parser.add_argument_group("running"))
+    return parser
+
+
+def add_relaying(group):
+    """--proxy-protocol, --upstream, --max-connections, --relay."""
+    group.add_argument("--proxy-protocol", choices=("v2", "v1", "off"), default="v2",
+                       help="PROXY protocol header sent to the upstream (default: v2)")
+    group.add_argument("--upstream", metavar="HOST",
+                       help="upstream host for mappings given as a bare [BIND_ADDR:]PORT")
+    group.add_argument("--max-connections", type=positive_int, metavar="N",
+                       help="most sessions at once; more wait in the listen backlog "
+                       "(default: what the open-file limit and memory allow)")
+    group.add_argument("--relay", choices=("auto", "splice", "copy"), default="auto",
+                       help="how bytes move: splice (zero-copy, Linux with Python >= 3.10), "
+                       "copy, or auto (default: the fastest this system has)")
+
+
+def add_clients(group):
+    """The per-client limits and who they spare; --deny and --allow."""
+    group.add_argument("--per-client", type=non_negative_int, default=DEFAULT_PER_CLIENT,
+                       metavar="N", help="most sessions at once from one client (an IPv4 "
+                       "address, an IPv6 /64); 0: no limit (default: %d, as Postfix's anvil)"
+                       % DEFAULT_PER_CLIENT)
+    group.add_argument("--per-client-rate", type=non_negative_int, metavar="N",
+                       default=DEFAULT_PER_CLIENT_RATE, help="most new connections from one "
+                       "client per minute; 0: no limit (default: %d)" % DEFAULT_PER_CLIENT_RATE)
+    group.add_argument("--exempt", type=network, action="append", metavar="CIDR",
+                       help="clients the two limits above never apply to (your own networks, "
+                       "monitoring); may be repeated (default: loopback, 127.0.0.0/8 and ::1; "
+                       "giving --exempt replaces it)")
+    group.add_argument("--deny", type=network, action="append", default=[], metavar="CIDR",
+                       help="refuse clients from CIDR at accept; may be repeated")
+    group.add_argument("--allow", type=network, action="append", default=[], metavar="CIDR",
+                       help="refuse every client not in CIDR (and not denied); may be repeated")
+
+
+def add_running(group):
+    """--settings, --check, --reload, --metrics, --user, -v/-q, --version."""
+    group.add_argument("--settings", metavar="FILE",
+                       help="read UPSTREAM=, PORTS= and OPTIONS= lines from FILE (as "
+                       "/etc/default/tailwart-edge); a reload (HUP) reads it again")
+    group.add_argument("--check", action="store_true",
+                       help="check the mappings as the relay would use them, without "
+                       "listening: ports, upstream names, connects, greetings; exit 0 when "
+                       "all is well, 1 when not")
+    group.add_argument("--reload", type=positive_int, metavar="PID",
+                       help="reload the relay running as PID (SIGHUP) and, under systemd, "
+                       "wait for the outcome: exit 0 when the new process took over")
+    group.add_argument("--metrics", metavar="ADDR:PORT", type=metrics_address,
+                       help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by "
+                       "default; a loopback or tailnet address, e.g. 127.0.0.1:9425)")
+    group.add_argument("--user", metavar="NAME",
+                       help="when started as root: bind, then run as this user (a name or "
+                       "a numeric uid)")
+    loud = group.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="log more (debug)")
     loud.add_argument("-q", "--quiet", action="store_true",
                       help="no line per session: only start, stop, counters and problems")
-    running.add_argument("--version", action="version", version="tailwart-edge " + __version__)
-    return parser
+    group.add_argument("--version", action="version", version="tailwart-edge " + __version__)
 
 
 def metrics_address(text):
@@ -372,38 +383,33 @@ def settings_file(argv):
     return None
 
 
+SETTINGS_MAX_BYTES = 1 << 20       # a few lines in practice; --settings /dev/zero must not hang
+SETTINGS_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")     # CR too: a file saved on Windows
+SETTINGS_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")   # tab is whitespace
+SETTINGS_PLAIN_RE = re.compile(r"[^ \t'\"\\]+")    # unquoted characters (a # too, in a word)
+SETTINGS_DOUBLE_RE = re.compile(r'[^"\\]+')        # inside "...", up to a quote or backslash
+SETTINGS_SPLIT_RE = re.compile(r"[ \t\n]+")        # where systemd splits "$PORTS" into words
+# options that make no sense as the service's own: they would turn it into another command
+SETTINGS_REFUSED_OPTIONS = ("--settings", "--check", "--reload", "--help", "-h", "--version")
+
+
 def settings_words(path):
     """The command-line words a settings file stands for: OPTIONS, then --upstream UPSTREAM,
-    then PORTS (default: the six mail ports). The file holds KEY=VALUE lines, # comments and
-    blank lines; a value is split into words as a shell would (quotes, backslashes), and one
-    in double quotes, or ending in a backslash, goes on over the next lines."""
+    then PORTS (default: the six mail ports). See read_settings for the file's grammar."""
     try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeError) as e:
-        raise ConfigError("--settings %s: %s" % (path, getattr(e, "strerror", None) or e))
-    values = {"PORTS": DEFAULT_PORTS}
-    lines = iter(enumerate(lines, 1))
-    for number, line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        while line.count('"') % 2 or line.endswith("\\"):     # a value that goes on
-            following = next(lines, None)           # (PORTS="25 465 \n 443@... ")
-            if following is None:
-                break
-            line = line.rstrip("\\") + " " + following[1].strip()
-        key, eq, value = line.partition("=")
-        key = key.strip()
-        if not eq or key not in SETTINGS_KEYS:
-            raise ConfigError("%s line %d: %r is not a setting; write UPSTREAM=HOST, PORTS=... "
-                              "or OPTIONS=..." % (path, number, line))
-        try:
-            # quotes and escapes as in a shell; then words at whitespace, as systemd splits
-            # an EnvironmentFile's "$PORTS" (this file's first reader): PORTS="25 465" is two
-            values[key] = " ".join(shlex.split(value, comments=True)).split()
-        except ValueError as e:
-            raise ConfigError("%s line %d: %s" % (path, number, e))
+        with open(path, "rb") as f:
+            data = f.read(SETTINGS_MAX_BYTES + 1)
+    except OSError as e:
+        raise ConfigError("--settings %s: %s" % (path, e.strerror or e))
+    if len(data) > SETTINGS_MAX_BYTES:
+        raise ConfigError("--settings %s: larger than %d bytes; is it the settings file?"
+                          % (path, SETTINGS_MAX_BYTES))
+    return words_of_settings(data, path)
+
+
+def words_of_settings(data, path):
+    """settings_words of a file's bytes (`path` names it in errors)."""
+    values = read_settings(data, path)
     words = list(values.get("OPTIONS", ()))
     upstream = values.get("UPSTREAM")
     if upstream is not None:
@@ -411,7 +417,121 @@ def settings_words(path):
             raise ConfigError("%s: UPSTREAM= takes one host name or address, not %r"
                               % (path, " ".join(upstream)))
         words += ["--upstream", upstream[0]]
-    return words + list(values["PORTS"])
+    return words + list(values.get("PORTS", DEFAULT_PORTS))
+
+
+def read_settings(data, path):
+    """A settings file's bytes -> {KEY: [word]}; raises ConfigError naming the file and line.
+
+    UTF-8 text (a BOM at the start is ignored) of KEY=VALUE lines, # comment lines and blank
+    lines; each of UPSTREAM, PORTS and OPTIONS at most once. A value is read as sh reads a
+    word list (see value_words), and goes on over the next lines only while a quote is open
+    or a line ends in a backslash. The words are then split at whitespace, as systemd splits
+    "$PORTS" (this file's first reader): PORTS="25 465" is two words."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        number = len(SETTINGS_LINE_BREAK_RE.split(data[:e.start].decode("latin-1")))
+        raise ConfigError("%s line %d: byte 0x%02x is not UTF-8 text; save the file as UTF-8"
+                          % (path, number, data[e.start]))
+    lines = SETTINGS_LINE_BREAK_RE.split(text)
+    for number, line in enumerate(lines, 1):
+        control = SETTINGS_CONTROL_RE.search(line)
+        if control:
+            raise ConfigError("%s line %d: control character %r in the text; remove it"
+                              % (path, number, control.group()))
+    values, first = {}, {}
+    index = 0
+    while index < len(lines):
+        number = index + 1
+        line = lines[index].lstrip(" \t")
+        if not line.rstrip(" \t") or line.startswith("#"):
+            index += 1
+            continue
+        key, eq, value = line.partition("=")    # the value as written: `\ ` at its end counts
+        key = key.strip(" \t")
+        if not eq or key not in SETTINGS_KEYS:
+            raise ConfigError("%s line %d: %r is not a setting; write UPSTREAM=HOST, PORTS=... "
+                              "or OPTIONS=..." % (path, number, line.rstrip(" \t")))
+        if key in first:
+            raise ConfigError("%s line %d: a second %s= (the first is on line %d); give each "
+                              "setting once" % (path, number, key, first[key]))
+        first[key] = number
+        words, index = value_words(lines, index, value, path, key)
+        if key == "OPTIONS":
+            refused = [w for w in words if w.partition("=")[0] in SETTINGS_REFUSED_OPTIONS]
+            if refused:
+                raise ConfigError("%s line %d: OPTIONS= may not hold %s; give it on the command "
+                                  "line" % (path, number, refused[0].partition("=")[0]))
+        values[key] = words
+    return values
+
+
+def value_words(lines, index, value, path, key):
+    """The words of `value`, which follows KEY= on lines[index], and the index of the line
+    after it. As sh: '...' is literal; in "..." a backslash escapes $ ` " \\ and a line
+    break; outside quotes it escapes any character; a backslash-line break vanishes (the
+    value goes on); # begins a comment only at the start of a word, outside quotes."""
+    words, word, in_word, quote = [], [], False, None
+    start = index + 1
+    while True:
+        position, end, continued = 0, len(value), False
+        while position < end:
+            char = value[position]
+            if quote == "'":
+                close = value.find("'", position)
+                if close < 0:
+                    word.append(value[position:])
+                    break
+                word.append(value[position:close])
+                quote, position = None, close + 1
+            elif quote == '"':
+                if char == '"':
+                    quote, position = None, position + 1
+                elif char == "\\":
+                    if position + 1 == end:
+                        continued = True
+                        break
+                    following = value[position + 1]
+                    word.append(following if following in '$`"\\' else "\\" + following)
+                    position += 2
+                else:
+                    run = SETTINGS_DOUBLE_RE.match(value, position)
+                    word.append(run.group())
+                    position = run.end()
+            elif char in " \t":
+                if in_word:
+                    words.append("".join(word))
+                    word, in_word = [], False
+                position += 1
+            elif char == "#" and not in_word:
+                break                       # a comment, to the end of the line
+            elif char in "'\"":
+                quote, in_word, position = char, True, position + 1
+            elif char == "\\":
+                if position + 1 == end:
+                    continued = True
+                    break
+                word.append(value[position + 1])
+                in_word, position = True, position + 2
+            else:
+                run = SETTINGS_PLAIN_RE.match(value, position)
+                word.append(run.group())
+                in_word, position = True, run.end()
+        index += 1
+        if quote is None and not continued:
+            break
+        if index == len(lines):
+            raise ConfigError("%s line %d: the value of %s= %s and the file ends; %s"
+                              % (path, start, key, "opens a quote (%s)" % quote if quote else
+                                 "ends in a backslash", "close the quote" if quote else
+                                 "remove the backslash"))
+        if not continued:
+            word.append("\n")               # a line break inside quotes: whitespace below
+        value = lines[index]
+    if in_word:
+        words.append("".join(word))
+    return [part for word in words for part in SETTINGS_SPLIT_RE.split(word) if part], index
 
 
 # ----------------------------------------------------------------------------------------------

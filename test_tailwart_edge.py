@@ -12,6 +12,7 @@ systemd tests skip when their software is missing, naming the package; TAILWART_
 (set by CI) makes that a failure.
 """
 
+import collections
 import contextlib
 import ctypes
 import errno
@@ -5008,7 +5009,8 @@ def test_upgrade_by_hup_runs_the_script_as_it_is_on_disk(relays, tmp_path):
 
 
 BAD_SETTINGS = [
-    # a line appended to a good file, what `reload failed:` must say ({path}, {line}: its number)
+    # a line appended to a good file (PORTS=: words added to its PORTS= line, one PORTS= a
+    # file), what `reload failed:` must say ({path}, {line}: the line's number)
     ("FOO=bar", r"{path} line {line}: .*FOO"),
     ("PORTS 2525", r"{path} line {line}: .*PORTS 2525"),
     ("PORTS={p},{q}", r"names several ports"),
@@ -5052,7 +5054,11 @@ def test_reload_with_a_bad_settings_file_fails_and_the_old_process_keeps_serving
         write_settings(settings, good)
         proxy = relays.start("--settings", str(settings))
         p, q = free_port(), free_port()
-        line = write_settings(settings, good, extra=[bad.format(p=p, q=q)])
+        bad = bad.format(p=p, q=q)
+        if bad.startswith("PORTS="):
+            line = write_settings(settings, good + [bad.partition("=")[2]])
+        else:
+            line = write_settings(settings, good, extra=[bad])
         mark = proxy.mark()
         os.kill(proxy.pid, signal.SIGHUP)
         failed = proxy.wait_for(r"reload failed", start=mark)
@@ -5381,6 +5387,174 @@ def test_settings_file_then_the_command_line_which_adds_and_wins(tmp_path):
     assert [(m.bind, m.port, m.upstreams) for m in mappings] == [
         (None, 2525, [("mx.example", 2525)]), (None, 2600, [("other", 26)])]
     assert options.connect_timeout == 7
+
+
+def settings_words_of(tmp_path, text):
+    """settings_words of a file holding `text` (str: written as UTF-8; bytes: as they are)."""
+    path = tmp_path / "settings"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return edge.settings_words(str(path))
+
+
+def test_settings_file_quote_in_a_comment_changes_no_other_line(tmp_path):
+    """Issue 19, fault 4: at f50fa61 the one `"` in the comment glued the next lines into it:
+    --deny vanished and PORTS=25 587 became the six default ports (143, 465, 993, 4190 open)."""
+    path = tmp_path / "settings"
+    path.write_text('UPSTREAM=mx # the 12" rack box\nPORTS=25 587\nOPTIONS=--deny 192.0.2.0/24\n')
+    options, mappings = edge.parse_args(["--settings", str(path)])
+    assert [(m.port, m.upstreams) for m in mappings] == [(25, [("mx", 25)]), (587, [("mx", 587)])]
+    assert [str(n) for n in options.deny] == ["192.0.2.0/24"]
+
+
+SETTINGS_READINGS = [
+    # (file text, the words it stands for): as sh reads the values, then split as systemd does
+    ('UPSTREAM=mx # the 12" rack box\nPORTS=25\n', ["--upstream", "mx", "25"]),
+    ("UPSTREAM=mx # it's\nPORTS=25\n", ["--upstream", "mx", "25"]),
+    ('PORTS="25 587" # a "quoted" comment\n', ["25", "587"]),
+    ("PORTS=25 a#b\n", ["25", "a#b"]),                    # `#` inside a word: not a comment
+    ("PORTS='#x' \"#y\" \\#z #w\n", ["#x", "#y", "#z"]),
+    ('PORTS="25\n  # inside quotes: words\n  587"\n', ["25", "#", "inside", "quotes:", "words",
+                                                         "587"]),
+    ("PORTS=25 \\\n  587\n", ["25", "587"]),               # a backslash goes on
+    ("PORTS=2\\\n5\n", ["25"]),                            # ... and vanishes with the break
+    ("PORTS='25\\'\n", ["25\\"]),                          # literal in '...'
+    ('PORTS="a\\"b\\\\c\\d"\n', ['a"b\\c\\d']),
+    ("PORTS=25 \\ \nUPSTREAM=mx\n", ["--upstream", "mx", "25"]),   # `\ `: no backslash at the end
+    ("  UPSTREAM = mx\t\n\n   # indented comment\nPORTS=25\n", ["--upstream", "mx", "25"]),
+    ("UPSTREAM=mx\r\nPORTS=25 587\r\n", ["--upstream", "mx", "25", "587"]),
+    (b"\xef\xbb\xbfUPSTREAM=mx\r\nPORTS=25\r\n", ["--upstream", "mx", "25"]),  # a BOM, as CR
+    ("PORTS=\n", []),
+]
+
+
+@pytest.mark.parametrize("text, words", SETTINGS_READINGS, ids=[repr(t) for t, _ in SETTINGS_READINGS])
+def test_settings_file_reads_values_as_sh_does(tmp_path, text, words):
+    assert settings_words_of(tmp_path, text) == words
+
+
+SETTINGS_REFUSED = [
+    # (file text, what the one error line says after "{path} ")
+    ("PORTS=25\nUPSTREAM=mx\nPORTS=587\n", "line 3: a second PORTS= (the first is on line 1)"),
+    ("OPTIONS=-q\nOPTIONS=-v\n", "line 2: a second OPTIONS= (the first is on line 1)"),
+    ("UPSTREAM=mx\nUPSTREAM = mx2\n", "line 2: a second UPSTREAM= (the first is on line 1)"),
+    ('UPSTREAM=mx\nPORTS="25 587\nOPTIONS=-q\n', 'line 2: the value of PORTS= opens a quote (")'),
+    ("PORTS='25\n", "line 1: the value of PORTS= opens a quote (')"),
+    ("PORTS=25 \\", "line 1: the value of PORTS= ends in a backslash"),
+    ("OPTIONS=-q --check\n", "line 1: OPTIONS= may not hold --check"),
+    ("OPTIONS=--reload 1\n", "line 1: OPTIONS= may not hold --reload"),
+    ("OPTIONS=--settings=/etc/other\n", "line 1: OPTIONS= may not hold --settings"),
+    ("OPTIONS=-q -h\n", "line 1: OPTIONS= may not hold -h"),   # the service would exit 0
+    (b"PORTS=25\n# caf\xe9\n", "line 2: byte 0xe9 is not UTF-8 text"),
+    ("PORTS=25\x00\n", "line 1: control character '\\x00'"),
+]
+
+
+@pytest.mark.parametrize("text, message", SETTINGS_REFUSED, ids=[repr(t) for t, _ in SETTINGS_REFUSED])
+def test_settings_file_refused_naming_file_and_line(tmp_path, text, message):
+    with pytest.raises(edge.ConfigError) as refused:
+        settings_words_of(tmp_path, text)
+    assert str(refused.value).startswith("%s %s" % (tmp_path / "settings", message)), refused.value
+
+
+def test_settings_file_unterminated_quote_exits_2_naming_the_line_it_opened(tmp_path):
+    path = tmp_path / "settings"
+    path.write_text('UPSTREAM=mx\nPORTS="25 587\nOPTIONS=--deny 192.0.2.0/24\n')
+    line = settings_error(path)
+    assert line.startswith('tailwart_edge.py: error: %s line 2: the value of PORTS= opens a quote'
+                           % path), line
+
+
+def settings_quoted(word, rng):
+    """`word` written for sh in a style rng picks (bare with backslashes, '...', "...", or
+    two parts in two styles); sh and the settings file read it back as `word`."""
+    style = rng.randrange(4)
+    if style == 3 and len(word) > 1:
+        cut = rng.randrange(1, len(word))
+        return settings_quoted(word[:cut], rng) + settings_quoted(word[cut:], rng)
+    if style == 1:
+        return "'" + word.replace("'", "'\\''") + "'"
+    if style == 2:
+        return '"' + re.sub(r'([$`"\\])', r"\\\1", word) + '"'
+    bare = re.sub(r"([ \t'\"\\$`])", r"\\\1", word)
+    return "\\" + bare if bare.startswith("#") else bare
+
+
+SETTINGS_VOCABULARY = {
+    "PORTS": ["25", "465", "127.0.0.1:2525=10.0.0.5:25", "[::1]:993=[fd7a:115c:a1e0::1]:993",
+              "443@mail.example.com,alpn:acme-tls/1", "80=127.0.0.1:8080/proxy=off", "a#b",
+              "#hash", '12"', "it's", "back\\slash", "$HOME", "`x`", "x=y", "\u00fc"],
+    "OPTIONS": ["--proxy-protocol", "v1", "-q", "--deny", "192.0.2.0/24", "--user", "mail#1",
+                "--connect-timeout=2.5", '"', "'", "\\"],
+    "UPSTREAM": ["mx", "stalwart.tail7b1641.ts.net", "[fd7a:115c:a1e0::1]", "a#b", "x\"y"],
+}
+
+
+def settings_generated(rng):
+    """A settings file of known words, written in the ways sh allows -> (text, its words)."""
+    lines, values = [], {}
+    keys = [key for key in ("UPSTREAM", "PORTS", "OPTIONS") if rng.random() < 0.8]
+    rng.shuffle(keys)
+    for key in keys:
+        if rng.random() < 0.3:
+            lines.append(rng.choice(["", "# a comment with \" and ' and \\", "  #x=\"y"]))
+        count = 1 if key == "UPSTREAM" else rng.randrange(5)
+        words = [rng.choice(SETTINGS_VOCABULARY[key]) for _ in range(count)]
+        if words and key != "UPSTREAM" and rng.random() < 0.3:     # the README's PORTS="..."
+            parts = [re.sub(r'([$`"\\])', r"\\\1", w) for w in words]
+            value = '"' + "".join(p + rng.choice([" ", "\n  ", "\t"]) for p in parts) + '"'
+        else:
+            value = "".join(settings_quoted(w, rng) + rng.choice([" ", "\t", " \\\n  ", "  "])
+                            for w in words)
+        if rng.random() < 0.3:
+            value += " # the 12\" rack, it's \\"
+        values[key] = words
+        lines.append(rng.choice(["", " "]) + key + "=" + value)
+    text = rng.choice(["\n", "\r\n"]).join(lines) + rng.choice(["", "\n"])
+    words = list(values.get("OPTIONS", []))
+    if "UPSTREAM" in values:
+        words += ["--upstream"] + values["UPSTREAM"]
+    return text, words + values.get("PORTS", edge.DEFAULT_PORTS)
+
+
+SETTINGS_MUTATIONS = [b'"', b"'", b"\\", b"#", b"=", b"\n", b"\r", b"\r\n", b" ", b"\t",
+                      b"\xef\xbb\xbf", b"\xff", b"\xc3", b"\xe2\x80", b"\x00"]
+
+
+def test_abuse_settings_file_fuzz_refuses_with_config_error_or_means_what_it_says():
+    """Seeded: 4,000 files of known words written in the ways sh allows read back as those
+    words; 16,000 mutations (quotes, backslashes, #, =, line breaks, BOMs, bytes that are not
+    UTF-8) of them and of the README's and these tests' files raise ConfigError or read as
+    words, never anything else. `abuse`: ~2 s, in the pytest interpreter: once is enough."""
+    rng = random.Random(19)
+    seeds = [("UPSTREAM=stalwart.tail7b1641.ts.net\n" + readme_block(
+        "UPSTREAM=stalwart.tail7b1641.ts.net")).encode()]
+    seeds += [t if isinstance(t, bytes) else t.encode() for t, _ in SETTINGS_READINGS]
+    seeds += [t if isinstance(t, bytes) else t.encode() for t, _ in SETTINGS_REFUSED]
+    for _ in range(4000):
+        text, words = settings_generated(rng)
+        assert edge.words_of_settings(text.encode(), "F") == words, text
+        seeds.append(text.encode())
+    outcomes = collections.Counter()
+    for _ in range(16000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 4)):
+            at = rng.randrange(len(data) + 1)
+            change = rng.randrange(3)
+            if change == 0:
+                data[at:at] = rng.choice(SETTINGS_MUTATIONS)
+            elif change == 1:
+                del data[at:at + 1]
+            else:
+                data[at:at] = data[at:at + 1]
+        try:
+            words = edge.words_of_settings(bytes(data), "F")
+        except edge.ConfigError as e:
+            assert str(e).count("\n") == 0, (bytes(data), e)
+            outcomes["refused"] += 1
+            continue
+        assert all(w and not re.search(r"[ \t\n\r\x00]", w) for w in words), (bytes(data), words)
+        outcomes["read"] += 1
+    assert outcomes["refused"] > 1000 and outcomes["read"] > 1000, outcomes
 
 
 # -- --reload PID ------------------------------------------------------------------------------
