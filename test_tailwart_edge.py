@@ -6386,6 +6386,69 @@ def client_table(per_client=0, rate=0, exempt=(), deny=(), allow=()):
     return edge.Clients(options)
 
 
+def test_deny_written_ipv4_mapped_refuses_the_ipv4_client():
+    # a dual-stack listener reports 127.0.0.9 as ::ffff:127.0.0.9; either way it is an IPv4
+    # client, and a rule written in the mapped form means the IPv4 network
+    proxy, port, up = limited_edge("--deny", "::ffff:127.0.0.9", "--allow", "::ffff:127.0.0.0/125")
+    with up, proxy:
+        for source in ("127.0.0.9", "127.0.0.10"):      # denied; outside the allow
+            with connect_from(source, port) as c:
+                assert recv_all(c) == b""
+        with connect_from("127.0.0.2", port) as c:
+            c.sendall(b"m")
+            assert recv_exactly(c, 1) == b"m"
+        assert "refused-denied=2" in edge_stats(proxy)
+        assert len(up.conns) == 1
+
+
+def test_abuse_a_full_client_table_still_limits_each_client():
+    # 65,536 short connections from as many addresses (127.1.0.0/16, denied so that they cost
+    # no upstream) fill the per-client table; a client arriving after them is still limited
+    flooders, per_thread = 4, edge.CLIENTS_MAX // 4
+
+    def greeter(conn):
+        conn.sendall(b"220 upstream\r\n")
+        echo(conn)
+    up = Upstream(greeter)
+    proxy, port = Edge.on_free_port(lambda port: [
+        "--proxy-protocol", "off", "--exempt", "192.0.2.0/24", "--per-client", "5",
+        "--per-client-rate", "0", "--deny", "127.1.0.0/16",
+        "127.0.0.1:%d/smtp=%s" % (port, up.address)])
+
+    def flood(first):
+        for i in range(first, first + per_thread):
+            for attempt in range(3):            # a SYN dropped by a full backlog: try again
+                try:
+                    with connect_from("127.1.%d.%d" % (i >> 8, i & 255), port, timeout=5) as c:
+                        c.recv(1)               # closed without a word: paced by the relay
+                    break
+                except OSError:
+                    pass
+    with up, proxy:
+        mark = proxy.mark()
+        threads = [threading.Thread(target=flood, args=(n * per_thread,), daemon=True)
+                   for n in range(flooders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert "refused-denied=%d" % edge.CLIENTS_MAX in edge_stats(proxy)
+        held, greetings = [], []
+        try:
+            for _ in range(8):                  # one at a time: the relay answers each first
+                held.append(connect_from("127.0.0.2", port))
+                greetings.append(held[-1].recv(100))
+        finally:
+            for c in held:
+                c.close()
+        admitted = greetings.count(b"220 upstream\r\n")
+        assert admitted == 5, "127.0.0.2 held %d sessions (--per-client 5): %r" % (admitted,
+                                                                                  greetings)
+        assert greetings[5:] == [b"421 4.7.0 Too many connections from your address\r\n"] * 3
+        proxy.wait_for(r"clients: 65536 tracked; the oldest with nothing open are forgotten",
+                       start=mark)
+
+
 def test_limit_ipv6_clients_are_grouped_by_64():
     clients = client_table(per_client=2)
     assert clients.admit("2001:db8:1:2::1", 0.0)[1] is None
