@@ -1181,7 +1181,7 @@ class Clients:
     The table is bounded without ever failing open: a new client always gets an entry.
     Entries with nothing open are kept in `idle`, in the order they became idle; past
     CLIENTS_MAX entries the oldest idle one is forgotten (O(1)), so a flood of new
-    addresses costs the flooded entries their minute's counts, never a client its limit.
+    addresses costs the clients it pushes out their minute's counts, never a client its limit.
     Entries with sessions open are never dropped: when every entry has one, the table
     grows past CLIENTS_MAX, bounded by the connection cap (one session per such entry).
     """
