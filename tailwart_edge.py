@@ -292,13 +292,21 @@ def non_negative_int(text):
 
 
 def network(text):
-    """A CIDR (or a bare address) -> ipaddress network; host bits set are refused."""
+    """A CIDR (or a bare address) -> ipaddress network; host bits set are refused.
+
+    An IPv4-mapped one (::ffff:192.0.2.0/120) becomes the IPv4 network it means
+    (192.0.2.0/24): clients are judged by their plain address (plain_ip), so as written
+    it could never match."""
     import ipaddress
     try:
-        return ipaddress.ip_network(text.strip("[]"), strict=True)
+        net = ipaddress.ip_network(text.strip("[]"), strict=True)
     except ValueError as e:
         raise argparse.ArgumentTypeError("%r is not a network: %s (write e.g. 192.0.2.0/24, "
                                          "2001:db8::/32 or 192.0.2.7)" % (text, e))
+    mapped = net.network_address.ipv4_mapped if net.version == 6 else None
+    if mapped is not None and net.prefixlen >= 96:
+        return ipaddress.ip_network("%s/%d" % (mapped, net.prefixlen - 96))
+    return net
 
 
 def add_timeouts(group):
@@ -1261,24 +1269,45 @@ ACCEPT_GONE = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}   # that client le
 FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-CLIENTS_MAX = 65536             # clients tracked at once (~250 bytes each: 16 MiB at most)
+CLIENTS_MAX = 65536             # idle clients kept at most (~330 bytes each: 21 MiB at most)
 CLIENT_WINDOW = 60.0            # the per-client rate is counted per minute
 DENIED, EXEMPT = "denied", "exempt"
+BY_ADDRESS = "by-address"       # a /64 the lists split: each address is judged on its own
+
+
+class Client:
+    """One client's entry in the per-client table."""
+
+    __slots__ = ("key", "open", "minute_began", "this_minute", "refusals", "verdict")
+
+    def __init__(self, key, now, verdict):
+        self.key = key
+        self.open = 0                   # its sessions open now (exempt ones are not counted)
+        self.minute_began = now
+        self.this_minute = 0            # connections since minute_began
+        self.refusals = 0               # refusals since minute_began (only the first is logged)
+        self.verdict = verdict          # DENIED, EXEMPT, None, or BY_ADDRESS
 
 
 class Clients:
     """Per-client limits and the allow/deny lists, checked at accept in O(1).
 
-    A client is an IPv4 address or an IPv6 /64 (one host can hold a whole /64). Each has
-    an entry [sessions open, minute began, connections this minute, verdict, refusals
-    this minute]; the verdict (denied, exempt or None) is worked out once per entry, so the
-    CIDR lists cost nothing on later accepts. Entries of clients with nothing open and a
-    minute past are dropped by a sweep each minute; when CLIENTS_MAX clients are tracked a
-    new one is let in untracked (the global cap still holds) rather than refused.
+    A client is an IPv4 address or an IPv6 /64 (one host can hold a whole /64): the unit
+    the limits count. The lists judge the whole address: a /64 gets one verdict, worked
+    out once and kept on its entry so the CIDR lists cost nothing on later accepts, unless
+    a rule narrower than /64 lies inside it; then each of its addresses is judged on
+    every accept (BY_ADDRESS).
+
+    The table is bounded without ever failing open: a new client always gets an entry.
+    Entries with nothing open are kept in `idle`, in the order they became idle; past
+    CLIENTS_MAX entries the oldest idle one is forgotten (O(1)), so a flood of new
+    addresses costs the clients it pushes out their minute's counts, never a client its limit.
+    Entries with sessions open are never dropped: when every entry has one, the table
+    grows past CLIENTS_MAX, bounded by the connection cap (one session per such entry).
     """
 
-    __slots__ = ("per_client", "rate", "exempt", "deny", "allow", "entries", "full_warned",
-                 "swept_at")
+    __slots__ = ("per_client", "rate", "exempt", "deny", "allow", "split", "entries", "idle",
+                 "full_warned")
 
     def __init__(self, options):
         self.per_client = options.per_client
@@ -1286,9 +1315,12 @@ class Clients:
         self.exempt, self.deny, self.allow = options.exempt, options.deny, options.allow
         if self.exempt is None:         # this machine itself: a local webmail, monitoring
             self.exempt = [network("127.0.0.0/8"), network("::1")]
-        self.entries = {}
+        # the /64s a rule narrower than /64 lies in: only there do addresses differ
+        self.split = {net.network_address.packed[:8] for net in self.exempt + self.deny +
+                      self.allow if net.version == 6 and net.prefixlen > 64}
+        self.entries = {}               # key -> Client
+        self.idle = collections.OrderedDict()   # key -> Client with nothing open, oldest first
         self.full_warned = -WARN_INTERVAL
-        self.swept_at = 0.0
 
     @staticmethod
     def key(ip):
@@ -1299,7 +1331,7 @@ class Clients:
         return socket.inet_pton(socket.AF_INET6, ip)[:8]
 
     def verdict(self, ip):
-        """denied, exempt or None, from the lists (once per entry)."""
+        """denied, exempt or None for one address, from the lists."""
         import ipaddress
         address = ipaddress.ip_address(plain_ip(ip))
         if any(address in net for net in self.deny) or \
@@ -1310,39 +1342,59 @@ class Clients:
         return None
 
     def admit(self, ip, now):
-        """(entry or None, refusal reason or None) for a client connecting now."""
+        """(entry or None, refusal reason or None) for a client connecting now. The entry
+        counts the session (release() it when the session ends); None: nothing to count
+        (an exempt client), or refused."""
         key = self.key(ip)
         entry = self.entries.get(key)
         if entry is None:
-            if len(self.entries) >= CLIENTS_MAX and now - self.swept_at >= 1.0:
-                self.sweep(now)         # at most once a second: it is O(clients)
-            if len(self.entries) >= CLIENTS_MAX:
-                verdict = self.verdict(ip)
-                if now - self.full_warned >= WARN_INTERVAL:
-                    self.full_warned = now
-                    log(WARNING, "clients: %d tracked; new ones are let in unlimited until "
-                        "some leave" % CLIENTS_MAX)
-                return None, ("denied" if verdict is DENIED else None)
-            entry = self.entries[key] = [0, now, 0, self.verdict(ip), 0]
-        if now - entry[1] >= CLIENT_WINDOW:
-            entry[1], entry[2], entry[4] = now, 0, 0
-        verdict = entry[3]
+            entry = self.add(key, ip, now)
+        if now - entry.minute_began >= CLIENT_WINDOW:
+            entry.minute_began, entry.this_minute, entry.refusals = now, 0, 0
+        verdict = entry.verdict
+        if verdict is BY_ADDRESS:
+            verdict = self.verdict(ip)
         if verdict is DENIED:
             return None, "denied"
-        entry[2] += 1
-        if verdict is None:
-            if self.per_client and entry[0] >= self.per_client:
-                return None, "per-client"
-            if self.rate and entry[2] > self.rate:
-                return None, "per-client-rate"
-        entry[0] += 1
+        entry.this_minute += 1
+        if verdict is EXEMPT:
+            return None, None           # never limited, and not counted against its /64
+        if self.per_client and entry.open >= self.per_client:
+            return None, "per-client"
+        if self.rate and entry.this_minute > self.rate:
+            return None, "per-client-rate"
+        if not entry.open:
+            del self.idle[key]
+        entry.open += 1
         return entry, None
 
+    def release(self, entry):
+        """A session admit() counted on `entry` has ended."""
+        entry.open -= 1
+        if not entry.open:
+            self.idle[entry.key] = entry
+
+    def add(self, key, ip, now):
+        """A new client's entry, making room first by forgetting the oldest idle one."""
+        tracked = len(self.entries)
+        if tracked >= CLIENTS_MAX:
+            if self.idle:
+                self.entries.pop(self.idle.popitem(last=False)[0])
+                message = "the oldest with nothing open are forgotten"
+            else:
+                message = "all have sessions open; tracking more (the connection cap bounds it)"
+            if now - self.full_warned >= WARN_INTERVAL:
+                self.full_warned = now
+                log(WARNING, "clients: %d tracked; %s" % (tracked, message))
+        verdict = BY_ADDRESS if key in self.split else self.verdict(ip)
+        entry = self.entries[key] = self.idle[key] = Client(key, now, verdict)
+        return entry
+
     def sweep(self, now):
-        """Drop the clients with nothing open whose minute is over."""
-        self.swept_at = now
+        """Drop the clients with nothing open whose minute is over (O(idle), once a minute)."""
         old = now - CLIENT_WINDOW
-        for key in [key for key, entry in self.entries.items() if not entry[0] and entry[1] < old]:
+        for key in [key for key, entry in self.idle.items() if entry.minute_began < old]:
+            del self.idle[key]
             del self.entries[key]
 
 
@@ -3146,9 +3198,9 @@ class Server:
         client.close()
         mapping.refused[reason] = mapping.refused.get(reason, 0) + 1
         entry = self.clients.entries.get(self.clients.key(peer[0]))
-        first = entry is None or not entry[4]
+        first = entry is None or not entry.refusals
         if entry is not None:
-            entry[4] += 1
+            entry.refusals += 1
         if first:
             log(WARNING, "refused client=%s listen=%s reason=%s%s" % (
                 format_address(plain_ip(peer[0]), peer[1]), mapping.label, reason,
@@ -3159,9 +3211,8 @@ class Server:
         """Called once by Session.close(): count it, write its line, make room for the next."""
         mapping = session.mapping
         self.sessions.discard(session)
-        entry = session.client_entry
-        if entry is not None:
-            entry[0] -= 1
+        if session.client_entry is not None:
+            self.clients.release(session.client_entry)
         mapping.active -= 1
         mapping.up += session.up.count
         mapping.down += session.down.count

@@ -6705,11 +6705,82 @@ def test_deny_and_allow_refuse_at_accept_without_a_word():
         assert len(up.conns) == 1               # the refused never reached the upstream
 
 
-def test_limit_ipv6_clients_are_grouped_by_64():
+def client_table(per_client=0, rate=0, exempt=(), deny=(), allow=()):
+    """A Clients table (the unit under the per-client limits) with these lists."""
     class Options:
-        per_client, per_client_rate = 2, 0
-        exempt, deny, allow = [], [], []
-    clients = edge.Clients(Options)
+        pass
+    options = Options()
+    options.per_client, options.per_client_rate = per_client, rate
+    options.exempt, options.deny, options.allow = [
+        [edge.network(text) for text in texts] for texts in (exempt, deny, allow)]
+    return edge.Clients(options)
+
+
+def test_deny_written_ipv4_mapped_refuses_the_ipv4_client():
+    # a dual-stack listener reports 127.0.0.9 as ::ffff:127.0.0.9; either way it is an IPv4
+    # client, and a rule written in the mapped form means the IPv4 network
+    proxy, port, up = limited_edge("--deny", "::ffff:127.0.0.9", "--allow", "::ffff:127.0.0.0/125")
+    with up, proxy:
+        for source in ("127.0.0.9", "127.0.0.10"):      # denied; outside the allow
+            with connect_from(source, port) as c:
+                assert recv_all(c) == b""
+        with connect_from("127.0.0.2", port) as c:
+            c.sendall(b"m")
+            assert recv_exactly(c, 1) == b"m"
+        assert "refused-denied=2" in edge_stats(proxy)
+        assert len(up.conns) == 1
+
+
+def test_abuse_a_full_client_table_still_limits_each_client():
+    # 65,536 short connections from as many addresses (127.1.0.0/16, denied so that they cost
+    # no upstream) fill the per-client table; a client arriving after them is still limited
+    flooders, per_thread = 4, edge.CLIENTS_MAX // 4
+
+    def greeter(conn):
+        conn.sendall(b"220 upstream\r\n")
+        echo(conn)
+    up = Upstream(greeter)
+    proxy, port = Edge.on_free_port(lambda port: [
+        "--proxy-protocol", "off", "--exempt", "192.0.2.0/24", "--per-client", "5",
+        "--per-client-rate", "0", "--deny", "127.1.0.0/16",
+        "127.0.0.1:%d/smtp=%s" % (port, up.address)])
+
+    def flood(first):
+        for i in range(first, first + per_thread):
+            for attempt in range(3):            # a SYN dropped by a full backlog: try again
+                try:
+                    with connect_from("127.1.%d.%d" % (i >> 8, i & 255), port, timeout=5) as c:
+                        c.recv(1)               # closed without a word: paced by the relay
+                    break
+                except OSError:
+                    pass
+    with up, proxy:
+        mark = proxy.mark()
+        threads = [threading.Thread(target=flood, args=(n * per_thread,), daemon=True)
+                   for n in range(flooders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        assert "refused-denied=%d" % edge.CLIENTS_MAX in edge_stats(proxy)
+        held, greetings = [], []
+        try:
+            for _ in range(8):                  # one at a time: the relay answers each first
+                held.append(connect_from("127.0.0.2", port))
+                greetings.append(held[-1].recv(100))
+        finally:
+            for c in held:
+                c.close()
+        admitted = greetings.count(b"220 upstream\r\n")
+        assert admitted == 5, "127.0.0.2 held %d sessions (--per-client 5): %r" % (admitted,
+                                                                                  greetings)
+        assert greetings[5:] == [b"421 4.7.0 Too many connections from your address\r\n"] * 3
+        proxy.wait_for(r"clients: 65536 tracked; the oldest with nothing open are forgotten",
+                       start=mark)
+
+
+def test_limit_ipv6_clients_are_grouped_by_64():
+    clients = client_table(per_client=2)
     assert clients.admit("2001:db8:1:2::1", 0.0)[1] is None
     assert clients.admit("2001:db8:1:2:ffff::9", 0.0)[1] is None
     assert clients.admit("2001:db8:1:2:abcd::7", 0.0)[1] == "per-client"   # same /64
@@ -6717,23 +6788,86 @@ def test_limit_ipv6_clients_are_grouped_by_64():
     assert clients.admit("::ffff:192.0.2.1", 0.0)[0] is clients.entries["192.0.2.1"]
 
 
+@pytest.mark.parametrize("lists, first, then", [
+    ({"deny": ["2001:db8::bad"]}, "2001:db8::1", [("2001:db8::bad", "denied"),
+                                                  ("2001:db8::2", None)]),
+    ({"allow": ["2001:db8::5"]}, "2001:db8::6", [("2001:db8::5", None),
+                                                 ("2001:db8::7", "denied")]),
+    ({"allow": ["2001:db8::5"]}, "2001:db8::5", [("2001:db8::6", "denied"),
+                                                 ("2001:db8:0:1::5", "denied")]),
+    ({"deny": ["2001:db8::/64"], "allow": ["::/0"]}, "2001:db8::1", [("2001:db8::2", "denied"),
+                                                                     ("2001:db8:0:1::1", None)]),
+])
+def test_limit_deny_and_allow_judge_the_whole_ipv6_address_not_who_came_first(lists, first,
+                                                                               then):
+    clients = client_table(**lists)
+    clients.admit(first, 0.0)                   # the first of its /64 sets up the entry
+    assert [(ip, clients.admit(ip, 0.0)[1]) for ip, _ in then] == then
+
+
+def test_limit_an_exempt_address_is_not_counted_against_its_64():
+    clients = client_table(per_client=1, exempt=["2001:db8::e"])
+    assert [clients.admit("2001:db8::e", 0.0) for _ in range(3)] == [(None, None)] * 3
+    assert clients.admit("2001:db8::1", 0.0)[1] is None
+    assert clients.admit("2001:db8::2", 0.0)[1] == "per-client"        # the /64's one
+
+
+@pytest.mark.parametrize("text, meant", [
+    ("::ffff:192.0.2.0/120", "192.0.2.0/24"), ("::ffff:192.0.2.7", "192.0.2.7/32"),
+    ("[::ffff:0:0/96]", "0.0.0.0/0"), ("::/0", "::/0"), ("2001:db8::/32", "2001:db8::/32")])
+def test_limit_ipv4_mapped_rules_mean_their_ipv4_network(text, meant):
+    assert str(edge.network(text)) == meant
+
+
+def flood_one_48(clients, now=0.0):
+    """CLIENTS_MAX short connections, one from each /64 of 2001:db8:77::/48."""
+    for i in range(edge.CLIENTS_MAX):
+        entry, refusal = clients.admit("2001:db8:77:%x::1" % i, now)
+        assert refusal is None
+        clients.release(entry)                  # the session ends at once
+
+
+def held(clients, ip, tries=200):
+    """How many of `tries` sessions at once `ip` is let in to hold."""
+    return sum(clients.admit(ip, 1.0)[1] is None for _ in range(tries))
+
+
+def test_limit_per_client_holds_after_a_flood_fills_the_client_table():
+    clients = client_table(per_client=5)
+    assert held(clients, "192.0.2.1") == 5      # holding its 5 while the flood comes
+    flood_one_48(clients)
+    assert len(clients.entries) == edge.CLIENTS_MAX
+    assert held(clients, "192.0.2.1") == 0      # its entry, with sessions open, was kept
+    assert held(clients, "192.0.2.2") == 5      # a new one is tracked, not let in unlimited
+    assert held(clients, "2001:db8:77:1::1") == 5
+
+
+def test_limit_a_table_full_of_open_sessions_grows_rather_than_fail_open():
+    clients = client_table(per_client=5)
+    for i in range(edge.CLIENTS_MAX):           # every entry holds a session
+        assert clients.admit("2001:db8:77:%x::1" % i, 0.0)[1] is None
+    assert held(clients, "192.0.2.1") == 5      # tracked all the same: one entry more
+    assert len(clients.entries) == edge.CLIENTS_MAX + 1
+    for entry in list(clients.entries.values()):
+        while entry.open:
+            clients.release(entry)
+    clients.sweep(2 * edge.CLIENT_WINDOW)       # a minute on, nothing open: all forgotten
+    assert not clients.entries and not clients.idle
+
+
 def test_abuse_client_table_stays_bounded_under_address_cycling():
     import tracemalloc
-
-    class Options:
-        per_client, per_client_rate = 50, 300
-        exempt, deny, allow = [], [], []
-    clients = edge.Clients(Options)
+    clients = client_table(per_client=50, rate=300)
     tracemalloc.start()
     now = 0.0
     for i in range(3 * edge.CLIENTS_MAX):       # an attacker cycling through /64s
         entry, refusal = clients.admit("2001:db8:%x:%x::1" % (i >> 16, i & 0xffff), now)
         if entry is not None:
-            entry[0] -= 1                      # the session ends at once
+            clients.release(entry)              # the session ends at once
         now += 0.001
     size, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert len(clients.entries) <= edge.CLIENTS_MAX
+    assert len(clients.entries) == len(clients.idle) == edge.CLIENTS_MAX
     print("clients tracked: %d, peak memory %.1f MiB" % (len(clients.entries), peak / 2**20))
     assert peak < 40 * 2**20, peak
 
