@@ -129,8 +129,9 @@ class Edge:
     which retries each start on a fresh port. Either way a taken port ends in PortInUse.
     """
 
-    def __init__(self, *args, env=None, preexec_fn=None, timeout=WAIT, tries=5):
+    def __init__(self, *args, env=None, preexec_fn=None, timeout=WAIT, tries=5, pass_fds=()):
         self.args = [PYTHON, SCRIPT] + list(args)
+        self.pass_fds = tuple(pass_fds)         # descriptors the script inherits
         for attempt in range(tries):
             try:
                 self._start(env, preexec_fn, timeout)
@@ -157,7 +158,8 @@ class Edge:
         # a session of its own: kill() ends the processes a reload starts too (one group)
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      universal_newlines=True, preexec_fn=preexec_fn,
-                                     env=dict(os.environ, **(env or {})), start_new_session=True)
+                                     env=dict(os.environ, **(env or {})), start_new_session=True,
+                                     pass_fds=self.pass_fds)
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -4030,6 +4032,31 @@ def test_forced_fd_exhaustion_serves_every_client_strict():
             assert spent < 0.5, "%.2f CPU seconds in 2 s while out of fds: the loop spins" % spent
             assert round_trip(port, b"after") == b"after"
             assert proxy.proc.poll() is None
+
+
+def test_fd_limit_64_with_21_inherited_descriptors_drops_none_of_60_clients():
+    """Issue 19 fault 8: the cap counted the open-file limit, not the descriptors already open:
+    started with 21 inherited descriptors under a limit of 64 (and --metrics: one more), 43 of
+    60 clients were accepted and closed at once (`Too many open files`). Every one must be
+    served, or wait."""
+    inherited = [os.open(os.devnull, os.O_RDONLY) for _ in range(21)]
+    try:
+        with Upstream(echo) as up:
+            port, mport = free_port(), free_port()
+            with Edge("--proxy-protocol", "off", "--metrics", "127.0.0.1:%d" % mport,
+                      "127.0.0.1:%d=%s" % (port, up.address),
+                      preexec_fn=nofile(64), pass_fds=inherited) as proxy:
+                clients = []
+                for i in range(60):
+                    c = connect(("127.0.0.1", port))    # the kernel backlog takes them all
+                    c.sendall(b"%03d" % i)
+                    clients.append(c)
+                assert_every_client_echoed(proxy, clients, lambda i: b"%03d" % i)
+                assert round_trip(port, b"after") == b"after"
+                assert proxy.proc.poll() is None
+    finally:
+        for fd in inherited:
+            os.close(fd)
 
 
 # -- fault 7: splice refused by a seccomp filter (EPERM) ---------------------------------------
