@@ -1130,6 +1130,9 @@ def keep_alive(sock):
 ACCEPT_BATCH = 64               # accepts per listener per loop turn: fair to live sessions
 ACCEPT_PAUSE = 0.5              # on EMFILE stop accepting this long, as nginx does
 RESERVED_FDS = 24               # stdio, selector, wake-up pipe, notify socket, resolver...
+LATER_FDS = 20                  # opened after start, beside what is open then: the metrics
+                                # port and its 8 scrapes, resolver lookups, the notify socket,
+                                # a reload's channel (24 + 2 a listener in all, as before)
 PIPE_SIZE = 256 * 1024          # a splice pipe's size, and the most one splice moves:
                                 # 0.29 CPU s/GB against 0.52 with the default 64 KiB (README)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)    # named in fcntl from Python 3.10
@@ -1275,6 +1278,8 @@ class Acceptor:
         sock, mapping, server = listener.sock, listener.mapping, self.server
         sessions = server.sessions
         for _ in range(ACCEPT_BATCH):
+            if not self.accepting:
+                return                  # the last client found no descriptor (Server.starve)
             if len(sessions) >= self.max_sessions:
                 self.pause()            # resumed when a session ends
                 self.throttled_warning("max connections (%d) reached; new clients wait in "
@@ -1297,11 +1302,12 @@ class Acceptor:
 
     def out_of_fds(self, what, error):
         """Out of descriptors or memory: stop polling the listeners for a moment, so the loop
-        does not spin on a backlog it cannot take (HAProxy and nginx do the same)."""
+        does not spin on a backlog it cannot take (HAProxy and nginx do the same). `error`
+        None: `what` says it all."""
         self.pause()
         self.server.timers.call_later(ACCEPT_PAUSE, self.resume)
-        self.throttled_warning("%s: %s; pausing accepts for %gs"
-                               % (what, error.strerror, ACCEPT_PAUSE))
+        self.throttled_warning("%s%s; pausing accepts for %gs" % (
+            what, "" if error is None else ": " + error.strerror, ACCEPT_PAUSE))
 
     def throttled_warning(self, message):
         """Log a warning, at most one per WARN_INTERVAL: a full server says so once, not per
@@ -1317,22 +1323,28 @@ def capacity(listeners, wanted=None):
 
     Every session needs two descriptors (client and upstream) and may hold 2 x CHUNK of
     data; a client that cannot be given both is never accepted (it waits in the backlog).
-    So the cap is what the open-file limit allows after the loop's own descriptors and the
-    pipes (a sixteenth of the rest, MAX_PIPES at most), and, unless --max-connections says
-    otherwise, what half the memory this process may use holds once every pipe is full.
-    --max-connections above the descriptor cap is lowered to it, with a warning.
+    So the cap is what the open-file limit allows after the descriptors open now (stdio, the
+    listeners, the loop's own, and any a parent left open to us: counted, not guessed), those
+    opened later (LATER_FDS) and the pipes (a sixteenth of the rest, MAX_PIPES at most), and,
+    unless --max-connections says otherwise, what half the memory this process may use holds
+    once every pipe is full. --max-connections above the descriptor cap is lowered to it,
+    with a warning. Should descriptors run out anyway, Server.starve() lowers it further.
     """
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else 512
     if limit == getattr(resource, "RLIM_INFINITY", -1):
         limit = 1 << 20
-    spare = max(0, limit - RESERVED_FDS - 2 * listeners)
+    held = open_fds()
+    reserved = RESERVED_FDS + 2 * listeners
+    if held is not None:
+        reserved = max(reserved, held + LATER_FDS)
+    spare = max(0, limit - reserved)
     pipes = min(MAX_PIPES, spare // 32)
     by_fds = max(1, (spare - 2 * pipes) // 2)
     if wanted:
         if wanted > by_fds:
-            log(WARNING, "max-connections=%d is more than the open-file limit (%d) allows: out "
-                "of file descriptors past %d sessions; using %d (raise it with ulimit -n or "
-                "LimitNOFILE=)" % (wanted, limit, by_fds, by_fds))
+            log(WARNING, "max-connections=%d is more than the open-file limit (%d) allows with "
+                "%d descriptors open: out of file descriptors past %d sessions; using %d (raise "
+                "it with ulimit -n or LimitNOFILE=)" % (wanted, limit, held or 0, by_fds, by_fds))
         return min(wanted, by_fds), pipes
     budget = memory_budget()
     by_memory = max(0, budget - pipes * PIPE_SIZE) // SESSION_MEMORY if budget else by_fds
@@ -1801,6 +1813,7 @@ STREAM_NONBLOCK = socket.SOCK_STREAM | SOCK_NONBLOCK
 
 # session stages (Session.stage)
 PEEKING, RESOLVING, CONNECTING = "peeking", "resolving", "connecting"
+STARVED = "starved"             # no descriptor for the upstream socket: waits for one
 STREAMING, CLOSED = "streaming", "closed"
 
 # why an upstream attempt failed, as counted (the metrics' `reason` label)
@@ -1988,9 +2001,12 @@ class Connector:
             try:
                 sock = _socket.socket(family, STREAM_NONBLOCK)
             except OSError as e:
-                self.failure("other", "cannot open a socket: %s" % e.strerror)
                 if e.errno in FD_EXHAUSTED:
-                    server.acceptor.out_of_fds("connect to %s" % self.host, e)
+                    # the client has heard nothing yet: it waits for a descriptor, as the
+                    # clients in the backlog do, instead of being dropped
+                    self.addrs.appendleft((family, sockaddr))
+                    return server.starve(session, e)
+                self.failure("other", "cannot open a socket: %s" % e.strerror)
                 continue
             if not SOCK_NONBLOCK:
                 sock.setblocking(False)
@@ -2348,7 +2364,8 @@ class Session:
 
     Stages: PEEKING (a routed listener only: reading the client's server name, see
     peek()), RESOLVING the upstream name and CONNECTING to one of its addresses (both
-    driven by `connector`), then STREAMING until both directions have ended (or a
+    driven by `connector`; STARVED while no descriptor is left for the upstream socket),
+    then STREAMING until both directions have ended (or a
     reset, an error, the idle timeout or the end of a drain), then CLOSED. While not yet
     STREAMING, what the client sends is read into the `up` flow's pending buffer (up to
     PREREAD_LIMIT) and goes out right behind the PROXY header, in the same send.
@@ -2866,6 +2883,8 @@ class Server:
         self.now = time.monotonic()
         self.timers = Timers(self)
         self.sessions = set()
+        self.starved = collections.deque()  # STARVED sessions, first come first served
+        self.starved_timer = None       # retries them while no session ends
         self.running = False
         self.stopping = False
         self.waker = Waker(self)
@@ -2958,11 +2977,54 @@ class Server:
             log(INFO, session_line(session, end, reason))
         if self.notifier.sock is not None:
             self.notifier.changed()
+        if self.starved:
+            self.feed_starved()         # its descriptors go to those waiting first
         if self.stopping:
             if not self.sessions:
                 self.running = False
         elif not self.acceptor.accepting:
             self.acceptor.resume()
+
+    def starve(self, session, error):
+        """No descriptor for `session`'s upstream socket (EMFILE: some were held that the
+        cap did not count). Its client waits (it has been told nothing) while the cap is
+        lowered to the sessions that have their descriptors and accepting pauses; each
+        session that ends, or failing that a retry every ACCEPT_PAUSE, feeds the waiting."""
+        connector = session.connector
+        connector.deadline = INFINITY      # no connect timeout while it waits
+        if session.stage is STARVED:
+            return                      # a retry that failed again: still first in line
+        session.stage = STARVED
+        self.starved.append(session)
+        acceptor = self.acceptor
+        fed = len(self.sessions) - len(self.starved)
+        if fed < acceptor.max_sessions:
+            acceptor.max_sessions = max(1, fed)
+        acceptor.out_of_fds("connect to %s: %s; max-connections lowered to %d, accepted "
+                            "clients wait for a descriptor" % (
+                                connector.host, error.strerror, acceptor.max_sessions), None)
+        if self.starved_timer is None:
+            self.starved_timer = self.timers.call_later(ACCEPT_PAUSE, self.retry_starved)
+
+    def feed_starved(self):
+        """Give the STARVED sessions, oldest first, the descriptors that are free now."""
+        starved = self.starved
+        while starved:
+            session = starved[0]
+            if session.stage is STARVED:
+                session.connector.deadline = self.now + self.connect_timeout
+                session.connector.connect_next_address()
+                if session.stage is STARVED:
+                    return              # none free yet
+            starved.popleft()           # connecting, or closed meanwhile
+
+    def retry_starved(self, _=None):
+        """The timer: descriptors may have been freed by other than a session (a lookup,
+        a scrape): feed the waiting, and come back while some still wait."""
+        self.starved_timer = None
+        self.feed_starved()
+        if self.starved and self.running:
+            self.starved_timer = self.timers.call_later(ACCEPT_PAUSE, self.retry_starved)
 
     def handle_error(self, data):
         """A bug, not a bad peer: log it loudly, close the session it happened in, carry on."""

@@ -4059,6 +4059,28 @@ def test_fd_limit_64_with_21_inherited_descriptors_drops_none_of_60_clients():
             os.close(fd)
 
 
+def test_fd_limit_lowered_under_a_running_edge_keeps_accepted_clients_waiting():
+    """Issue 19 fault 8: descriptors the cap does not count (here: a limit lowered after the
+    start) made the upstream socket() fail with EMFILE, and the client just accepted was closed.
+    It must wait for a descriptor instead, the cap come down, and every client be served."""
+    with Upstream(echo) as up:
+        port = free_port()
+        with Edge("--proxy-protocol", "off", "--relay", "copy",
+                  "127.0.0.1:%d=%s" % (port, up.address), preexec_fn=nofile(64)) as proxy:
+            # room for 5 sessions (2 descriptors each) and the 6th client, not its upstream
+            limit = fd_count(proxy.pid) + 2 * 5 + 1
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (limit, limit))
+            clients = []
+            for i in range(20):
+                c = connect(("127.0.0.1", port))    # the kernel backlog takes them all
+                c.sendall(b"%03d" % i)
+                clients.append(c)
+            time.sleep(1)
+            assert_every_client_echoed(proxy, clients, lambda i: b"%03d" % i)
+            assert round_trip(port, b"after") == b"after"
+            assert proxy.proc.poll() is None
+
+
 # -- fault 7: splice refused by a seccomp filter (EPERM) ---------------------------------------
 
 AUDIT_ARCH_SPLICE = {"x86_64": (0xC000003E, 275), "aarch64": (0xC00000B7, 76)}
