@@ -3182,30 +3182,34 @@ def stats_line(mappings, sessions, upstreams=()):
 # Metrics: --metrics ADDR:PORT, the Prometheus text format over HTTP, served from the loop
 # ----------------------------------------------------------------------------------------------
 
-METRICS_CLIENTS = 8             # scrapes served at once; more are closed at accept
+METRICS_CLIENTS = 8             # scrapes served at once; a 9th makes room (Metrics.on_event)
 METRICS_REQUEST = 8192          # the most of a request read (the request line and headers)
-METRICS_TIMEOUT = 5.0           # a scrape that has not sent its request by then is closed
+METRICS_LINE_TIMEOUT = 1.0      # a scrape whose request line is not whole by then is closed
+METRICS_TIMEOUT = 5.0           # ... and one not answered by then (a whole request, a reader)
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
     """The --metrics listener. A scrape is read, answered and closed by the loop itself,
     without blocking it: a scraper that sends slowly or never reads holds its own small
-    buffers until METRICS_TIMEOUT, never the relay. The socket is handed to the new process
-    on a reload (TAILWART_METRICS_FD), as the listeners are."""
+    buffers until METRICS_TIMEOUT (METRICS_LINE_TIMEOUT for its request line), never the
+    relay. The socket is handed to the new process on a reload (TAILWART_METRICS_FD), as
+    the listeners are."""
 
     __slots__ = ("server", "sock", "scrapes", "started")
 
     def __init__(self, server, sock):
         self.server = server
         self.sock = sock
-        self.scrapes = set()
+        self.scrapes = collections.OrderedDict()   # Scrape -> None, oldest first
         self.started = time.time()
         sock.setblocking(False)
         server.selector.register(sock.fileno(), READ, self)
 
     def on_event(self, fd, mask):
-        """Accept the scrapes waiting (closing those beyond METRICS_CLIENTS)."""
+        """Accept the scrapes waiting. When METRICS_CLIENTS are open, the oldest that has not
+        sent a whole request makes room: closing the newest instead let a few idle
+        connections, renewed, lock Prometheus out (up == 0 on a healthy relay)."""
         for _ in range(METRICS_CLIENTS):
             try:
                 conn, _ = self.sock.accept()
@@ -3214,10 +3218,15 @@ class Metrics:
             except OSError as e:
                 return log(DEBUG, "metrics: accept: %s" % e.strerror)
             if len(self.scrapes) >= METRICS_CLIENTS:
-                conn.close()
-                continue
+                waiting = next((scrape for scrape in self.scrapes if scrape.answer is None),
+                               None)
+                if waiting is None:     # all are being answered: each ends soon
+                    conn.close()
+                    continue
+                waiting.close()
             conn.setblocking(False)
-            self.scrapes.add(Scrape(self, conn))
+            scrape = Scrape(self, conn)
+            self.scrapes[scrape] = None
 
     def close(self):
         """Stop serving metrics (the drain): the port is released."""
@@ -3295,28 +3304,31 @@ class Metrics:
 class Scrape:
     """One HTTP connection to the metrics port: read the request, answer, close."""
 
-    __slots__ = ("metrics", "conn", "request", "answer", "timer", "events")
+    __slots__ = ("metrics", "conn", "request", "line_end", "answer", "timer", "events")
 
     def __init__(self, metrics, conn):
         self.metrics = metrics
         self.conn = conn
-        self.request = b""
+        self.request = bytearray()      # at most METRICS_REQUEST bytes
+        self.line_end = -1              # where the request line ends, once it has
         self.answer = None
-        self.timer = metrics.server.timers.call_later(METRICS_TIMEOUT, self.close)
+        self.timer = metrics.server.timers.call_later(METRICS_LINE_TIMEOUT, self.line_due)
         self.events = READ
         metrics.server.selector.register(conn.fileno(), READ, self)
+
+    def line_due(self, _=None):
+        """The timer: no whole request line yet, close; else allow the rest of
+        METRICS_TIMEOUT for the headers and the answer."""
+        if self.line_end < 0:
+            return self.close()
+        self.timer = self.metrics.server.timers.call_later(
+            METRICS_TIMEOUT - METRICS_LINE_TIMEOUT, self.close)
 
     def on_event(self, fd, mask):
         """Read until the request is whole, then write the answer, then close."""
         try:
             if self.answer is None:
-                data = self.conn.recv(4096)
-                if not data:
-                    return self.close()
-                self.request += data
-                if b"\r\n\r\n" not in self.request and b"\n\n" not in self.request:
-                    if len(self.request) >= METRICS_REQUEST:
-                        self.respond("431 Request Header Fields Too Large", "too large\n")
+                if not self.read_request():
                     return
                 self.respond(*self.route())
             sent = self.conn.send(self.answer)
@@ -3328,9 +3340,29 @@ class Scrape:
         except OSError:
             self.close()
 
+    def read_request(self):
+        """Read what came; True once the request is whole (or answered: 431). Only the new
+        bytes are searched, so a request sent a byte at a time costs what it costs whole."""
+        request = self.request
+        data = self.conn.recv(min(4096, METRICS_REQUEST - len(request)))
+        if not data:
+            self.close()
+            return False
+        old = len(request)
+        request += data
+        if self.line_end < 0:
+            self.line_end = request.find(b"\n", old)
+        # the head ends at an empty line: LF LF, or CR LF CR LF (which contains LF CR LF)
+        if request.find(b"\n\n", max(0, old - 1)) >= 0 or \
+                request.find(b"\n\r\n", max(0, old - 2)) >= 0:
+            return True
+        if len(request) >= METRICS_REQUEST:
+            self.respond("431 Request Header Fields Too Large", "too large\n")
+        return False
+
     def route(self):
         """(status, body[, content type]) for the request read."""
-        words = self.request.split(b"\n", 1)[0].split()
+        words = bytes(self.request[:self.line_end]).split()
         if len(words) != 3 or not words[2].startswith(b"HTTP/"):
             return "400 Bad Request", "bad request\n"
         if words[0] not in (b"GET", b"HEAD"):
@@ -3356,7 +3388,7 @@ class Scrape:
         self.metrics.server.selector.unregister(self.conn.fileno())
         self.conn.close()
         self.conn = None
-        self.metrics.scrapes.discard(self)
+        self.metrics.scrapes.pop(self, None)
 
 
 def labels(**pairs):

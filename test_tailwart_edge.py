@@ -7048,6 +7048,36 @@ def test_metrics_stuck_scrapers_do_not_stop_relaying_and_are_closed_in_bounded_t
         assert proxy.proc.poll() is None
 
 
+def test_metrics_idle_and_slow_connections_holding_every_slot_lock_no_scrape_out():
+    """Issue 19 fault 7: 8 connections that send nothing (or a request line cut short) held
+    every slot, and each newer connection, Prometheus' scrape too, was closed at accept: 0 of
+    14 scrapes served while they were renewed. The oldest of those that have not sent a whole
+    request must make room instead."""
+    mport = free_port()
+    with Edge("--metrics", "127.0.0.1:%d" % mport,
+              "127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())) as proxy:
+        scrape(mport)
+        held, served, rounds = [], [], 10
+        try:
+            for _ in range(rounds):
+                for i in range(8):          # 8 fresh ones each round, all kept open
+                    s = connect(("127.0.0.1", mport))
+                    if i % 2:
+                        s.sendall(b"GET /met")      # slow: a request line cut short
+                    held.append(s)
+                try:
+                    status, _, body = http_get(mport)
+                except (OSError, http.client.HTTPException):
+                    status = None
+                served.append(status == 200)
+        finally:
+            for s in held:
+                s.close()
+        assert served.count(True) == rounds, "%d of %d scrapes served" % (
+            served.count(True), rounds)
+        assert proxy.proc.poll() is None
+
+
 def test_metrics_200_scrapes_and_20_aborted_ones_leave_no_descriptor_behind():
     mport = free_port()
     with Edge("--metrics", "127.0.0.1:%d" % mport,
