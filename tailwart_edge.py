@@ -3188,6 +3188,10 @@ METRICS_LINE_TIMEOUT = 1.0      # a scrape whose request line is not whole by th
 METRICS_TIMEOUT = 5.0           # ... and one not answered by then (a whole request, a reader)
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+# one metric family of the exposition: its name (after tailwart_edge_), counter or gauge, its
+# HELP text, and its samples as (labels text, value)
+Family = collections.namedtuple("Family", "name kind help samples")
+
 
 class Metrics:
     """The --metrics listener. A scrape is read, answered and closed by the loop itself,
@@ -3238,67 +3242,84 @@ class Metrics:
 
     def page(self):
         """The exposition: every counter and gauge, as text (format 0.0.4)."""
-        server = self.server
         lines = []
-
-        def family(name, kind, text, samples):
-            lines.append("# HELP tailwart_edge_%s %s" % (name, text))
-            lines.append("# TYPE tailwart_edge_%s %s" % (name, kind))
-            for labels, value in samples:
-                lines.append("tailwart_edge_%s%s %s" % (name, labels, value))
-
-        mappings, upstreams = server.mappings, list(server.upstreams.values())
-        live = live_bytes(server.sessions)
-        listen = [(labels(listen=m.label), m) for m in mappings]
-        family("info", "gauge", "The relay's version.", [(labels(version=__version__), 1)])
-        family("start_time_seconds", "gauge", "When the process started, in Unix time.",
-               [("", "%.3f" % self.started)])
-        family("uptime_seconds", "gauge", "Seconds since the process started.",
-               [("", "%.3f" % (time.time() - self.started))])
-        family("sessions_total", "counter", "Client connections accepted.",
-               [(lab, m.sessions) for lab, m in listen])
-        family("sessions_active", "gauge", "Sessions open now.",
-               [(lab, m.active) for lab, m in listen])
-        family("bytes_total", "counter", "Bytes relayed: up is client to upstream, down is "
-               "upstream to client (open sessions included).",
-               [(labels(listen=m.label, direction=way), total + live[m][i] if m in live else total)
-                for m in mappings for i, (way, total) in enumerate((("up", m.up), ("down", m.down)))])
-        family("upstream_attempts_total", "counter", "Sessions that tried this upstream.",
-               [(labels(upstream=u.label), u.attempts) for u in upstreams])
-        family("upstream_up", "gauge", "1 while sessions may use this upstream, 0 while it is "
-               "skipped after failures (passive health).",
-               [(labels(upstream=u.label), int(not u.streak)) for u in upstreams])
-        family("upstream_skipped_total", "counter", "Sessions that went past this upstream "
-               "while it was down.", [(labels(upstream=u.label), u.skipped) for u in upstreams])
-        family("upstream_failures_total", "counter", "Attempts on this upstream that failed, "
-               "by reason.", [(labels(upstream=u.label, reason=reason), count)
-                              for u in upstreams for reason, count in sorted(u.failures.items())])
-        family("refusals_total", "counter", "Clients closed unserved, by reason (no-upstream: "
-               "every upstream failed; per-client, per-client-rate: a limit; denied: the lists; "
-               "no-route, peek-timeout, peek-bad, client-fin: a listener routing by name found "
-               "no route, no whole ClientHello or request head, or the client left first).",
-               [(labels(listen=m.label, reason=reason), count) for m in mappings
-                for reason, count in sorted(dict(m.refused, **dict(
-                    m.unrouted, **{"no-upstream": m.failed})).items())])
-        family("routed_total", "counter", "Sessions of a listener routing by name, by the rule "
-               "that matched (default: the default route).",
-               [(labels(listen=m.label, route=item), count) for m in mappings
-                for item, count in sorted(m.routed.items())])
-        family("clients_tracked", "gauge", "Clients (IPv4 addresses, IPv6 /64s) in the "
-               "per-client table.", [("", len(server.clients.entries))])
-        family("resolver_failures_total", "counter", "Upstream name lookups that failed.",
-               [(labels(host=host), count)
-                for host, count in sorted(server.resolver.failures.items())])
-        family("max_sessions", "gauge", "Sessions allowed at once (--max-connections).",
-               [("", server.acceptor.max_sessions)])
-        fds = open_fds()
-        family("open_fds", "gauge", "File descriptors open.", [("", fds)] if fds else [])
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else None
-        family("max_fds", "gauge", "The open-file limit.",
-               [("", limit)] if limit is not None and limit >= 0 else [])
-        family("log_dropped_lines_total", "counter", "Log lines dropped while stderr was "
-               "blocked.", [("", log.dropped_total)])
+        for part in (self.process_families, self.listener_families, self.upstream_families,
+                     self.resource_families):
+            for family in part():
+                lines.append("# HELP tailwart_edge_%s %s" % (family.name, family.help))
+                lines.append("# TYPE tailwart_edge_%s %s" % (family.name, family.kind))
+                for labelled, value in family.samples:
+                    lines.append("tailwart_edge_%s%s %s" % (family.name, labelled, value))
         return "\n".join(lines) + "\n"
+
+    def process_families(self):
+        """The version and the process's age."""
+        yield Family("info", "gauge", "The relay's version.", [(labels(version=__version__), 1)])
+        yield Family("start_time_seconds", "gauge", "When the process started, in Unix time.",
+                     [("", "%.3f" % self.started)])
+        yield Family("uptime_seconds", "gauge", "Seconds since the process started.",
+                     [("", "%.3f" % (time.time() - self.started))])
+
+    def listener_families(self):
+        """Per listener: its sessions, their bytes, the clients refused, the routes taken."""
+        server = self.server
+        mappings = server.mappings
+        live = live_bytes(server.sessions)
+        yield Family("sessions_total", "counter", "Client connections accepted.",
+                     [(labels(listen=m.label), m.sessions) for m in mappings])
+        yield Family("sessions_active", "gauge", "Sessions open now.",
+                     [(labels(listen=m.label), m.active) for m in mappings])
+        yield Family("bytes_total", "counter", "Bytes relayed: up is client to upstream, down is "
+                     "upstream to client (open sessions included).",
+                     [(labels(listen=m.label, direction=way), total + live[m][i] if m in live
+                       else total) for m in mappings
+                      for i, (way, total) in enumerate((("up", m.up), ("down", m.down)))])
+        yield Family("refusals_total", "counter", "Clients closed unserved, by reason "
+                     "(no-upstream: every upstream failed; per-client, per-client-rate: a limit; "
+                     "denied: the lists; no-route, peek-timeout, peek-bad, client-fin: a "
+                     "listener routing by name found no route, no whole ClientHello or request "
+                     "head, or the client left first).",
+                     [(labels(listen=m.label, reason=reason), count) for m in mappings
+                      for reason, count in sorted(refusals(m).items())])
+        yield Family("routed_total", "counter", "Sessions of a listener routing by name, by the "
+                     "rule that matched (default: the default route).",
+                     [(labels(listen=m.label, route=item), count) for m in mappings
+                      for item, count in sorted(m.routed.items())])
+
+    def upstream_families(self):
+        """Per upstream: attempts, passive health, failures by reason."""
+        upstreams = list(self.server.upstreams.values())
+        yield Family("upstream_attempts_total", "counter", "Sessions that tried this upstream.",
+                     [(labels(upstream=u.label), u.attempts) for u in upstreams])
+        yield Family("upstream_up", "gauge", "1 while sessions may use this upstream, 0 while "
+                     "it is skipped after failures (passive health).",
+                     [(labels(upstream=u.label), int(not u.streak)) for u in upstreams])
+        yield Family("upstream_skipped_total", "counter", "Sessions that went past this "
+                     "upstream while it was down.",
+                     [(labels(upstream=u.label), u.skipped) for u in upstreams])
+        yield Family("upstream_failures_total", "counter", "Attempts on this upstream that "
+                     "failed, by reason.",
+                     [(labels(upstream=u.label, reason=reason), count)
+                      for u in upstreams for reason, count in sorted(u.failures.items())])
+
+    def resource_families(self):
+        """What the relay holds against its limits: clients, lookups, sessions, descriptors,
+        the log."""
+        server = self.server
+        yield Family("clients_tracked", "gauge", "Clients (IPv4 addresses, IPv6 /64s) in the "
+                     "per-client table.", [("", len(server.clients.entries))])
+        yield Family("resolver_failures_total", "counter", "Upstream name lookups that failed.",
+                     [(labels(host=host), count)
+                      for host, count in sorted(server.resolver.failures.items())])
+        yield Family("max_sessions", "gauge", "Sessions allowed at once (--max-connections).",
+                     [("", server.acceptor.max_sessions)])
+        fds = open_fds()
+        yield Family("open_fds", "gauge", "File descriptors open.", [("", fds)] if fds else [])
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else None
+        yield Family("max_fds", "gauge", "The open-file limit.",
+                     [("", limit)] if limit is not None and limit >= 0 else [])
+        yield Family("log_dropped_lines_total", "counter", "Log lines dropped while stderr was "
+                     "blocked.", [("", log.dropped_total)])
 
 
 class Scrape:
@@ -3389,6 +3410,15 @@ class Scrape:
         self.conn.close()
         self.conn = None
         self.metrics.scrapes.pop(self, None)
+
+
+def refusals(mapping):
+    """A listener's clients closed unserved, by reason: refused at accept, unrouted, and
+    no-upstream (every upstream failed)."""
+    counts = dict(mapping.refused)
+    counts.update(mapping.unrouted)
+    counts["no-upstream"] = mapping.failed
+    return counts
 
 
 def labels(**pairs):
