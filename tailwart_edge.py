@@ -57,7 +57,8 @@ codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad command line.
 #   Logging ............. one key=value line per event       Log, log
 #   Listeners ........... binding, systemd socket adoption   Listener, open_listeners
 #   Accept .............. batches, the connection cap,       Acceptor, capacity
-#                         the out-of-descriptors pause
+#                         the out-of-descriptors pause       (Server.starve: an accepted
+#                                                            client waits for a descriptor)
 #   Routing ............. a shared port: the ClientHello's   Router, client_hello,
 #                         server name or the HTTP Host       request_head
 #                         -> the route (Route)
