@@ -57,7 +57,8 @@ codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad command line.
 #   Logging ............. one key=value line per event       Log, log
 #   Listeners ........... binding, systemd socket adoption   Listener, open_listeners
 #   Accept .............. batches, the connection cap,       Acceptor, capacity
-#                         the out-of-descriptors pause
+#                         the out-of-descriptors pause       (Server.starve: an accepted
+#                                                            client waits for a descriptor)
 #   Routing ............. a shared port: the ClientHello's   Router, client_hello,
 #                         server name or the HTTP Host       request_head
 #                         -> the route (Route)
@@ -1258,6 +1259,9 @@ def keep_alive(sock):
 ACCEPT_BATCH = 64               # accepts per listener per loop turn: fair to live sessions
 ACCEPT_PAUSE = 0.5              # on EMFILE stop accepting this long, as nginx does
 RESERVED_FDS = 24               # stdio, selector, wake-up pipe, notify socket, resolver...
+LATER_FDS = 20                  # opened after start, beside what is open then: the metrics
+                                # port and its 8 scrapes, resolver lookups, the notify socket,
+                                # a reload's channel (24 + 2 a listener in all, as before)
 PIPE_SIZE = 256 * 1024          # a splice pipe's size, and the most one splice moves:
                                 # 0.29 CPU s/GB against 0.52 with the default 64 KiB (README)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)    # named in fcntl from Python 3.10
@@ -1447,6 +1451,8 @@ class Acceptor:
         sock, mapping, server = listener.sock, listener.mapping, self.server
         sessions = server.sessions
         for _ in range(ACCEPT_BATCH):
+            if not self.accepting:
+                return                  # the last client found no descriptor (Server.starve)
             if len(sessions) >= self.max_sessions:
                 self.pause()            # resumed when a session ends
                 self.throttled_warning("max connections (%d) reached; new clients wait in "
@@ -1469,11 +1475,12 @@ class Acceptor:
 
     def out_of_fds(self, what, error):
         """Out of descriptors or memory: stop polling the listeners for a moment, so the loop
-        does not spin on a backlog it cannot take (HAProxy and nginx do the same)."""
+        does not spin on a backlog it cannot take (HAProxy and nginx do the same). `error`
+        None: `what` says it all."""
         self.pause()
         self.server.timers.call_later(ACCEPT_PAUSE, self.resume)
-        self.throttled_warning("%s: %s; pausing accepts for %gs"
-                               % (what, error.strerror, ACCEPT_PAUSE))
+        self.throttled_warning("%s%s; pausing accepts for %gs" % (
+            what, "" if error is None else ": " + error.strerror, ACCEPT_PAUSE))
 
     def throttled_warning(self, message):
         """Log a warning, at most one per WARN_INTERVAL: a full server says so once, not per
@@ -1489,22 +1496,28 @@ def capacity(listeners, wanted=None):
 
     Every session needs two descriptors (client and upstream) and may hold 2 x CHUNK of
     data; a client that cannot be given both is never accepted (it waits in the backlog).
-    So the cap is what the open-file limit allows after the loop's own descriptors and the
-    pipes (a sixteenth of the rest, MAX_PIPES at most), and, unless --max-connections says
-    otherwise, what half the memory this process may use holds once every pipe is full.
-    --max-connections above the descriptor cap is lowered to it, with a warning.
+    So the cap is what the open-file limit allows after the descriptors open now (stdio, the
+    listeners, the loop's own, and any a parent left open to us: counted, not guessed), those
+    opened later (LATER_FDS) and the pipes (a sixteenth of the rest, MAX_PIPES at most), and,
+    unless --max-connections says otherwise, what half the memory this process may use holds
+    once every pipe is full. --max-connections above the descriptor cap is lowered to it,
+    with a warning. Should descriptors run out anyway, Server.starve() lowers it further.
     """
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else 512
     if limit == getattr(resource, "RLIM_INFINITY", -1):
         limit = 1 << 20
-    spare = max(0, limit - RESERVED_FDS - 2 * listeners)
+    held = open_fds()
+    reserved = RESERVED_FDS + 2 * listeners
+    if held is not None:
+        reserved = max(reserved, held + LATER_FDS)
+    spare = max(0, limit - reserved)
     pipes = min(MAX_PIPES, spare // 32)
     by_fds = max(1, (spare - 2 * pipes) // 2)
     if wanted:
         if wanted > by_fds:
-            log(WARNING, "max-connections=%d is more than the open-file limit (%d) allows: out "
-                "of file descriptors past %d sessions; using %d (raise it with ulimit -n or "
-                "LimitNOFILE=)" % (wanted, limit, by_fds, by_fds))
+            log(WARNING, "max-connections=%d is more than the open-file limit (%d) allows with "
+                "%d descriptors open: out of file descriptors past %d sessions; using %d (raise "
+                "it with ulimit -n or LimitNOFILE=)" % (wanted, limit, held or 0, by_fds, by_fds))
         return min(wanted, by_fds), pipes
     budget = memory_budget()
     by_memory = max(0, budget - pipes * PIPE_SIZE) // SESSION_MEMORY if budget else by_fds
@@ -2064,6 +2077,7 @@ STREAM_NONBLOCK = socket.SOCK_STREAM | SOCK_NONBLOCK
 
 # session stages (Session.stage)
 PEEKING, RESOLVING, CONNECTING = "peeking", "resolving", "connecting"
+STARVED = "starved"             # no descriptor for the upstream socket: waits for one
 STREAMING, CLOSED = "streaming", "closed"
 
 # why an upstream attempt failed, as counted (the metrics' `reason` label)
@@ -2251,9 +2265,12 @@ class Connector:
             try:
                 sock = _socket.socket(family, STREAM_NONBLOCK)
             except OSError as e:
-                self.failure("other", "cannot open a socket: %s" % e.strerror)
                 if e.errno in FD_EXHAUSTED:
-                    server.acceptor.out_of_fds("connect to %s" % self.host, e)
+                    # the client has heard nothing yet: it waits for a descriptor, as the
+                    # clients in the backlog do, instead of being dropped
+                    self.addrs.appendleft((family, sockaddr))
+                    return server.starve(session, e)
+                self.failure("other", "cannot open a socket: %s" % e.strerror)
                 continue
             if not SOCK_NONBLOCK:
                 sock.setblocking(False)
@@ -2611,7 +2628,8 @@ class Session:
 
     Stages: PEEKING (a routed listener only: reading the client's server name, see
     peek()), RESOLVING the upstream name and CONNECTING to one of its addresses (both
-    driven by `connector`), then STREAMING until both directions have ended (or a
+    driven by `connector`; STARVED while no descriptor is left for the upstream socket),
+    then STREAMING until both directions have ended (or a
     reset, an error, the idle timeout or the end of a drain), then CLOSED. While not yet
     STREAMING, what the client sends is read into the `up` flow's pending buffer (up to
     PREREAD_LIMIT) and goes out right behind the PROXY header, in the same send.
@@ -3132,6 +3150,8 @@ class Server:
         self.now = time.monotonic()
         self.timers = Timers(self)
         self.sessions = set()
+        self.starved = collections.deque()  # STARVED sessions, first come first served
+        self.starved_timer = None       # retries them while no session ends
         self.running = False
         self.stopping = False
         self.waker = Waker(self)
@@ -3223,11 +3243,54 @@ class Server:
             log(INFO, session_line(session, end, reason))
         if self.notifier.sock is not None:
             self.notifier.changed()
+        if self.starved:
+            self.feed_starved()         # its descriptors go to those waiting first
         if self.stopping:
             if not self.sessions:
                 self.running = False
         elif not self.acceptor.accepting:
             self.acceptor.resume()
+
+    def starve(self, session, error):
+        """No descriptor for `session`'s upstream socket (EMFILE: some were held that the
+        cap did not count). Its client waits (it has been told nothing) while the cap is
+        lowered to the sessions that have their descriptors and accepting pauses; each
+        session that ends, or failing that a retry every ACCEPT_PAUSE, feeds the waiting."""
+        connector = session.connector
+        connector.deadline = INFINITY      # no connect timeout while it waits
+        if session.stage is STARVED:
+            return                      # a retry that failed again: still first in line
+        session.stage = STARVED
+        self.starved.append(session)
+        acceptor = self.acceptor
+        fed = len(self.sessions) - len(self.starved)
+        if fed < acceptor.max_sessions:
+            acceptor.max_sessions = max(1, fed)
+        acceptor.out_of_fds("connect to %s: %s; max-connections lowered to %d, accepted "
+                            "clients wait for a descriptor" % (
+                                connector.host, error.strerror, acceptor.max_sessions), None)
+        if self.starved_timer is None:
+            self.starved_timer = self.timers.call_later(ACCEPT_PAUSE, self.retry_starved)
+
+    def feed_starved(self):
+        """Give the STARVED sessions, oldest first, the descriptors that are free now."""
+        starved = self.starved
+        while starved:
+            session = starved[0]
+            if session.stage is STARVED:
+                session.connector.deadline = self.now + self.connect_timeout
+                session.connector.connect_next_address()
+                if session.stage is STARVED:
+                    return              # none free yet
+            starved.popleft()           # connecting, or closed meanwhile
+
+    def retry_starved(self, _=None):
+        """The timer: descriptors may have been freed by other than a session (a lookup,
+        a scrape): feed the waiting, and come back while some still wait."""
+        self.starved_timer = None
+        self.feed_starved()
+        if self.starved and self.running:
+            self.starved_timer = self.timers.call_later(ACCEPT_PAUSE, self.retry_starved)
 
     def handle_error(self, data):
         """A bug, not a bad peer: log it loudly, close the session it happened in, carry on."""
@@ -3385,30 +3448,38 @@ def stats_line(mappings, sessions, upstreams=()):
 # Metrics: --metrics ADDR:PORT, the Prometheus text format over HTTP, served from the loop
 # ----------------------------------------------------------------------------------------------
 
-METRICS_CLIENTS = 8             # scrapes served at once; more are closed at accept
+METRICS_CLIENTS = 8             # scrapes served at once; a 9th makes room (Metrics.on_event)
 METRICS_REQUEST = 8192          # the most of a request read (the request line and headers)
-METRICS_TIMEOUT = 5.0           # a scrape that has not sent its request by then is closed
+METRICS_LINE_TIMEOUT = 1.0      # a scrape whose request line is not whole by then is closed
+METRICS_TIMEOUT = 5.0           # ... and one not answered by then (a whole request, a reader)
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# one metric family of the exposition: its name (after tailwart_edge_), counter or gauge, its
+# HELP text, and its samples as (labels text, value)
+Family = collections.namedtuple("Family", "name kind help samples")
 
 
 class Metrics:
     """The --metrics listener. A scrape is read, answered and closed by the loop itself,
     without blocking it: a scraper that sends slowly or never reads holds its own small
-    buffers until METRICS_TIMEOUT, never the relay. The socket is handed to the new process
-    on a reload (TAILWART_METRICS_FD), as the listeners are."""
+    buffers until METRICS_TIMEOUT (METRICS_LINE_TIMEOUT for its request line), never the
+    relay. The socket is handed to the new process on a reload (TAILWART_METRICS_FD), as
+    the listeners are."""
 
     __slots__ = ("server", "sock", "scrapes", "started")
 
     def __init__(self, server, sock):
         self.server = server
         self.sock = sock
-        self.scrapes = set()
+        self.scrapes = collections.OrderedDict()   # Scrape -> None, oldest first
         self.started = time.time()
         sock.setblocking(False)
         server.selector.register(sock.fileno(), READ, self)
 
     def on_event(self, fd, mask):
-        """Accept the scrapes waiting (closing those beyond METRICS_CLIENTS)."""
+        """Accept the scrapes waiting. When METRICS_CLIENTS are open, the oldest that has not
+        sent a whole request makes room: closing the newest instead let a few idle
+        connections, renewed, lock Prometheus out (up == 0 on a healthy relay)."""
         for _ in range(METRICS_CLIENTS):
             try:
                 conn, _ = self.sock.accept()
@@ -3417,10 +3488,15 @@ class Metrics:
             except OSError as e:
                 return log(DEBUG, "metrics: accept: %s" % e.strerror)
             if len(self.scrapes) >= METRICS_CLIENTS:
-                conn.close()
-                continue
+                waiting = next((scrape for scrape in self.scrapes if scrape.answer is None),
+                               None)
+                if waiting is None:     # all are being answered: each ends soon
+                    conn.close()
+                    continue
+                waiting.close()
             conn.setblocking(False)
-            self.scrapes.add(Scrape(self, conn))
+            scrape = Scrape(self, conn)
+            self.scrapes[scrape] = None
 
     def close(self):
         """Stop serving metrics (the drain): the port is released."""
@@ -3432,94 +3508,114 @@ class Metrics:
 
     def page(self):
         """The exposition: every counter and gauge, as text (format 0.0.4)."""
-        server = self.server
         lines = []
-
-        def family(name, kind, text, samples):
-            lines.append("# HELP tailwart_edge_%s %s" % (name, text))
-            lines.append("# TYPE tailwart_edge_%s %s" % (name, kind))
-            for labels, value in samples:
-                lines.append("tailwart_edge_%s%s %s" % (name, labels, value))
-
-        mappings, upstreams = server.mappings, list(server.upstreams.values())
-        live = live_bytes(server.sessions)
-        listen = [(labels(listen=m.label), m) for m in mappings]
-        family("info", "gauge", "The relay's version.", [(labels(version=__version__), 1)])
-        family("start_time_seconds", "gauge", "When the process started, in Unix time.",
-               [("", "%.3f" % self.started)])
-        family("uptime_seconds", "gauge", "Seconds since the process started.",
-               [("", "%.3f" % (time.time() - self.started))])
-        family("sessions_total", "counter", "Client connections accepted.",
-               [(lab, m.sessions) for lab, m in listen])
-        family("sessions_active", "gauge", "Sessions open now.",
-               [(lab, m.active) for lab, m in listen])
-        family("bytes_total", "counter", "Bytes relayed: up is client to upstream, down is "
-               "upstream to client (open sessions included).",
-               [(labels(listen=m.label, direction=way), total + live[m][i] if m in live else total)
-                for m in mappings for i, (way, total) in enumerate((("up", m.up), ("down", m.down)))])
-        family("upstream_attempts_total", "counter", "Sessions that tried this upstream.",
-               [(labels(upstream=u.label), u.attempts) for u in upstreams])
-        family("upstream_up", "gauge", "1 while sessions may use this upstream, 0 while it is "
-               "skipped after failures (passive health).",
-               [(labels(upstream=u.label), int(not u.streak)) for u in upstreams])
-        family("upstream_skipped_total", "counter", "Sessions that went past this upstream "
-               "while it was down.", [(labels(upstream=u.label), u.skipped) for u in upstreams])
-        family("upstream_failures_total", "counter", "Attempts on this upstream that failed, "
-               "by reason.", [(labels(upstream=u.label, reason=reason), count)
-                              for u in upstreams for reason, count in sorted(u.failures.items())])
-        family("refusals_total", "counter", "Clients closed unserved, by reason (no-upstream: "
-               "every upstream failed; per-client, per-client-rate: a limit; denied: the lists; "
-               "no-route, peek-timeout, peek-bad, client-fin: a listener routing by name found "
-               "no route, no whole ClientHello or request head, or the client left first).",
-               [(labels(listen=m.label, reason=reason), count) for m in mappings
-                for reason, count in sorted(dict(m.refused, **dict(
-                    m.unrouted, **{"no-upstream": m.failed})).items())])
-        family("routed_total", "counter", "Sessions of a listener routing by name, by the rule "
-               "that matched (default: the default route).",
-               [(labels(listen=m.label, route=item), count) for m in mappings
-                for item, count in sorted(m.routed.items())])
-        family("clients_tracked", "gauge", "Clients (IPv4 addresses, IPv6 /64s) in the "
-               "per-client table.", [("", len(server.clients.entries))])
-        family("resolver_failures_total", "counter", "Upstream name lookups that failed.",
-               [(labels(host=host), count)
-                for host, count in sorted(server.resolver.failures.items())])
-        family("max_sessions", "gauge", "Sessions allowed at once (--max-connections).",
-               [("", server.acceptor.max_sessions)])
-        fds = open_fds()
-        family("open_fds", "gauge", "File descriptors open.", [("", fds)] if fds else [])
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else None
-        family("max_fds", "gauge", "The open-file limit.",
-               [("", limit)] if limit is not None and limit >= 0 else [])
-        family("log_dropped_lines_total", "counter", "Log lines dropped while stderr was "
-               "blocked.", [("", log.dropped_total)])
+        for part in (self.process_families, self.listener_families, self.upstream_families,
+                     self.resource_families):
+            for family in part():
+                lines.append("# HELP tailwart_edge_%s %s" % (family.name, family.help))
+                lines.append("# TYPE tailwart_edge_%s %s" % (family.name, family.kind))
+                for labelled, value in family.samples:
+                    lines.append("tailwart_edge_%s%s %s" % (family.name, labelled, value))
         return "\n".join(lines) + "\n"
+
+    def process_families(self):
+        """The version and the process's age."""
+        yield Family("info", "gauge", "The relay's version.", [(labels(version=__version__), 1)])
+        yield Family("start_time_seconds", "gauge", "When the process started, in Unix time.",
+                     [("", "%.3f" % self.started)])
+        yield Family("uptime_seconds", "gauge", "Seconds since the process started.",
+                     [("", "%.3f" % (time.time() - self.started))])
+
+    def listener_families(self):
+        """Per listener: its sessions, their bytes, the clients refused, the routes taken."""
+        server = self.server
+        mappings = server.mappings
+        live = live_bytes(server.sessions)
+        yield Family("sessions_total", "counter", "Client connections accepted.",
+                     [(labels(listen=m.label), m.sessions) for m in mappings])
+        yield Family("sessions_active", "gauge", "Sessions open now.",
+                     [(labels(listen=m.label), m.active) for m in mappings])
+        yield Family("bytes_total", "counter", "Bytes relayed: up is client to upstream, down is "
+                     "upstream to client (open sessions included).",
+                     [(labels(listen=m.label, direction=way), total + live[m][i] if m in live
+                       else total) for m in mappings
+                      for i, (way, total) in enumerate((("up", m.up), ("down", m.down)))])
+        yield Family("refusals_total", "counter", "Clients closed unserved, by reason "
+                     "(no-upstream: every upstream failed; per-client, per-client-rate: a limit; "
+                     "denied: the lists; no-route, peek-timeout, peek-bad, client-fin: a "
+                     "listener routing by name found no route, no whole ClientHello or request "
+                     "head, or the client left first).",
+                     [(labels(listen=m.label, reason=reason), count) for m in mappings
+                      for reason, count in sorted(refusals(m).items())])
+        yield Family("routed_total", "counter", "Sessions of a listener routing by name, by the "
+                     "rule that matched (default: the default route).",
+                     [(labels(listen=m.label, route=item), count) for m in mappings
+                      for item, count in sorted(m.routed.items())])
+
+    def upstream_families(self):
+        """Per upstream: attempts, passive health, failures by reason."""
+        upstreams = list(self.server.upstreams.values())
+        yield Family("upstream_attempts_total", "counter", "Sessions that tried this upstream.",
+                     [(labels(upstream=u.label), u.attempts) for u in upstreams])
+        yield Family("upstream_up", "gauge", "1 while sessions may use this upstream, 0 while "
+                     "it is skipped after failures (passive health).",
+                     [(labels(upstream=u.label), int(not u.streak)) for u in upstreams])
+        yield Family("upstream_skipped_total", "counter", "Sessions that went past this "
+                     "upstream while it was down.",
+                     [(labels(upstream=u.label), u.skipped) for u in upstreams])
+        yield Family("upstream_failures_total", "counter", "Attempts on this upstream that "
+                     "failed, by reason.",
+                     [(labels(upstream=u.label, reason=reason), count)
+                      for u in upstreams for reason, count in sorted(u.failures.items())])
+
+    def resource_families(self):
+        """What the relay holds against its limits: clients, lookups, sessions, descriptors,
+        the log."""
+        server = self.server
+        yield Family("clients_tracked", "gauge", "Clients (IPv4 addresses, IPv6 /64s) in the "
+                     "per-client table.", [("", len(server.clients.entries))])
+        yield Family("resolver_failures_total", "counter", "Upstream name lookups that failed.",
+                     [(labels(host=host), count)
+                      for host, count in sorted(server.resolver.failures.items())])
+        yield Family("max_sessions", "gauge", "Sessions allowed at once (--max-connections).",
+                     [("", server.acceptor.max_sessions)])
+        fds = open_fds()
+        yield Family("open_fds", "gauge", "File descriptors open.", [("", fds)] if fds else [])
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else None
+        yield Family("max_fds", "gauge", "The open-file limit.",
+                     [("", limit)] if limit is not None and limit >= 0 else [])
+        yield Family("log_dropped_lines_total", "counter", "Log lines dropped while stderr was "
+                     "blocked.", [("", log.dropped_total)])
 
 
 class Scrape:
     """One HTTP connection to the metrics port: read the request, answer, close."""
 
-    __slots__ = ("metrics", "conn", "request", "answer", "timer", "events")
+    __slots__ = ("metrics", "conn", "request", "line_end", "answer", "timer", "events")
 
     def __init__(self, metrics, conn):
         self.metrics = metrics
         self.conn = conn
-        self.request = b""
+        self.request = bytearray()      # at most METRICS_REQUEST bytes
+        self.line_end = -1              # where the request line ends, once it has
         self.answer = None
-        self.timer = metrics.server.timers.call_later(METRICS_TIMEOUT, self.close)
+        self.timer = metrics.server.timers.call_later(METRICS_LINE_TIMEOUT, self.line_due)
         self.events = READ
         metrics.server.selector.register(conn.fileno(), READ, self)
+
+    def line_due(self, _=None):
+        """The timer: no whole request line yet, close; else allow the rest of
+        METRICS_TIMEOUT for the headers and the answer."""
+        if self.line_end < 0:
+            return self.close()
+        self.timer = self.metrics.server.timers.call_later(
+            METRICS_TIMEOUT - METRICS_LINE_TIMEOUT, self.close)
 
     def on_event(self, fd, mask):
         """Read until the request is whole, then write the answer, then close."""
         try:
             if self.answer is None:
-                data = self.conn.recv(4096)
-                if not data:
-                    return self.close()
-                self.request += data
-                if b"\r\n\r\n" not in self.request and b"\n\n" not in self.request:
-                    if len(self.request) >= METRICS_REQUEST:
-                        self.respond("431 Request Header Fields Too Large", "too large\n")
+                if not self.read_request():
                     return
                 self.respond(*self.route())
             sent = self.conn.send(self.answer)
@@ -3531,9 +3627,29 @@ class Scrape:
         except OSError:
             self.close()
 
+    def read_request(self):
+        """Read what came; True once the request is whole (or answered: 431). Only the new
+        bytes are searched, so a request sent a byte at a time costs what it costs whole."""
+        request = self.request
+        data = self.conn.recv(min(4096, METRICS_REQUEST - len(request)))
+        if not data:
+            self.close()
+            return False
+        old = len(request)
+        request += data
+        if self.line_end < 0:
+            self.line_end = request.find(b"\n", old)
+        # the head ends at an empty line: LF LF, or CR LF CR LF (which contains LF CR LF)
+        if request.find(b"\n\n", max(0, old - 1)) >= 0 or \
+                request.find(b"\n\r\n", max(0, old - 2)) >= 0:
+            return True
+        if len(request) >= METRICS_REQUEST:
+            self.respond("431 Request Header Fields Too Large", "too large\n")
+        return False
+
     def route(self):
         """(status, body[, content type]) for the request read."""
-        words = self.request.split(b"\n", 1)[0].split()
+        words = bytes(self.request[:self.line_end]).split()
         if len(words) != 3 or not words[2].startswith(b"HTTP/"):
             return "400 Bad Request", "bad request\n"
         if words[0] not in (b"GET", b"HEAD"):
@@ -3559,7 +3675,16 @@ class Scrape:
         self.metrics.server.selector.unregister(self.conn.fileno())
         self.conn.close()
         self.conn = None
-        self.metrics.scrapes.discard(self)
+        self.metrics.scrapes.pop(self, None)
+
+
+def refusals(mapping):
+    """A listener's clients closed unserved, by reason: refused at accept, unrouted, and
+    no-upstream (every upstream failed)."""
+    counts = dict(mapping.refused)
+    counts.update(mapping.unrouted)
+    counts["no-upstream"] = mapping.failed
+    return counts
 
 
 def labels(**pairs):

@@ -130,8 +130,9 @@ class Edge:
     which retries each start on a fresh port. Either way a taken port ends in PortInUse.
     """
 
-    def __init__(self, *args, env=None, preexec_fn=None, timeout=WAIT, tries=5):
+    def __init__(self, *args, env=None, preexec_fn=None, timeout=WAIT, tries=5, pass_fds=()):
         self.args = [PYTHON, SCRIPT] + list(args)
+        self.pass_fds = tuple(pass_fds)         # descriptors the script inherits
         for attempt in range(tries):
             try:
                 self._start(env, preexec_fn, timeout)
@@ -158,7 +159,8 @@ class Edge:
         # a session of its own: kill() ends the processes a reload starts too (one group)
         self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      universal_newlines=True, preexec_fn=preexec_fn,
-                                     env=dict(os.environ, **(env or {})), start_new_session=True)
+                                     env=dict(os.environ, **(env or {})), start_new_session=True,
+                                     pass_fds=self.pass_fds)
         self.cond = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -4189,6 +4191,53 @@ def test_forced_fd_exhaustion_serves_every_client_strict():
             assert proxy.proc.poll() is None
 
 
+def test_fd_limit_64_with_21_inherited_descriptors_drops_none_of_60_clients():
+    """Issue 19 fault 8: the cap counted the open-file limit, not the descriptors already open:
+    started with 21 inherited descriptors under a limit of 64 (and --metrics: one more), 43 of
+    60 clients were accepted and closed at once (`Too many open files`). Every one must be
+    served, or wait."""
+    inherited = [os.open(os.devnull, os.O_RDONLY) for _ in range(21)]
+    try:
+        with Upstream(echo) as up:
+            port, mport = free_port(), free_port()
+            with Edge("--proxy-protocol", "off", "--metrics", "127.0.0.1:%d" % mport,
+                      "127.0.0.1:%d=%s" % (port, up.address),
+                      preexec_fn=nofile(64), pass_fds=inherited) as proxy:
+                clients = []
+                for i in range(60):
+                    c = connect(("127.0.0.1", port))    # the kernel backlog takes them all
+                    c.sendall(b"%03d" % i)
+                    clients.append(c)
+                assert_every_client_echoed(proxy, clients, lambda i: b"%03d" % i)
+                assert round_trip(port, b"after") == b"after"
+                assert proxy.proc.poll() is None
+    finally:
+        for fd in inherited:
+            os.close(fd)
+
+
+def test_fd_limit_lowered_under_a_running_edge_keeps_accepted_clients_waiting():
+    """Issue 19 fault 8: descriptors the cap does not count (here: a limit lowered after the
+    start) made the upstream socket() fail with EMFILE, and the client just accepted was closed.
+    It must wait for a descriptor instead, the cap come down, and every client be served."""
+    with Upstream(echo) as up:
+        port = free_port()
+        with Edge("--proxy-protocol", "off", "--relay", "copy",
+                  "127.0.0.1:%d=%s" % (port, up.address), preexec_fn=nofile(64)) as proxy:
+            # room for 5 sessions (2 descriptors each) and the 6th client, not its upstream
+            limit = fd_count(proxy.pid) + 2 * 5 + 1
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (limit, limit))
+            clients = []
+            for i in range(20):
+                c = connect(("127.0.0.1", port))    # the kernel backlog takes them all
+                c.sendall(b"%03d" % i)
+                clients.append(c)
+            time.sleep(1)
+            assert_every_client_echoed(proxy, clients, lambda i: b"%03d" % i)
+            assert round_trip(port, b"after") == b"after"
+            assert proxy.proc.poll() is None
+
+
 # -- fault 7: splice refused by a seccomp filter (EPERM) ---------------------------------------
 
 AUDIT_ARCH_SPLICE = {"x86_64": (0xC000003E, 275), "aarch64": (0xC00000B7, 76)}
@@ -7460,6 +7509,36 @@ def test_metrics_stuck_scrapers_do_not_stop_relaying_and_are_closed_in_bounded_t
             "not closed within %d s: %r" % (CLOSE_BOUND, results)
         assert round_trip(port, b"after") == b"after"
         eventually(lambda: fd_count(proxy.pid) <= before)
+        assert proxy.proc.poll() is None
+
+
+def test_metrics_idle_and_slow_connections_holding_every_slot_lock_no_scrape_out():
+    """Issue 19 fault 7: 8 connections that send nothing (or a request line cut short) held
+    every slot, and each newer connection, Prometheus' scrape too, was closed at accept: 0 of
+    14 scrapes served while they were renewed. The oldest of those that have not sent a whole
+    request must make room instead."""
+    mport = free_port()
+    with Edge("--metrics", "127.0.0.1:%d" % mport,
+              "127.0.0.1:%d=127.0.0.1:%d" % (free_port(), free_port())) as proxy:
+        scrape(mport)
+        held, served, rounds = [], [], 10
+        try:
+            for _ in range(rounds):
+                for i in range(8):          # 8 fresh ones each round, all kept open
+                    s = connect(("127.0.0.1", mport))
+                    if i % 2:
+                        s.sendall(b"GET /met")      # slow: a request line cut short
+                    held.append(s)
+                try:
+                    status, _, body = http_get(mport)
+                except (OSError, http.client.HTTPException):
+                    status = None
+                served.append(status == 200)
+        finally:
+            for s in held:
+                s.close()
+        assert served.count(True) == rounds, "%d of %d scrapes served" % (
+            served.count(True), rounds)
         assert proxy.proc.poll() is None
 
 
