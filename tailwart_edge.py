@@ -1258,6 +1258,7 @@ def keep_alive(sock):
 
 ACCEPT_BATCH = 64               # accepts per listener per loop turn: fair to live sessions
 ACCEPT_PAUSE = 0.5              # on EMFILE stop accepting this long, as nginx does
+CAP_REGROW = 3.0                # after a shortage, the cap doubles this often up to the start's
 RESERVED_FDS = 24               # stdio, selector, wake-up pipe, notify socket, resolver...
 LATER_FDS = 20                  # opened after start, beside what is open then: the metrics
                                 # port and its 8 scrapes, resolver lookups, the notify socket,
@@ -1411,13 +1412,15 @@ class Acceptor:
     the process runs out of descriptors, instead of spinning on a backlog it cannot take.
     """
 
-    __slots__ = ("server", "listeners", "by_fd", "max_sessions", "accepting", "warned_at")
+    __slots__ = ("server", "listeners", "by_fd", "max_sessions", "cap", "accepting",
+                 "warned_at")
 
     def __init__(self, server, listeners, max_sessions):
         self.server = server
         self.listeners = listeners
         self.by_fd = {listener.fd: listener for listener in listeners}
-        self.max_sessions = max_sessions
+        self.max_sessions = max_sessions    # now: lowered while descriptors ran short
+        self.cap = max_sessions             # as computed at start (capacity)
         self.accepting = False
         self.warned_at = -WARN_INTERVAL
 
@@ -3286,11 +3289,24 @@ class Server:
 
     def retry_starved(self, _=None):
         """The timer: descriptors may have been freed by other than a session (a lookup,
-        a scrape): feed the waiting, and come back while some still wait."""
+        a scrape): feed the waiting, and come back while some still wait. Once none wait,
+        the lowered cap grows back, doubling every CAP_REGROW seconds up to the start's:
+        a shortage that has passed (ENFILE: the whole system's table, full for a while)
+        must not shrink the relay for the rest of its life; should it come again, the
+        clients it meets wait again, and the cap comes down again."""
         self.starved_timer = None
         self.feed_starved()
-        if self.starved and self.running:
+        if not self.running:
+            return
+        acceptor = self.acceptor
+        if self.starved:
             self.starved_timer = self.timers.call_later(ACCEPT_PAUSE, self.retry_starved)
+        elif acceptor.max_sessions < acceptor.cap:
+            acceptor.max_sessions = min(acceptor.cap, 2 * acceptor.max_sessions)
+            if acceptor.max_sessions == acceptor.cap:
+                log(NOTICE, "max-connections back to %d" % acceptor.cap)
+            acceptor.resume()
+            self.starved_timer = self.timers.call_later(CAP_REGROW, self.retry_starved)
 
     def handle_error(self, data):
         """A bug, not a bad peer: log it loudly, close the session it happened in, carry on."""

@@ -4238,6 +4238,36 @@ def test_fd_limit_lowered_under_a_running_edge_keeps_accepted_clients_waiting():
             assert proxy.proc.poll() is None
 
 
+def test_fd_limit_a_passed_shortage_does_not_shrink_the_cap_for_good():
+    """A cap lowered for want of descriptors grows back once they are there again (a full
+    system-wide table, ENFILE, passes): later, more sessions than the lowered cap are open
+    at once, and the log says the cap is back."""
+    with Upstream(echo) as up:
+        port = free_port()
+        with Edge("--proxy-protocol", "off", "--relay", "copy",
+                  "127.0.0.1:%d=%s" % (port, up.address), preexec_fn=nofile(64)) as proxy:
+            cap = int(proxy.wait_for(r"max-connections=(\d+)").split("max-connections=")[1]
+                      .split()[0])
+            limit = fd_count(proxy.pid) + 2 * 3 + 1     # the soft limit: it may go up again
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (limit, 64))
+            clients = [connect(("127.0.0.1", port)) for _ in range(6)]
+            for i, c in enumerate(clients):
+                c.sendall(b"%03d" % i)
+            proxy.wait_for(r"max-connections lowered to 3")
+            assert_every_client_echoed(proxy, clients, lambda i: b"%03d" % i)
+            resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (64, 64))
+            proxy.wait_for(r"max-connections back to %d" % cap)
+            held = [connect(("127.0.0.1", port)) for _ in range(cap)]
+            try:
+                for i, c in enumerate(held):        # all open at once, each answered
+                    c.sendall(b"%03d" % i)
+                    assert recv_exactly(c, 3) == b"%03d" % i
+            finally:
+                for c in held:
+                    c.close()
+            assert proxy.proc.poll() is None
+
+
 # -- fault 7: splice refused by a seccomp filter (EPERM) ---------------------------------------
 
 AUDIT_ARCH_SPLICE = {"x86_64": (0xC000003E, 275), "aarch64": (0xC00000B7, 76)}
