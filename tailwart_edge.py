@@ -932,26 +932,45 @@ class Listener:
 
 
 def open_listeners(mappings, proxy_protocol):
-    """Listeners for every mapping: the sockets systemd passed where one matches, else bound
-    here. Each is non-blocking and carries the options accepted sockets inherit.
-    Raises StartupError when a port cannot be bound, ConfigError when a socket from systemd
+    """Listeners for every mapping: the sockets systemd or the replaced process passed where
+    one has the shape the mapping wants (listen_shapes), else bound here. Each is
+    non-blocking and carries the options accepted sockets inherit.
+    Raises StartupError when a port cannot be bound or a reload finds a listen address
+    changed in a way only a restart can apply, ConfigError when a socket from systemd
     matches no mapping."""
     handed_over = inherited_sockets("TAILWART_LISTENERS")     # a reload: the old process's
     inherited = handed_over or systemd_sockets()
     origin = "handed over" if handed_over else "from systemd"
     listeners = []
+    missing = []                # (mapping, shape) that no inherited socket has
     for mapping in mappings:
-        socks = [s for s in inherited if listens_for(s, mapping)]
-        if socks:
-            for sock in socks:
-                inherited.remove(sock)
-                listeners.append(Listener(sock, mapping, origin))
-            continue
+        for shape in listen_shapes(mapping):
+            sock = next((s for s in inherited if socket_shape(s) == shape
+                         and s.getsockname()[1] == mapping.port), None)
+            if sock is None:
+                missing.append((mapping, shape))
+                continue
+            inherited.remove(sock)
+            listeners.append(Listener(sock, mapping, origin))
+    for mapping, shape in missing:
+        # an inherited socket no mapping took that holds this port on an overlapping
+        # address: binding beside it fails with EADDRINUSE, and the program in the way is
+        # this relay (a reload keeps the old socket open until the new process is ready)
+        clash = next((s for s in inherited if s.getsockname()[1] == mapping.port
+                      and shapes_collide(socket_shape(s), shape)), None)
+        if clash is not None:
+            held = describe_shape(socket_shape(clash), mapping.port)
+            wanted = describe_shape(shape, mapping.port)
+            if handed_over:
+                raise StartupError("the bind address of :%d changed (listening on %s, the "
+                                   "settings say %s); restart to apply" % (mapping.port, held, wanted))
+            raise ConfigError("socket %s from systemd is not the %s that mapping %r listens "
+                              "on; make the ListenStream= line (and BindIPv6Only=) match it"
+                              % (held, wanted, mapping.spec))
         if inherited and not handed_over:
             log(WARNING, "listen addr=%s has no socket from systemd; binding it here"
                 % mapping.label)
-        for sock in bind_listeners(mapping):
-            listeners.append(Listener(sock, mapping))
+        listeners.append(Listener(open_shape(shape, mapping.port), mapping))
     for sock in inherited:
         host, port = sock.getsockname()[:2]
         if not handed_over:
@@ -985,27 +1004,113 @@ def open_listeners(mappings, proxy_protocol):
     return listeners
 
 
-def bind_listeners(mapping):
-    """Listening sockets for a mapping: one dual-stack socket for 'every interface' where
-    the OS allows it (else IPv6 + IPv4 sockets, or IPv4 alone when IPv6 is off)."""
+# The shape of a listening socket: its family, its address (canonical text) and, for an IPv6
+# socket on "::", whether it takes IPv4 too (IPV6_V6ONLY off). Two sockets with one shape and
+# port take the same clients; a reload adopts an old socket only if it has the wanted shape.
+ListenShape = collections.namedtuple("ListenShape", "family host dual")
+
+IPV6_UNSUPPORTED = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+IPV6_SUPPORT = {}               # "every interface" -> how this host listens there (asked once)
+
+
+def ipv6_support():
+    """How this host listens on every interface: "dual" (one IPv6 socket takes IPv4 too),
+    "separate" (IPv6 sockets cannot take IPv4: one socket per family) or None (no IPv6 at
+    all: a kernel booted with ipv6.disable=1, as on many VPS images, or a Python built without
+    it). Found once, with a socket on port 0; the relay and --check both follow it."""
+    if "every interface" in IPV6_SUPPORT:
+        return IPV6_SUPPORT["every interface"]
+    support = "dual"
+    if not socket.has_ipv6:
+        support = None
+    else:
+        try:
+            probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        except OSError as e:
+            if e.errno not in IPV6_UNSUPPORTED:
+                return support          # e.g. out of descriptors: the real bind will say so
+            support = None
+        else:
+            with probe:
+                try:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                except OSError:
+                    support = "separate"
+                try:
+                    probe.bind(("::", 0))
+                except OSError as e:
+                    if e.errno not in IPV6_UNSUPPORTED:
+                        return support
+                    support = None
+    IPV6_SUPPORT["every interface"] = support
+    return support
+
+
+def listen_shapes(mapping):
+    """The sockets a mapping listens with: its address; for every interface (no BIND_ADDR)
+    one dual-stack socket where the host allows it, else an IPv6 and an IPv4 one, or IPv4
+    alone where there is no IPv6. An explicit [::] is IPv6 only, as in nginx, so 0.0.0.0 can
+    be bound beside it."""
     if mapping.bind is not None:
         family = socket.AF_INET6 if ":" in mapping.bind else socket.AF_INET
-        # an explicit [::] means IPv6 only, as in nginx, so 0.0.0.0 can be bound beside it
-        return [open_listener(family, mapping.bind, mapping.port, v6only=True)]
-    if socket.has_ipv6:
-        try:
-            return [open_listener(socket.AF_INET6, "::", mapping.port, v6only=False)]
-        except StartupError as e:
-            if e.args[1] not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENOPROTOOPT,
-                                 errno.EINVAL, errno.EPROTONOSUPPORT):
-                raise
-            if e.args[1] in (errno.ENOPROTOOPT, errno.EINVAL):   # no dual-stack sockets here
-                v6 = open_listener(socket.AF_INET6, "::", mapping.port, v6only=True)
-                return [v6, open_listener(socket.AF_INET, "0.0.0.0", mapping.port)]
-    return [open_listener(socket.AF_INET, "0.0.0.0", mapping.port)]
+        return [ListenShape(family, canonical_ip(family, mapping.bind), False)]
+    support = ipv6_support()
+    if support == "dual":
+        return [ListenShape(socket.AF_INET6, "::", True)]
+    v4 = ListenShape(socket.AF_INET, "0.0.0.0", False)
+    return [ListenShape(socket.AF_INET6, "::", False), v4] if support == "separate" else [v4]
 
 
-def open_listener(family, host, port, v6only=True):
+def canonical_ip(family, host):
+    """An IP address in one spelling ('::0:1' -> '::1'); a scope (%eth0) is dropped."""
+    return socket.inet_ntop(family, socket.inet_pton(family, host.partition("%")[0]))
+
+
+def socket_shape(sock):
+    """The ListenShape of a bound socket."""
+    family = int(sock.family)
+    host = canonical_ip(family, sock.getsockname()[0])
+    return ListenShape(family, host, family == socket.AF_INET6 and host == "::"
+                       and dual_stack(sock) is True)
+
+
+def shapes_collide(a, b):
+    """Would sockets of these shapes on one port collide (EADDRINUSE)? A wildcard address
+    collides with every address of the families it takes."""
+    families = lambda shape: {socket.AF_INET6, socket.AF_INET} if shape.dual else {shape.family}
+    if not families(a) & families(b):
+        return False
+    wildcard = ("::", "0.0.0.0")
+    return a.host in wildcard or b.host in wildcard or a.host == b.host
+
+
+def describe_shape(shape, port):
+    """A shape as the log names a listener: ':25', '[::]:25', '0.0.0.0:25', '[::1]:25'."""
+    if shape.dual:
+        return ":%d" % port
+    return format_address(shape.host, port)
+
+
+def bind_listeners(mapping, listen=True):
+    """Bound sockets for a mapping (listening, unless `listen` is False: --check), one per
+    shape it wants. Raises StartupError(line, errno) as open_listener does."""
+    socks = []
+    try:
+        for shape in listen_shapes(mapping):
+            socks.append(open_shape(shape, mapping.port, listen))
+    except StartupError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def open_shape(shape, port, listen=True):
+    """A socket of this shape bound to port (see open_listener)."""
+    return open_listener(shape.family, shape.host, port, v6only=not shape.dual, listen=listen)
+
+
+def open_listener(family, host, port, v6only=True, listen=True):
     """One bound, listening socket. Raises StartupError(line, errno) with the fix in the line."""
     where = format_address("" if host == "::" and not v6only else host, port)    # ':25'
 
@@ -1022,7 +1127,8 @@ def open_listener(family, host, port, v6only=True):
             except OSError as e:
                 raise StartupError("cannot listen on %s: %s" % (where, e.strerror), e.errno)
         sock.bind((host, port))
-        sock.listen(4096)       # the kernel caps it at net.core.somaxconn
+        if listen:
+            sock.listen(4096)   # the kernel caps it at net.core.somaxconn
     except OSError as e:
         sock.close()
         hint = ""
@@ -1082,18 +1188,6 @@ def tcp_socket(fd):
         log(WARNING, "descriptor %d passed to us is not a TCP socket; ignoring it" % fd)
         return None
     return socket.socket(family, socket.SOCK_STREAM, 0, fd)
-
-
-def listens_for(sock, mapping):
-    """Is this socket from systemd bound to the mapping's address and port?"""
-    host, port = sock.getsockname()[:2]
-    if port != mapping.port:
-        return False
-    if mapping.bind is None:
-        return host in ("::", "0.0.0.0")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return (":" in mapping.bind) == (family == socket.AF_INET6) and \
-        socket.inet_pton(family, host) == socket.inet_pton(family, mapping.bind)
 
 
 def tune_socket(sock, keepalive=True):
@@ -3801,42 +3895,46 @@ class Doctor:
 
 
 def check_listen(mapping):
-    """Could the relay bind this mapping's address? (status, topic, text)."""
-    bind = mapping.bind
-    family = socket.AF_INET6 if (bind is None and socket.has_ipv6) or ":" in (bind or "") \
-        else socket.AF_INET
-    host = bind if bind is not None else ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    """Could the relay bind this mapping's address? (status, topic, text). It binds what the
+    relay would (bind_listeners), without listening: on a host without IPv6, every interface
+    is 0.0.0.0 for both."""
     label = mapping.label
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as e:
-        return "FAIL", "listen", "%s: cannot open a socket: %s" % (label, e.strerror)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(bind is not None))
-        sock.bind((host, mapping.port))
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
+        for sock in bind_listeners(mapping, listen=False):
+            sock.close()
+    except StartupError as e:
+        code = e.args[1] if len(e.args) > 1 else None
+        if code == errno.EADDRINUSE:
             owner = port_owner(mapping.port)
-            if owner is not None and SCRIPT_NAME in map(os.path.basename, owner[1].split()):
+            if owner is not None and is_relay(owner):
                 return "ok", "listen", "%s is served by a running tailwart-edge (pid %d)" % (
-                    label, owner[0])
+                    label, owner.pid)
             return "FAIL", "listen", "%s is in use%s; stop that program or choose another " \
-                "address" % (label, " by pid %d (%s)" % (owner[0], owner[1].split()[0])
+                "address" % (label, " by pid %d (%s)" % (owner.pid, owner.command.split()[0])
                              if owner else "")
-        if e.errno == errno.EACCES:
+        if code == errno.EACCES:
             return "FAIL", "listen", "%s needs privileges (ports below 1024): run as root " \
                 "with --user NAME, or with CAP_NET_BIND_SERVICE as the unit does" % label
-        return "FAIL", "listen", "%s cannot be bound: %s" % (label, e.strerror)
-    finally:
-        sock.close()
-    return "ok", "listen", "%s is free (%s, to %s)" % (
-        label, mapping.protocol, ",".join(format_address(*u) for u in mapping.upstreams))
+        return "FAIL", "listen", "%s cannot be bound: %s" % (
+            label, os.strerror(code) if code else e.args[0])
+    note = "; IPv4 only: this host has no IPv6" if mapping.bind is None \
+        and ipv6_support() is None else ""
+    return "ok", "listen", "%s is free (%s, to %s%s)" % (
+        label, mapping.protocol, ",".join(format_address(*u) for u in mapping.upstreams), note)
+
+
+# A process listening on a port --check wants: its pid, its command line (words) and its
+# working directory (where a relative script path in that command line starts)
+class PortOwner(collections.namedtuple("PortOwner", "pid argv cwd")):
+    __slots__ = ()
+
+    @property
+    def command(self):
+        return " ".join(self.argv) or "?"
 
 
 def port_owner(port):
-    """(pid, command line) of a process listening on TCP `port`, or None (Linux: /proc)."""
+    """The PortOwner of a process listening on TCP `port`, or None (Linux: /proc)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -3854,11 +3952,31 @@ def port_owner(port):
             for fd in os.listdir("/proc/%s/fd" % pid):
                 if os.readlink("/proc/%s/fd/%s" % (pid, fd)) in inodes:
                     with open("/proc/%s/cmdline" % pid, "rb") as f:
-                        command = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-                    return int(pid), command.strip() or "?"
+                        argv = f.read().decode("utf-8", "replace").split("\0")
+                    return PortOwner(int(pid), tuple(word for word in argv if word),
+                                     "/proc/%s/cwd" % pid)
         except OSError:
             continue
     return None
+
+
+def is_relay(owner):
+    """Is this process a tailwart-edge: running this very script file (whatever it is called
+    where it was installed, /usr/local/bin/tailwart-edge say), or a file named as ours is?"""
+    try:
+        ours = os.stat(SCRIPT)
+    except OSError:
+        ours = None
+    for word in owner.argv[1:4]:            # python3 [-u] [-X opt] SCRIPT ...
+        if os.path.basename(word) == SCRIPT_NAME:
+            return True
+        try:
+            theirs = os.stat(os.path.join(owner.cwd, word))
+        except (OSError, ValueError):
+            continue
+        if ours is not None and (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+            return True
+    return False
 
 
 def check_upstream(host, port, protocol, kind, name, options, mappings, lines):
