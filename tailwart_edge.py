@@ -3457,7 +3457,10 @@ class Reload:
     with this process's arguments (so --settings FILE is read again). It inherits the
     listening sockets (TAILWART_LISTENERS: their descriptors; no port is ever closed, and
     a connecting client is served by one process or the other), binds only what is new,
-    closes what its settings dropped, looks its upstream names up once, and then writes
+    closes what its settings dropped (a listen address whose shape changed, 0.0.0.0:25 to
+    :25 say, needs a restart: the old socket stays open until the hand-over), starts its
+    upstream lookups as a start does (a name that does not resolve is a warning, not a
+    refusal: one retired MX in a failover list must not block every upgrade), and writes
     `ready PID` on a socketpair (TAILWART_REPORT_FD). Only then does this process stop
     accepting, make the new one systemd's main process (MAINPID=, answered with `main` on
     the socketpair, after which the new one talks to systemd and this one falls silent) and
@@ -3644,17 +3647,6 @@ def reload_client(pid):
         time.sleep(0.05)
     write_stderr("%s: error: pid %d gave no reload outcome in %gs\n" % (PROG, pid, RELOAD_WAIT))
     return 1
-
-
-def resolve_once(mappings):
-    """A new process of a reload looks every upstream name up before it takes over: a
-    relay that can resolve them is never replaced by one that cannot. Raises StartupError."""
-    for host in sorted({host for m in mappings for host, _ in m.upstreams}):
-        if literal_address(host, 0) is None:
-            try:
-                socket.getaddrinfo(host, 0, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            except (OSError, UnicodeError) as e:
-                raise StartupError("cannot resolve %s: %s" % (host, getattr(e, "strerror", e)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4298,8 +4290,6 @@ def main(argv=None):
             server.metrics = Metrics(server, open_metrics(options.metrics))
         else:
             close_handed_metrics()
-        if predecessor is not None:
-            resolve_once(mappings)
         if user is not None:
             drop_privileges(user)
     except (StartupError, ConfigError) as e:

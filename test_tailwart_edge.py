@@ -4954,6 +4954,29 @@ def test_reload_with_a_bad_settings_file_fails_and_the_old_process_keeps_serving
         assert relays.stop(new) in (0, None)
 
 
+def test_reload_with_an_upstream_name_that_does_not_resolve_warns_as_a_start_does(
+        relays, tmp_path):
+    """Issue 19: a start takes a failover list with a name that does not resolve (a retired
+    MX) and warns; a reload refused it (`reload failed: cannot resolve ...`), which blocked
+    every upgrade. One rule for both: the new process takes over and warns."""
+    port = free_port()
+    settings = tmp_path / "tailwart-edge"
+    with Upstream(hashing_echo({})) as up:
+        upstreams = "%s,%s:25" % (up.address, UNRESOLVABLE_NAME)
+        write_settings(settings, ["127.0.0.1:%d=%s" % (port, upstreams)])
+        proxy = relays.start("--settings", str(settings))
+        start = proxy.wait_for(r"resolve host=%s" % re.escape(UNRESOLVABLE_NAME))
+        assert "warning" in start, start
+        mark = proxy.mark()
+        new, _ = relays.reload(proxy, proxy.pid)
+        warned = proxy.wait_for(r"resolve host=%s" % re.escape(UNRESOLVABLE_NAME), start=mark)
+        assert "warning" in warned and "will retry" in warned, warned
+        payload = b"first upstream".ljust(16, b".")
+        assert round_trip(port, payload) == payload
+        assert relays.wait_gone(proxy.pid) == 0
+        assert relays.stop(new) in (0, None)
+
+
 def test_reload_fails_when_a_new_port_is_taken_and_the_old_process_keeps_serving(
         relays, tmp_path):
     """A mapping added on a port another program listens on: `reload failed: cannot listen
