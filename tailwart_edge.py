@@ -3123,6 +3123,8 @@ class Server:
             elif signum == getattr(signal, "SIGHUP", None):
                 if starting:
                     log(NOTICE, "reload: a HUP came during start-up; ignoring it")
+                    write_reload_status("failed pid %d was starting up; nothing was reloaded: "
+                                        "reload again" % os.getpid())
                 else:
                     self.reload.start()
             else:
@@ -3470,12 +3472,16 @@ class Reload:
     `--reload PID` (the unit's ExecReload=) waits for it.
     """
 
-    __slots__ = ("server", "child", "channel", "received")
+    __slots__ = ("server", "child", "channel", "received", "successor")
 
     def __init__(self, server):
         self.server = server
         self.child = self.channel = None
         self.received = b""
+        self.successor = None           # the pid that took over from this process
+
+    # Every HUP gets an outcome in the reload status, which `--reload PID` waits for: a HUP
+    # while a reload is in progress gets that reload's.
 
     def start(self):
         """Start the new process (once at a time; not while stopping)."""
@@ -3483,7 +3489,10 @@ class Reload:
         if self.child is not None:
             return log(NOTICE, "reload: already in progress")
         if server.stopping:
-            return log(NOTICE, "reload: this process is stopping; ignoring HUP")
+            log(NOTICE, "reload: this process is stopping; ignoring HUP")
+            return write_reload_status("failed pid %d is stopping; nothing was reloaded%s" % (
+                os.getpid(), ": pid %d took over from it, reload that one" % self.successor
+                if self.successor else ""))
         ours, theirs = socket.socketpair()
         fds = [listener.fd for listener in server.acceptor.listeners]
         env = dict(os.environ, TAILWART_LISTENERS=",".join(map(str, fds)),
@@ -3533,6 +3542,7 @@ class Reload:
         self.close_channel()
         self.child = None
         if took_over:
+            self.successor = int(rest)
             write_reload_status("ok pid=%s" % rest)
             log(NOTICE, "reload: pid=%s took over; draining %s (up to %gs)"
                 % (rest, plural(len(server.sessions), "session"), server.reload_drain))
@@ -3572,6 +3582,7 @@ class Reload:
                 pass
             self.close_channel()
             self.child = None
+            write_reload_status("failed stopped (TERM or INT) before the new process took over")
 
 
 def take_over(predecessor):
@@ -3601,13 +3612,14 @@ def reload_status_path():
 
 
 def write_reload_status(outcome):
-    """Tell `--reload PID` how the reload went: a fresh stamp, then `ok ...` or `failed ...`."""
+    """Tell `--reload PID` how the reload went: a fresh stamp, the pid that was signalled
+    (`for=PID`), then `ok ...` or `failed ...`."""
     path = reload_status_path()
     if path is None:
         return
     try:
         with open(path + ".new", "w") as f:
-            f.write("%.6f %s\n" % (time.time(), outcome))
+            f.write("%.6f for=%d %s\n" % (time.time(), os.getpid(), outcome))
         os.replace(path + ".new", path)
     except OSError as e:
         log(WARNING, "reload: cannot write %s: %s" % (path, e.strerror))
@@ -3623,30 +3635,73 @@ def read_text(path):
 
 
 def reload_client(pid):
-    """`--reload PID`: send SIGHUP, and where the relay writes its reload status (under
-    systemd), wait for the outcome. Returns the exit code: 0 taken over, 1 failed."""
+    """`--reload PID`: send SIGHUP and wait for the outcome that the relay writes where the
+    unit's RuntimeDirectory= is. Returns the exit code: 0 taken over, 1 failed or no outcome,
+    2 outside the unit (nothing sent: the outcome could not be learnt)."""
     path = reload_status_path()
+    if path is None:
+        write_stderr("%s: error: --reload waits for the outcome in the unit's RuntimeDirectory= "
+                     "($RUNTIME_DIRECTORY), not set here; outside the unit, run `kill -HUP %d` "
+                     "and read the relay's log (`reload: pid=N took over` or `reload failed: "
+                     "...`)\n" % (PROG, pid))
+        return 2
     before = read_text(path)
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as e:
         write_stderr("%s: error: cannot signal pid %d: %s\n" % (PROG, pid, e.strerror))
         return 1
-    if path is None:
-        return 0
     deadline = time.monotonic() + RELOAD_WAIT
     while time.monotonic() < deadline:
-        now = read_text(path)
-        if now is not None and now != before:
-            outcome = now.strip().partition(" ")[2]
+        outcome = reload_outcome(read_text(path), before, pid)
+        if outcome is not None:
             if outcome.startswith("ok "):
                 write_stderr("reload: %s took over\n" % outcome[3:])
                 return 0
             write_stderr("%s: error: reload failed: %s\n" % (PROG, outcome[7:]))
             return 1
+        if not process_exists(pid):
+            # one last look: its outcome may have come with its end
+            outcome = reload_outcome(read_text(path), before, pid)
+            if outcome is None:
+                write_stderr("%s: error: pid %d ended without a reload outcome\n" % (PROG, pid))
+                return 1
+            continue
         time.sleep(0.05)
     write_stderr("%s: error: pid %d gave no reload outcome in %gs\n" % (PROG, pid, RELOAD_WAIT))
     return 1
+
+
+def reload_outcome(status, before, pid):
+    """The outcome (`ok ...`, `failed ...`) in a reload status other than `before` that
+    answers a HUP to pid, or None. A status without `for=` (from a relay older than this
+    script: an upgrade) answers any."""
+    if status is None or status == before:
+        return None
+    outcome = status.strip().partition(" ")[2]
+    if outcome.startswith("for="):
+        target, _, outcome = outcome.partition(" ")
+        if target != "for=%d" % pid:
+            return None
+    return outcome if outcome.startswith(("ok ", "failed ")) else None
+
+
+def process_exists(pid):
+    """Is there a process `pid` (a zombie counts as none)?"""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5366,8 +5366,10 @@ def reload_client(pid, env):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_reload_option_without_runtime_directory_sends_hup_and_exits_0(relays, monkeypatch):
-    """Outside systemd, --reload PID sends HUP and exits 0; the relay reloads."""
+def test_reload_option_without_runtime_directory_says_it_cannot_and_exits_2(relays, monkeypatch):
+    """Issue 19: outside the unit (no RUNTIME_DIRECTORY) --reload PID sent HUP, printed nothing
+    and exited 0, even when the reload then failed. It cannot learn the outcome there: it says
+    so in one line, with what to do instead, sends nothing and exits 2."""
     monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
     port = free_port()
     env = dict(os.environ)
@@ -5375,14 +5377,81 @@ def test_reload_option_without_runtime_directory_sends_hup_and_exits_0(relays, m
         proxy = relays.start("127.0.0.1:%d=%s" % (port, up.address))
         mark = proxy.mark()
         code, out, err = reload_client(proxy.pid, env)
-        assert code == 0, (out, err)
-        took = proxy.wait_for(TOOK_OVER, start=mark)
-        new = int(re.search(TOOK_OVER, took).group(1))
-        relays.pids.add(new)
-        payload = b"after --reload".ljust(16, b".")
-        assert round_trip(port, payload) == payload
+        assert code == 2 and out == "", (code, out, err)
+        lines = err.splitlines()
+        assert len(lines) == 1 and "RUNTIME_DIRECTORY" in lines[0], err
+        assert "kill -HUP %d" % proxy.pid in lines[0], err
+        time.sleep(0.5)                     # a reload would show within this
+        assert "reload" not in since(proxy, mark)
+        assert relays.stop(proxy.pid) == 0
+
+
+def reload_client_started(pid, env):
+    """--reload PID as a process of its own (to be waited for with a bound)."""
+    return subprocess.Popen([PYTHON, SCRIPT, "--reload", str(pid)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                            universal_newlines=True)
+
+
+def outcome_of(client, timeout=WAIT):
+    """(exit code, stderr) of a --reload process; ("still waiting", "") after `timeout`."""
+    try:
+        _, err = client.communicate(timeout=timeout)
+        return client.returncode, err
+    except subprocess.TimeoutExpired:
+        client.kill()
+        client.communicate()
+        return "still waiting", ""
+
+
+def test_reload_option_to_a_draining_old_process_fails_at_once_naming_the_new_pid(
+        relays, tmp_path):
+    """Issue 19: a HUP the relay ignores (an old process draining after a hand-over) left
+    --reload waiting 90 s for `no reload outcome`. Every HUP gets an outcome: exit 1 at once,
+    naming the pid to reload instead."""
+    port = free_port()
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = dict(os.environ, RUNTIME_DIRECTORY=str(runtime))
+    with Upstream(hashing_echo({})) as up:
+        proxy = relays.start("127.0.0.1:%d=%s" % (port, up.address),
+                             env={"RUNTIME_DIRECTORY": str(runtime)})
+        session = LongSession(port, b"draining")
+        try:
+            new, draining = relays.reload(proxy, proxy.pid)
+            assert draining >= 1
+            code, err = outcome_of(reload_client_started(proxy.pid, env))
+            assert code == 1, (code, err)
+            assert re.search(r"reload failed: pid %d is stopping; nothing was reloaded: pid %d "
+                             r"took over from it, reload that one" % (proxy.pid, new), err), err
+        finally:
+            session.finish()
+            assert session.join()
         assert relays.wait_gone(proxy.pid) == 0
         assert relays.stop(new) in (0, None)
+
+
+def test_reload_option_when_a_term_aborts_the_reload_fails_at_once(relays, tmp_path):
+    """Issue 19: TERM while the new process starts stops both: --reload waited 90 s for `no
+    reload outcome`. Now it exits 1 at once, saying the reload was stopped."""
+    script = copy_script(tmp_path)
+    port = free_port()
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = dict(os.environ, RUNTIME_DIRECTORY=str(runtime))
+    with Upstream(hashing_echo({})) as up:
+        proxy = relays.start("127.0.0.1:%d=%s" % (port, up.address), script=script,
+                             env={"RUNTIME_DIRECTORY": str(runtime)})
+        make_slow(script, 2)
+        mark = proxy.mark()
+        client = reload_client_started(proxy.pid, env)
+        proxy.wait_for(r"notice reload: starting a new process", start=mark)
+        os.kill(proxy.pid, signal.SIGTERM)
+        code, err = outcome_of(client)
+        assert code == 1, (code, err)
+        assert "reload failed: stopped (TERM or INT) before the new process took over" in err, err
+        assert ended(proxy) == 0
+        assert "took over" not in since(proxy, mark)
 
 
 def test_reload_option_with_runtime_directory_waits_and_reports(relays, tmp_path):
