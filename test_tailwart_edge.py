@@ -5431,6 +5431,33 @@ def test_reload_option_to_a_draining_old_process_fails_at_once_naming_the_new_pi
         assert relays.stop(new) in (0, None)
 
 
+def test_reload_option_during_start_up_fails_at_once_saying_reload_again(relays, tmp_path):
+    """Issue 19: a HUP during start-up is ignored (it must not kill the relay): --reload
+    waited 90 s for `no reload outcome`. Now it exits 1 at once: nothing was reloaded."""
+    script = copy_script(tmp_path)
+    make_slow(script, 2)
+    port = free_port()
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    env = dict(os.environ, RUNTIME_DIRECTORY=str(runtime))
+    with Upstream(hashing_echo({})) as up:
+        starting = subprocess.Popen([PYTHON, script, "127.0.0.1:%d=%s" % (port, up.address)],
+                                    stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        try:
+            # it sleeps now, its HUP handler in place (after the exec: see term_during_reload)
+            eventually(lambda: str(script) in cmdline(starting.pid)
+                       and catches(starting.pid, signal.SIGHUP), 5)
+            code, err = outcome_of(reload_client_started(starting.pid, env))
+            assert code == 1, (code, err)
+            assert "reload failed: pid %d was starting up; nothing was reloaded: reload again" \
+                % starting.pid in err, err
+            assert starting.poll() is None
+        finally:
+            starting.terminate()
+            starting.wait(WAIT)
+
+
 def test_reload_option_when_a_term_aborts_the_reload_fails_at_once(relays, tmp_path):
     """Issue 19: TERM while the new process starts stops both: --reload waited 90 s for `no
     reload outcome`. Now it exits 1 at once, saying the reload was stopped."""
