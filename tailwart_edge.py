@@ -1061,26 +1061,45 @@ class Listener:
 
 
 def open_listeners(mappings, proxy_protocol):
-    """Listeners for every mapping: the sockets systemd passed where one matches, else bound
-    here. Each is non-blocking and carries the options accepted sockets inherit.
-    Raises StartupError when a port cannot be bound, ConfigError when a socket from systemd
+    """Listeners for every mapping: the sockets systemd or the replaced process passed where
+    one has the shape the mapping wants (listen_shapes), else bound here. Each is
+    non-blocking and carries the options accepted sockets inherit.
+    Raises StartupError when a port cannot be bound or a reload finds a listen address
+    changed in a way only a restart can apply, ConfigError when a socket from systemd
     matches no mapping."""
     handed_over = inherited_sockets("TAILWART_LISTENERS")     # a reload: the old process's
     inherited = handed_over or systemd_sockets()
     origin = "handed over" if handed_over else "from systemd"
     listeners = []
+    missing = []                # (mapping, shape) that no inherited socket has
     for mapping in mappings:
-        socks = [s for s in inherited if listens_for(s, mapping)]
-        if socks:
-            for sock in socks:
-                inherited.remove(sock)
-                listeners.append(Listener(sock, mapping, origin))
-            continue
+        for shape in listen_shapes(mapping):
+            sock = next((s for s in inherited if socket_shape(s) == shape
+                         and s.getsockname()[1] == mapping.port), None)
+            if sock is None:
+                missing.append((mapping, shape))
+                continue
+            inherited.remove(sock)
+            listeners.append(Listener(sock, mapping, origin))
+    for mapping, shape in missing:
+        # an inherited socket no mapping took that holds this port on an overlapping
+        # address: binding beside it fails with EADDRINUSE, and the program in the way is
+        # this relay (a reload keeps the old socket open until the new process is ready)
+        clash = next((s for s in inherited if s.getsockname()[1] == mapping.port
+                      and shapes_collide(socket_shape(s), shape)), None)
+        if clash is not None:
+            held = describe_shape(socket_shape(clash), mapping.port)
+            wanted = describe_shape(shape, mapping.port)
+            if handed_over:
+                raise StartupError("the bind address of :%d changed (listening on %s, the "
+                                   "settings say %s); restart to apply" % (mapping.port, held, wanted))
+            raise ConfigError("socket %s from systemd is not the %s that mapping %r listens "
+                              "on; make the ListenStream= line (and BindIPv6Only=) match it"
+                              % (held, wanted, mapping.spec))
         if inherited and not handed_over:
             log(WARNING, "listen addr=%s has no socket from systemd; binding it here"
                 % mapping.label)
-        for sock in bind_listeners(mapping):
-            listeners.append(Listener(sock, mapping))
+        listeners.append(Listener(open_shape(shape, mapping.port), mapping))
     for sock in inherited:
         host, port = sock.getsockname()[:2]
         if not handed_over:
@@ -1114,27 +1133,113 @@ def open_listeners(mappings, proxy_protocol):
     return listeners
 
 
-def bind_listeners(mapping):
-    """Listening sockets for a mapping: one dual-stack socket for 'every interface' where
-    the OS allows it (else IPv6 + IPv4 sockets, or IPv4 alone when IPv6 is off)."""
+# The shape of a listening socket: its family, its address (canonical text) and, for an IPv6
+# socket on "::", whether it takes IPv4 too (IPV6_V6ONLY off). Two sockets with one shape and
+# port take the same clients; a reload adopts an old socket only if it has the wanted shape.
+ListenShape = collections.namedtuple("ListenShape", "family host dual")
+
+IPV6_UNSUPPORTED = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
+IPV6_SUPPORT = {}               # "every interface" -> how this host listens there (asked once)
+
+
+def ipv6_support():
+    """How this host listens on every interface: "dual" (one IPv6 socket takes IPv4 too),
+    "separate" (IPv6 sockets cannot take IPv4: one socket per family) or None (no IPv6 at
+    all: a kernel booted with ipv6.disable=1, as on many VPS images, or a Python built without
+    it). Found once, with a socket on port 0; the relay and --check both follow it."""
+    if "every interface" in IPV6_SUPPORT:
+        return IPV6_SUPPORT["every interface"]
+    support = "dual"
+    if not socket.has_ipv6:
+        support = None
+    else:
+        try:
+            probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        except OSError as e:
+            if e.errno not in IPV6_UNSUPPORTED:
+                return support          # e.g. out of descriptors: the real bind will say so
+            support = None
+        else:
+            with probe:
+                try:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                except OSError:
+                    support = "separate"
+                try:
+                    probe.bind(("::", 0))
+                except OSError as e:
+                    if e.errno not in IPV6_UNSUPPORTED:
+                        return support
+                    support = None
+    IPV6_SUPPORT["every interface"] = support
+    return support
+
+
+def listen_shapes(mapping):
+    """The sockets a mapping listens with: its address; for every interface (no BIND_ADDR)
+    one dual-stack socket where the host allows it, else an IPv6 and an IPv4 one, or IPv4
+    alone where there is no IPv6. An explicit [::] is IPv6 only, as in nginx, so 0.0.0.0 can
+    be bound beside it."""
     if mapping.bind is not None:
         family = socket.AF_INET6 if ":" in mapping.bind else socket.AF_INET
-        # an explicit [::] means IPv6 only, as in nginx, so 0.0.0.0 can be bound beside it
-        return [open_listener(family, mapping.bind, mapping.port, v6only=True)]
-    if socket.has_ipv6:
-        try:
-            return [open_listener(socket.AF_INET6, "::", mapping.port, v6only=False)]
-        except StartupError as e:
-            if e.args[1] not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.ENOPROTOOPT,
-                                 errno.EINVAL, errno.EPROTONOSUPPORT):
-                raise
-            if e.args[1] in (errno.ENOPROTOOPT, errno.EINVAL):   # no dual-stack sockets here
-                v6 = open_listener(socket.AF_INET6, "::", mapping.port, v6only=True)
-                return [v6, open_listener(socket.AF_INET, "0.0.0.0", mapping.port)]
-    return [open_listener(socket.AF_INET, "0.0.0.0", mapping.port)]
+        return [ListenShape(family, canonical_ip(family, mapping.bind), False)]
+    support = ipv6_support()
+    if support == "dual":
+        return [ListenShape(socket.AF_INET6, "::", True)]
+    v4 = ListenShape(socket.AF_INET, "0.0.0.0", False)
+    return [ListenShape(socket.AF_INET6, "::", False), v4] if support == "separate" else [v4]
 
 
-def open_listener(family, host, port, v6only=True):
+def canonical_ip(family, host):
+    """An IP address in one spelling ('::0:1' -> '::1'); a scope (%eth0) is dropped."""
+    return socket.inet_ntop(family, socket.inet_pton(family, host.partition("%")[0]))
+
+
+def socket_shape(sock):
+    """The ListenShape of a bound socket."""
+    family = int(sock.family)
+    host = canonical_ip(family, sock.getsockname()[0])
+    return ListenShape(family, host, family == socket.AF_INET6 and host == "::"
+                       and dual_stack(sock) is True)
+
+
+def shapes_collide(a, b):
+    """Would sockets of these shapes on one port collide (EADDRINUSE)? A wildcard address
+    collides with every address of the families it takes."""
+    families = lambda shape: {socket.AF_INET6, socket.AF_INET} if shape.dual else {shape.family}
+    if not families(a) & families(b):
+        return False
+    wildcard = ("::", "0.0.0.0")
+    return a.host in wildcard or b.host in wildcard or a.host == b.host
+
+
+def describe_shape(shape, port):
+    """A shape as the log names a listener: ':25', '[::]:25', '0.0.0.0:25', '[::1]:25'."""
+    if shape.dual:
+        return ":%d" % port
+    return format_address(shape.host, port)
+
+
+def bind_listeners(mapping, listen=True):
+    """Bound sockets for a mapping (listening, unless `listen` is False: --check), one per
+    shape it wants. Raises StartupError(line, errno) as open_listener does."""
+    socks = []
+    try:
+        for shape in listen_shapes(mapping):
+            socks.append(open_shape(shape, mapping.port, listen))
+    except StartupError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def open_shape(shape, port, listen=True):
+    """A socket of this shape bound to port (see open_listener)."""
+    return open_listener(shape.family, shape.host, port, v6only=not shape.dual, listen=listen)
+
+
+def open_listener(family, host, port, v6only=True, listen=True):
     """One bound, listening socket. Raises StartupError(line, errno) with the fix in the line."""
     where = format_address("" if host == "::" and not v6only else host, port)    # ':25'
 
@@ -1151,7 +1256,8 @@ def open_listener(family, host, port, v6only=True):
             except OSError as e:
                 raise StartupError("cannot listen on %s: %s" % (where, e.strerror), e.errno)
         sock.bind((host, port))
-        sock.listen(4096)       # the kernel caps it at net.core.somaxconn
+        if listen:
+            sock.listen(4096)   # the kernel caps it at net.core.somaxconn
     except OSError as e:
         sock.close()
         hint = ""
@@ -1211,18 +1317,6 @@ def tcp_socket(fd):
         log(WARNING, "descriptor %d passed to us is not a TCP socket; ignoring it" % fd)
         return None
     return socket.socket(family, socket.SOCK_STREAM, 0, fd)
-
-
-def listens_for(sock, mapping):
-    """Is this socket from systemd bound to the mapping's address and port?"""
-    host, port = sock.getsockname()[:2]
-    if port != mapping.port:
-        return False
-    if mapping.bind is None:
-        return host in ("::", "0.0.0.0")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return (":" in mapping.bind) == (family == socket.AF_INET6) and \
-        socket.inet_pton(family, host) == socket.inet_pton(family, mapping.bind)
 
 
 def tune_socket(sock, keepalive=True):
@@ -3373,6 +3467,8 @@ class Server:
             elif signum == getattr(signal, "SIGHUP", None):
                 if starting:
                     log(NOTICE, "reload: a HUP came during start-up; ignoring it")
+                    write_reload_status("failed pid %d was starting up; nothing was reloaded: "
+                                        "reload again" % os.getpid())
                 else:
                     self.reload.start()
             else:
@@ -3769,7 +3865,10 @@ class Reload:
     with this process's arguments (so --settings FILE is read again). It inherits the
     listening sockets (TAILWART_LISTENERS: their descriptors; no port is ever closed, and
     a connecting client is served by one process or the other), binds only what is new,
-    closes what its settings dropped, looks its upstream names up once, and then writes
+    closes what its settings dropped (a listen address whose shape changed, 0.0.0.0:25 to
+    :25 say, needs a restart: the old socket stays open until the hand-over), starts its
+    upstream lookups as a start does (a name that does not resolve is a warning, not a
+    refusal: one retired MX in a failover list must not block every upgrade), and writes
     `ready PID` on a socketpair (TAILWART_REPORT_FD). Only then does this process stop
     accepting, make the new one systemd's main process (MAINPID=, answered with `main` on
     the socketpair, after which the new one talks to systemd and this one falls silent) and
@@ -3779,12 +3878,16 @@ class Reload:
     `--reload PID` (the unit's ExecReload=) waits for it.
     """
 
-    __slots__ = ("server", "child", "channel", "received")
+    __slots__ = ("server", "child", "channel", "received", "successor")
 
     def __init__(self, server):
         self.server = server
         self.child = self.channel = None
         self.received = b""
+        self.successor = None           # the pid that took over from this process
+
+    # Every HUP gets an outcome in the reload status, which `--reload PID` waits for: a HUP
+    # while a reload is in progress gets that reload's.
 
     def start(self):
         """Start the new process (once at a time; not while stopping)."""
@@ -3792,7 +3895,10 @@ class Reload:
         if self.child is not None:
             return log(NOTICE, "reload: already in progress")
         if server.stopping:
-            return log(NOTICE, "reload: this process is stopping; ignoring HUP")
+            log(NOTICE, "reload: this process is stopping; ignoring HUP")
+            return write_reload_status("failed pid %d is stopping; nothing was reloaded%s" % (
+                os.getpid(), ": pid %d took over from it, reload that one" % self.successor
+                if self.successor else ""))
         ours, theirs = socket.socketpair()
         fds = [listener.fd for listener in server.acceptor.listeners]
         env = dict(os.environ, TAILWART_LISTENERS=",".join(map(str, fds)),
@@ -3842,6 +3948,7 @@ class Reload:
         self.close_channel()
         self.child = None
         if took_over:
+            self.successor = int(rest)
             write_reload_status("ok pid=%s" % rest)
             log(NOTICE, "reload: pid=%s took over; draining %s (up to %gs)"
                 % (rest, plural(len(server.sessions), "session"), server.reload_drain))
@@ -3881,6 +3988,7 @@ class Reload:
                 pass
             self.close_channel()
             self.child = None
+            write_reload_status("failed stopped (TERM or INT) before the new process took over")
 
 
 def take_over(predecessor):
@@ -3910,13 +4018,14 @@ def reload_status_path():
 
 
 def write_reload_status(outcome):
-    """Tell `--reload PID` how the reload went: a fresh stamp, then `ok ...` or `failed ...`."""
+    """Tell `--reload PID` how the reload went: a fresh stamp, the pid that was signalled
+    (`for=PID`), then `ok ...` or `failed ...`."""
     path = reload_status_path()
     if path is None:
         return
     try:
         with open(path + ".new", "w") as f:
-            f.write("%.6f %s\n" % (time.time(), outcome))
+            f.write("%.6f for=%d %s\n" % (time.time(), os.getpid(), outcome))
         os.replace(path + ".new", path)
     except OSError as e:
         log(WARNING, "reload: cannot write %s: %s" % (path, e.strerror))
@@ -3932,41 +4041,73 @@ def read_text(path):
 
 
 def reload_client(pid):
-    """`--reload PID`: send SIGHUP, and where the relay writes its reload status (under
-    systemd), wait for the outcome. Returns the exit code: 0 taken over, 1 failed."""
+    """`--reload PID`: send SIGHUP and wait for the outcome that the relay writes where the
+    unit's RuntimeDirectory= is. Returns the exit code: 0 taken over, 1 failed or no outcome,
+    2 outside the unit (nothing sent: the outcome could not be learnt)."""
     path = reload_status_path()
+    if path is None:
+        write_stderr("%s: error: --reload waits for the outcome in the unit's RuntimeDirectory= "
+                     "($RUNTIME_DIRECTORY), not set here; outside the unit, run `kill -HUP %d` "
+                     "and read the relay's log (`reload: pid=N took over` or `reload failed: "
+                     "...`)\n" % (PROG, pid))
+        return 2
     before = read_text(path)
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as e:
         write_stderr("%s: error: cannot signal pid %d: %s\n" % (PROG, pid, e.strerror))
         return 1
-    if path is None:
-        return 0
     deadline = time.monotonic() + RELOAD_WAIT
     while time.monotonic() < deadline:
-        now = read_text(path)
-        if now is not None and now != before:
-            outcome = now.strip().partition(" ")[2]
+        outcome = reload_outcome(read_text(path), before, pid)
+        if outcome is not None:
             if outcome.startswith("ok "):
                 write_stderr("reload: %s took over\n" % outcome[3:])
                 return 0
             write_stderr("%s: error: reload failed: %s\n" % (PROG, outcome[7:]))
             return 1
+        if not process_exists(pid):
+            # one last look: its outcome may have come with its end
+            outcome = reload_outcome(read_text(path), before, pid)
+            if outcome is None:
+                write_stderr("%s: error: pid %d ended without a reload outcome\n" % (PROG, pid))
+                return 1
+            continue
         time.sleep(0.05)
     write_stderr("%s: error: pid %d gave no reload outcome in %gs\n" % (PROG, pid, RELOAD_WAIT))
     return 1
 
 
-def resolve_once(mappings):
-    """A new process of a reload looks every upstream name up before it takes over: a
-    relay that can resolve them is never replaced by one that cannot. Raises StartupError."""
-    for host in sorted({host for m in mappings for host, _ in m.upstreams}):
-        if literal_address(host, 0) is None:
-            try:
-                socket.getaddrinfo(host, 0, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            except (OSError, UnicodeError) as e:
-                raise StartupError("cannot resolve %s: %s" % (host, getattr(e, "strerror", e)))
+def reload_outcome(status, before, pid):
+    """The outcome (`ok ...`, `failed ...`) in a reload status other than `before` that
+    answers a HUP to pid, or None. A status without `for=` (from a relay older than this
+    script: an upgrade) answers any."""
+    if status is None or status == before:
+        return None
+    outcome = status.strip().partition(" ")[2]
+    if outcome.startswith("for="):
+        target, _, outcome = outcome.partition(" ")
+        if target != "for=%d" % pid:
+            return None
+    return outcome if outcome.startswith(("ok ", "failed ")) else None
+
+
+def process_exists(pid):
+    """Is there a process `pid` (a zombie counts as none)?"""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4207,42 +4348,46 @@ class Doctor:
 
 
 def check_listen(mapping):
-    """Could the relay bind this mapping's address? (status, topic, text)."""
-    bind = mapping.bind
-    family = socket.AF_INET6 if (bind is None and socket.has_ipv6) or ":" in (bind or "") \
-        else socket.AF_INET
-    host = bind if bind is not None else ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    """Could the relay bind this mapping's address? (status, topic, text). It binds what the
+    relay would (bind_listeners), without listening: on a host without IPv6, every interface
+    is 0.0.0.0 for both."""
     label = mapping.label
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as e:
-        return "FAIL", "listen", "%s: cannot open a socket: %s" % (label, e.strerror)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(bind is not None))
-        sock.bind((host, mapping.port))
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
+        for sock in bind_listeners(mapping, listen=False):
+            sock.close()
+    except StartupError as e:
+        code = e.args[1] if len(e.args) > 1 else None
+        if code == errno.EADDRINUSE:
             owner = port_owner(mapping.port)
-            if owner is not None and SCRIPT_NAME in map(os.path.basename, owner[1].split()):
+            if owner is not None and is_relay(owner):
                 return "ok", "listen", "%s is served by a running tailwart-edge (pid %d)" % (
-                    label, owner[0])
+                    label, owner.pid)
             return "FAIL", "listen", "%s is in use%s; stop that program or choose another " \
-                "address" % (label, " by pid %d (%s)" % (owner[0], owner[1].split()[0])
+                "address" % (label, " by pid %d (%s)" % (owner.pid, owner.command.split()[0])
                              if owner else "")
-        if e.errno == errno.EACCES:
+        if code == errno.EACCES:
             return "FAIL", "listen", "%s needs privileges (ports below 1024): run as root " \
                 "with --user NAME, or with CAP_NET_BIND_SERVICE as the unit does" % label
-        return "FAIL", "listen", "%s cannot be bound: %s" % (label, e.strerror)
-    finally:
-        sock.close()
-    return "ok", "listen", "%s is free (%s, to %s)" % (
-        label, mapping.protocol, ",".join(format_address(*u) for u in mapping.upstreams))
+        return "FAIL", "listen", "%s cannot be bound: %s" % (
+            label, os.strerror(code) if code else e.args[0])
+    note = "; IPv4 only: this host has no IPv6" if mapping.bind is None \
+        and ipv6_support() is None else ""
+    return "ok", "listen", "%s is free (%s, to %s%s)" % (
+        label, mapping.protocol, ",".join(format_address(*u) for u in mapping.upstreams), note)
+
+
+# A process listening on a port --check wants: its pid, its command line (words) and its
+# working directory (where a relative script path in that command line starts)
+class PortOwner(collections.namedtuple("PortOwner", "pid argv cwd")):
+    __slots__ = ()
+
+    @property
+    def command(self):
+        return " ".join(self.argv) or "?"
 
 
 def port_owner(port):
-    """(pid, command line) of a process listening on TCP `port`, or None (Linux: /proc)."""
+    """The PortOwner of a process listening on TCP `port`, or None (Linux: /proc)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -4260,11 +4405,31 @@ def port_owner(port):
             for fd in os.listdir("/proc/%s/fd" % pid):
                 if os.readlink("/proc/%s/fd/%s" % (pid, fd)) in inodes:
                     with open("/proc/%s/cmdline" % pid, "rb") as f:
-                        command = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
-                    return int(pid), command.strip() or "?"
+                        argv = f.read().decode("utf-8", "replace").split("\0")
+                    return PortOwner(int(pid), tuple(word for word in argv if word),
+                                     "/proc/%s/cwd" % pid)
         except OSError:
             continue
     return None
+
+
+def is_relay(owner):
+    """Is this process a tailwart-edge: running this very script file (whatever it is called
+    where it was installed, /usr/local/bin/tailwart-edge say), or a file named as ours is?"""
+    try:
+        ours = os.stat(SCRIPT)
+    except OSError:
+        ours = None
+    for word in owner.argv[1:4]:            # python3 [-u] [-X opt] SCRIPT ...
+        if os.path.basename(word) == SCRIPT_NAME:
+            return True
+        try:
+            theirs = os.stat(os.path.join(owner.cwd, word))
+        except (OSError, ValueError):
+            continue
+        if ours is not None and (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+            return True
+    return False
 
 
 def check_upstream(host, port, protocol, kind, name, options, mappings, lines):
@@ -4586,8 +4751,6 @@ def main(argv=None):
             server.metrics = Metrics(server, open_metrics(options.metrics))
         else:
             close_handed_metrics()
-        if predecessor is not None:
-            resolve_once(mappings)
         if user is not None:
             drop_privileges(user)
     except (StartupError, ConfigError) as e:
