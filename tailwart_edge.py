@@ -263,6 +263,9 @@ def add_running(group):
     group.add_argument("--metrics", metavar="ADDR:PORT", type=metrics_address,
                        help="serve Prometheus metrics at http://ADDR:PORT/metrics (off by "
                        "default; a loopback or tailnet address, e.g. 127.0.0.1:9425)")
+    group.add_argument("--pid-file", metavar="FILE",
+                       help="write the relay's pid to FILE once it listens (a reload's new "
+                       "process writes its own as it takes over); removed at the stop")
     group.add_argument("--user", metavar="NAME",
                        help="when started as root: bind, then run as this user (a name or "
                        "a numeric uid)")
@@ -916,12 +919,13 @@ class Log:
     ones after are counted, and a line says how many once stderr takes lines again.
     """
 
-    __slots__ = ("threshold", "journal", "lines", "dropped", "dropped_total", "lock", "wake",
-                 "writer")
+    __slots__ = ("threshold", "journal", "mark", "lines", "dropped", "dropped_total", "lock",
+                 "wake", "writer")
 
     def __init__(self):
         self.threshold = INFO
         self.journal = False
+        self.mark = ""                  # ' old-pid=N' once another process took over (Reload)
         self.lines = collections.deque()
         self.dropped = 0                # lines dropped since the last word about it (under lock)
         self.dropped_total = 0          # lines dropped since start (for the metrics)
@@ -960,9 +964,9 @@ class Log:
     def format(self, priority, message):
         """One line, as __call__ writes it."""
         if self.journal:
-            return "<%d>%s\n" % (priority, message)
-        return "%s %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), LEVEL_NAMES[priority],
-                                message)
+            return "<%d>%s%s\n" % (priority, message, self.mark)
+        return "%s %s %s%s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), LEVEL_NAMES[priority],
+                                  message, self.mark)
 
     def write_lines(self):
         """The writer thread: write what is queued, many lines per write."""
@@ -3241,6 +3245,7 @@ class Server:
         self.peek_timeout = options.peek_timeout
         self.drain_timeout = options.drain_timeout
         self.reload_drain = options.reload_drain
+        self.pid_file = options.pid_file and os.path.abspath(options.pid_file)
         self.drain_end = None           # the timer that ends the drain
         self.timeouts = Timeouts(options)
         self.selector = Poller()
@@ -3436,6 +3441,8 @@ class Server:
             if SIGNALS:
                 self.on_signals()
         log(NOTICE, "stopped sessions=%d" % sum(m.sessions for m in self.mappings))
+        if self.pid_file is not None:
+            remove_pid_file(self.pid_file)
 
     def start(self, predecessor):
         """Accept, start the sweep, look the names up, and say `ready`: in the log, to the
@@ -3453,6 +3460,8 @@ class Server:
                self.acceptor.max_sessions))
         if predecessor is not None:
             take_over(predecessor)
+        if self.pid_file is not None:
+            write_pid_file(self.pid_file)
         self.notifier.ready()
 
     # -- signals, drain, stats -----------------------------------------------------------------
@@ -3507,6 +3516,30 @@ class Server:
         for session in list(self.sessions):
             session.close("drain")
         self.running = False
+
+
+def write_pid_file(path):
+    """Our pid into `path`, replaced whole (a reader never sees half a pid). A file that
+    cannot be written is a warning: the relay serves on without it."""
+    try:
+        temporary = "%s.%d" % (path, os.getpid())
+        with open(temporary, "w") as f:
+            f.write("%d\n" % os.getpid())
+        os.rename(temporary, path)
+    except OSError as e:
+        log(WARNING, "--pid-file %s: %s; make its directory writable by the relay's user"
+            % (path, e.strerror))
+
+
+def remove_pid_file(path):
+    """At the stop: remove `path` if it still names us (after a reload it names the new
+    process, and stays)."""
+    try:
+        with open(path) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except (OSError, ValueError):
+        pass
 
 
 def plural(count, noun):
@@ -3950,6 +3983,9 @@ class Reload:
         if took_over:
             self.successor = int(rest)
             write_reload_status("ok pid=%s" % rest)
+            # from here on both processes write to one stderr (in the foreground): the old
+            # one's `stopped sessions=7` must not read as if the relay had stopped
+            log.mark = " old-pid=%d" % os.getpid()
             log(NOTICE, "reload: pid=%s took over; draining %s (up to %gs)"
                 % (rest, plural(len(server.sessions), "session"), server.reload_drain))
             # the new process is our child: should it end before our drain does (a stop),

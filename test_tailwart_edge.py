@@ -5125,6 +5125,40 @@ def test_upgrade_by_hup_runs_the_script_as_it_is_on_disk(relays, tmp_path):
         assert relays.stop(new) in (0, None)
 
 
+def test_reload_in_the_foreground_marks_the_old_process_lines_and_moves_the_pid_file(
+        relays, tmp_path):
+    """Issue 20: old and new processes write to one stderr, and the old one's `stopped
+    sessions=1` read as if the relay had stopped. From the hand-over on, every line of the old
+    process ends with old-pid=N; --pid-file names the new process from its take-over on and is
+    still there (naming it) after the old one exits; the new one removes it at its stop."""
+    pid_file = str(tmp_path / "relay.pid")
+    port = free_port()
+    with Upstream(echo) as up:
+        proxy = relays.start("--proxy-protocol", "off", "--pid-file", pid_file,
+                             "127.0.0.1:%d=%s" % (port, up.address))
+        proxy.wait_for(r"\bready pid=%d\b" % proxy.pid)
+        eventually(lambda: os.path.exists(pid_file))
+        assert open(pid_file).read() == "%d\n" % proxy.pid
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(b"held")
+            assert recv_exactly(c, 4) == b"held"
+            mark = proxy.mark()
+            new, draining = relays.reload(proxy, proxy.pid)
+            assert draining == 1
+            eventually(lambda: open(pid_file).read() == "%d\n" % new)
+        old = " old-pid=%d" % proxy.pid
+        session = proxy.wait_for(r"session client=.* end=client-fin", start=mark)
+        assert session.endswith(old), session
+        stopped = proxy.wait_for(r"\bstopped sessions=1\b", start=mark)
+        assert stopped.endswith(old), stopped
+        assert relays.wait_gone(proxy.pid) == 0
+        assert open(pid_file).read() == "%d\n" % new     # the old one left it alone
+        ready = proxy.wait_for(r"\bready pid=%d\b" % new, start=mark)
+        assert "old-pid" not in ready
+        assert relays.stop(new) in (0, None)
+        eventually(lambda: not os.path.exists(pid_file))
+
+
 BAD_SETTINGS = [
     # a line appended to a good file (PORTS=: words added to its PORTS= line, one PORTS= a
     # file), what `reload failed:` must say ({path}, {line}: the line's number)
