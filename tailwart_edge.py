@@ -4342,9 +4342,10 @@ class Doctor:
     def run(self):
         """Check everything; the exit code (0 all well, 1 something failed)."""
         options = self.options
-        print("tailwart-edge %s check: %s, PROXY header %s, timeout %gs" % (
-            __version__, plural(len(self.mappings), "mapping"), options.proxy_protocol,
-            options.connect_timeout))
+        routes = sum(len(mapping.routes) for mapping in self.mappings)
+        print("tailwart-edge %s check: %s, %s, PROXY header %s, timeout %gs" % (
+            __version__, plural(len(self.mappings), "listener"), plural(routes, "mapping"),
+            options.proxy_protocol, options.connect_timeout))
         for mapping in self.mappings:
             self.report([check_listen(mapping)])
         # each upstream once per protocol its clients speak and header it reads

@@ -6482,6 +6482,18 @@ sys.stdin.read()
 """
 
 
+def test_check_title_counts_listeners_and_mappings():
+    """Issue 20: two routes on one port were counted as one mapping ('2 mappings' for three
+    words); the title names the listeners and the mappings."""
+    port, other, (dead, held) = free_port(), free_port(), free_port(hold=True)
+    with held:
+        doctor = Doctor("127.0.0.1:%d/tls@mail.example.com=127.0.0.1:%d" % (port, dead),
+                        "127.0.0.1:%d/tls=127.0.0.1:%d" % (port, dead),
+                        "127.0.0.1:%d=127.0.0.1:%d" % (other, dead))
+    assert doctor.title.startswith("tailwart-edge %s check: 2 listeners, 3 mappings, PROXY "
+                                   "header v2, timeout " % edge.__version__), doctor
+
+
 def test_check_a_free_listen_port_is_ok_and_a_taken_one_fails():
     holder = subprocess.Popen([sys.executable, "-c", HOLD_A_PORT], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, universal_newlines=True)
