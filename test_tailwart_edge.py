@@ -1432,6 +1432,90 @@ def test_sessions_log_lines_under_journal_have_priorities_and_no_time():
     assert all(re.match(r"<\d>", line) for line in lines), lines
 
 
+# -- the README's forwarding during a migration ------------------------------------------------
+
+MIGRATION_BLOCK = "# on the old host, once its own mail server has stopped"
+MIGRATION_NEW_SERVER = ("198.51.100.20", "127.0.0.2")      # the README's placeholder -> loopback
+
+
+def readme_migration_command():
+    """The README's one-line command for the old host, as words (a single line is expected)."""
+    lines = [line for line in readme_block(MIGRATION_BLOCK).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0].split()
+
+
+def test_readme_migration_forwarding_command_hands_clients_to_the_new_server_with_their_address():
+    """Issue 20: the README's command for the old host during a migration, read from README.md
+    and run as written but for the addresses and ports: `sudo python3 tailwart_edge.py` is
+    this interpreter and script, the new server 198.51.100.20 is 127.0.0.2 (a header-reading
+    echo server per port), and each port P listens on 127.0.0.1:Q as /PROTO of P (so a port
+    keeps its protocol), where Q is free on both addresses, since the bare-port form connects
+    to the same port on the upstream. Clients from 127.0.0.77 reach the new server on every
+    port with their own address in the v2 header; each leaves a session line, and the USR1
+    stats line counts one session per port, as the README says to watch."""
+    try:
+        with socket.socket() as probe:
+            probe.bind((MIGRATION_NEW_SERVER[1], 0))
+    except OSError:
+        unavailable("127.0.0.2 is not a loopback address here")
+    words = readme_migration_command()
+    assert words[:3] == ["sudo", "python3", "tailwart_edge.py"], words
+    words = words[3:]
+    assert "--upstream" in words and words[words.index("--upstream") + 1] == \
+        MIGRATION_NEW_SERVER[0], words
+    words[words.index("--upstream") + 1] = MIGRATION_NEW_SERVER[1]
+    if not is_root():               # --user drops root; a user cannot switch to another
+        at = words.index("--user")
+        del words[at:at + 2]
+    ports = [int(word) for word in words if word.isdigit()]
+    assert {25, 587, 993} <= set(ports), words
+    greeting = b"hello from the new server\r\n"
+    with contextlib.ExitStack() as servers:
+        for attempt in range(5):
+            listen = {}             # README port -> (test port, new server)
+            for port in ports:
+                for _ in range(20):
+                    test_port = free_port()
+                    try:
+                        server = ProxyEchoUpstream(MIGRATION_NEW_SERVER[1], test_port,
+                                                   greeting=greeting)
+                        break
+                    except OSError:
+                        pass                # taken on 127.0.0.2: another port
+                else:
+                    raise AssertionError("no port free on both 127.0.0.1 and 127.0.0.2")
+                servers.callback(server.close)
+                listen[port] = (test_port, server)
+            argv = [("127.0.0.1:%d/%s" % (listen[int(word)][0], edge.PORT_PROTOCOLS[int(word)])
+                     if word.isdigit() else word) for word in words]
+            try:
+                proxy = servers.enter_context(Edge(*argv, tries=1))
+                break
+            except PortInUse:
+                if attempt == 4:
+                    raise
+        for port, (test_port, server) in sorted(listen.items()):
+            with connect(("127.0.0.1", test_port), source="127.0.0.77") as c:
+                assert recv_exactly(c, len(greeting)) == greeting
+                c.sendall(b"EHLO client.example\r\n")
+                assert recv_exactly(c, 21) == b"EHLO client.example\r\n"
+                client = c.getsockname()
+            eventually(lambda: server.headers)
+            assert server.headers == [(client, ("127.0.0.1", test_port))], (port, server.headers)
+            proxy.wait_for(r"session client=127\.0\.0\.77:%d listen=127\.0\.0\.1:%d "
+                           r"upstream=127\.0\.0\.2:%d " % (client[1], test_port, test_port))
+            assert not server.errors, server.errors
+        mark = proxy.mark()
+        proxy.signal(signal.SIGUSR1)
+        stats = proxy.wait_for(r"\bstats ", start=mark)
+        for port, (test_port, server) in listen.items():
+            assert "127.0.0.1:%d active=0 sessions=1 " % test_port in stats, (port, stats)
+        assert re.search(r"\bstats active=0 sessions=%d " % len(ports), stats), stats
+        print(" ".join(argv))
+        print(stats)
+
+
 # ----------------------------------------------------------------------------------------------
 # Real peers: HAProxy, nginx and Postfix parse our header and log the real client
 # ----------------------------------------------------------------------------------------------
