@@ -50,6 +50,8 @@ the ports over, and this one finishes its sessions); USR1 logs counters. Exit
 codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad command line.
 """
 
+# Copyright (c) 2026 the tailwart-edge authors. MIT License: see the LICENSE file.
+
 # The file reads in the order of a connection's life; each banner is a section:
 #   Command line ........ argv, --settings FILE -> options    parse_args, settings_words
 #   Mappings ............ the mapping grammar -> Mapping      parse_mapping, overlapping,

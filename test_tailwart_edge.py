@@ -1434,6 +1434,90 @@ def test_sessions_log_lines_under_journal_have_priorities_and_no_time():
     assert all(re.match(r"<\d>", line) for line in lines), lines
 
 
+# -- the README's forwarding during a migration ------------------------------------------------
+
+MIGRATION_BLOCK = "# on the old host, once its own mail server has stopped"
+MIGRATION_NEW_SERVER = ("198.51.100.20", "127.0.0.2")      # the README's placeholder -> loopback
+
+
+def readme_migration_command():
+    """The README's one-line command for the old host, as words (a single line is expected)."""
+    lines = [line for line in readme_block(MIGRATION_BLOCK).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0].split()
+
+
+def test_readme_migration_forwarding_command_hands_clients_to_the_new_server_with_their_address():
+    """Issue 20: the README's command for the old host during a migration, read from README.md
+    and run as written but for the addresses and ports: `sudo python3 tailwart_edge.py` is
+    this interpreter and script, the new server 198.51.100.20 is 127.0.0.2 (a header-reading
+    echo server per port), and each port P listens on 127.0.0.1:Q as /PROTO of P (so a port
+    keeps its protocol), where Q is free on both addresses, since the bare-port form connects
+    to the same port on the upstream. Clients from 127.0.0.77 reach the new server on every
+    port with their own address in the v2 header; each leaves a session line, and the USR1
+    stats line counts one session per port, as the README says to watch."""
+    try:
+        with socket.socket() as probe:
+            probe.bind((MIGRATION_NEW_SERVER[1], 0))
+    except OSError:
+        unavailable("127.0.0.2 is not a loopback address here")
+    words = readme_migration_command()
+    assert words[:3] == ["sudo", "python3", "tailwart_edge.py"], words
+    words = words[3:]
+    assert "--upstream" in words and words[words.index("--upstream") + 1] == \
+        MIGRATION_NEW_SERVER[0], words
+    words[words.index("--upstream") + 1] = MIGRATION_NEW_SERVER[1]
+    if not is_root():               # --user drops root; a user cannot switch to another
+        at = words.index("--user")
+        del words[at:at + 2]
+    ports = [int(word) for word in words if word.isdigit()]
+    assert {25, 587, 993} <= set(ports), words
+    greeting = b"hello from the new server\r\n"
+    with contextlib.ExitStack() as servers:
+        for attempt in range(5):
+            listen = {}             # README port -> (test port, new server)
+            for port in ports:
+                for _ in range(20):
+                    test_port = free_port()
+                    try:
+                        server = ProxyEchoUpstream(MIGRATION_NEW_SERVER[1], test_port,
+                                                   greeting=greeting)
+                        break
+                    except OSError:
+                        pass                # taken on 127.0.0.2: another port
+                else:
+                    raise AssertionError("no port free on both 127.0.0.1 and 127.0.0.2")
+                servers.callback(server.close)
+                listen[port] = (test_port, server)
+            argv = [("127.0.0.1:%d/%s" % (listen[int(word)][0], edge.PORT_PROTOCOLS[int(word)])
+                     if word.isdigit() else word) for word in words]
+            try:
+                proxy = servers.enter_context(Edge(*argv, tries=1))
+                break
+            except PortInUse:
+                if attempt == 4:
+                    raise
+        for port, (test_port, server) in sorted(listen.items()):
+            with connect(("127.0.0.1", test_port), source="127.0.0.77") as c:
+                assert recv_exactly(c, len(greeting)) == greeting
+                c.sendall(b"EHLO client.example\r\n")
+                assert recv_exactly(c, 21) == b"EHLO client.example\r\n"
+                client = c.getsockname()
+            eventually(lambda: server.headers)
+            assert server.headers == [(client, ("127.0.0.1", test_port))], (port, server.headers)
+            proxy.wait_for(r"session client=127\.0\.0\.77:%d listen=127\.0\.0\.1:%d "
+                           r"upstream=127\.0\.0\.2:%d " % (client[1], test_port, test_port))
+            assert not server.errors, server.errors
+        mark = proxy.mark()
+        proxy.signal(signal.SIGUSR1)
+        stats = proxy.wait_for(r"\bstats ", start=mark)
+        for port, (test_port, server) in listen.items():
+            assert "127.0.0.1:%d active=0 sessions=1 " % test_port in stats, (port, stats)
+        assert re.search(r"\bstats active=0 sessions=%d " % len(ports), stats), stats
+        print(" ".join(argv))
+        print(stats)
+
+
 # ----------------------------------------------------------------------------------------------
 # Real peers: HAProxy, nginx and Postfix parse our header and log the real client
 # ----------------------------------------------------------------------------------------------
@@ -1617,9 +1701,11 @@ POSTFIX_SERVICES = [
 
 def private_postfix(prefix, main_cf, listeners, probe_port):
     """A private Postfix instance, run in the foreground from a fresh directory: `main_cf`
-    after the common lines, `listeners` (master.cf lines) before POSTFIX_SERVICES. Yields
-    the Peer once `probe_port` listens (master opens every listener before it serves one);
-    stops it and removes the directory afterwards."""
+    after the common lines (a name it sets replaces the common line: Postfix warns about a
+    name given twice, and those warnings, sent to the postlog service by every process,
+    once filled its socket until postlogd and smtpd hung), `listeners` (master.cf lines)
+    before POSTFIX_SERVICES. Yields the Peer once `probe_port` listens (master opens every
+    listener before it serves one); stops it and removes the directory afterwards."""
     binary = shutil.which("postfix") or next((p for p in ("/usr/sbin/postfix",) if
                                               os.path.exists(p)), None)
     if binary is None:
@@ -1632,10 +1718,7 @@ def private_postfix(prefix, main_cf, listeners, probe_port):
         os.mkdir(d)
     shutil.chown(data, "postfix")
     os.chmod(directory, 0o755)          # postfix's own processes walk into the spool
-    with open(os.path.join(etc, "main.cf"), "w") as f:
-        # a private instance: its own queue, no aliases, accepts mail from loopback clients
-        # and delivers it to the discard transport
-        f.write("""compatibility_level = 3.6
+    common = """compatibility_level = 3.6
 queue_directory = %s
 data_directory = %s
 myhostname = tailwart-test.invalid
@@ -1648,7 +1731,13 @@ alias_database =
 default_transport = discard
 smtpd_client_port_logging = yes
 maillog_file = /dev/stdout
-""" % (spool, data) + main_cf)
+""" % (spool, data)
+    given = set(re.findall(r"^(\w+)\s*=", main_cf, re.M))
+    with open(os.path.join(etc, "main.cf"), "w") as f:
+        # a private instance: its own queue, no aliases, accepts mail from loopback clients
+        # and delivers it to the discard transport
+        f.write("".join(line for line in common.splitlines(True)
+                        if line.partition(" =")[0] not in given) + main_cf)
     with open(os.path.join(etc, "master.cf"), "w") as f:
         f.write("\n".join(listeners + POSTFIX_SERVICES) + "\n")
     subprocess.run([binary, "-c", etc, "check"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -1658,9 +1747,17 @@ maillog_file = /dev/stdout
         peer.wait_listening(probe_port)
         yield peer
     finally:
-        subprocess.run([binary, "-c", etc, "stop"], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=60)
+        try:
+            subprocess.run([binary, "-c", etc, "stop"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=60)
+        except subprocess.TimeoutExpired:
+            pass                        # a hung instance: its processes are killed below
         peer.stop()
+        for pid in processes_of_postfix_instance(etc):     # what `postfix stop` left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -1721,6 +1818,152 @@ def test_interop_postfix_accepts_mail_and_logs_the_real_client(postfix, kind, ve
         peer.wait_log(r"smtpd\[\d+\]: %s: client=\S*%s$" % (queue_id, re.escape(shown)))
         peer.wait_log(r"%s: to=<rcpt@example.net>.*status=sent" % queue_id)
         proxy.stop()
+
+
+# -- the README's relay for outgoing mail: Postfix on the VPS --------------------------------
+
+RELAY_MAIN_CF = "# /etc/postfix/main.cf on the VPS: a relay for the mail server's outgoing mail, and nothing else"
+RELAY_MASTER_CF = "# /etc/postfix/master.cf on the VPS: the relay's one listener"
+# the README's placeholders -> loopback addresses standing in for them
+RELAY_TAILNET_ADDRESS = ("100.101.102.103", "127.0.0.1")     # the VPS on the tailnet
+RELAY_MAIL_SERVER = ("100.64.0.7", "127.0.0.2")               # the one client allowed
+RELAY_STRANGER = "127.0.0.3"                                  # any other client
+RELAY_PUBLIC_ADDRESS = ("203.0.113.10", "127.0.0.4")          # where mail leaves from
+
+
+class SmtpSink:
+    """A receiving MX on loopback: answers SMTP (no extensions, so one command at a time) and
+    records each message as a Received(peer, helo, sender, recipients, data)."""
+
+    Received = collections.namedtuple("Received", "peer helo sender recipients data")
+
+    def __init__(self, host="127.0.0.1"):
+        self.server = Upstream(self.serve, host=host)
+        self.messages = []
+        self.errors = []
+
+    @property
+    def port(self):
+        return self.server.port
+
+    def serve(self, conn):
+        conn.settimeout(WAIT)
+        reader = conn.makefile("rb")
+        peer = conn.getpeername()[0]
+        helo, sender, recipients = None, None, []
+        try:
+            conn.sendall(b"220 mx.receiver.test ESMTP sink\r\n")
+            for line in reader:
+                verb = line[:4].upper()
+                if verb in (b"EHLO", b"HELO"):
+                    helo = line[5:].strip().decode()
+                    conn.sendall(b"250 mx.receiver.test\r\n")
+                elif verb == b"MAIL":
+                    sender, recipients = line.strip().decode(), []
+                    conn.sendall(b"250 2.1.0 Ok\r\n")
+                elif verb == b"RCPT":
+                    recipients.append(line.strip().decode())
+                    conn.sendall(b"250 2.1.5 Ok\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    data = bytearray()
+                    for body_line in reader:
+                        if body_line == b".\r\n":
+                            break
+                        data.extend(body_line)
+                    self.messages.append(self.Received(peer, helo, sender, recipients,
+                                                       bytes(data)))
+                    conn.sendall(b"250 2.0.0 Ok: queued\r\n")
+                elif verb == b"QUIT":
+                    conn.sendall(b"221 2.0.0 Bye\r\n")
+                    return
+                else:
+                    conn.sendall(b"250 2.0.0 Ok\r\n")      # RSET, NOOP
+        except OSError as e:
+            self.errors.append(repr(e))
+
+    def close(self):
+        self.server.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def readme_relay_config(listen_port, sink_port):
+    """The README's main.cf and master.cf line for the relay on the VPS, the placeholders
+    swapped for loopback ones; then what stands in for the internet: the sink is every
+    domain's MX (relayhost), since the tests resolve no MX."""
+    main_cf, master_cf = readme_block(RELAY_MAIN_CF), readme_block(RELAY_MASTER_CF)
+    for placeholder, loopback in (RELAY_TAILNET_ADDRESS, RELAY_MAIL_SERVER,
+                                  RELAY_PUBLIC_ADDRESS):
+        assert placeholder in main_cf + master_cf, (placeholder, main_cf, master_cf)
+        main_cf = main_cf.replace(placeholder, loopback)
+        master_cf = master_cf.replace(placeholder, loopback)
+    assert ":2525 " in master_cf, master_cf
+    master_cf = master_cf.replace(":2525 ", ":%d " % listen_port)
+    main_cf += ("# the test's stand-in for the internet\ndefault_transport = smtp\n"
+                "relayhost = [127.0.0.1]:%d\n" % sink_port)
+    listeners = [line for line in master_cf.splitlines() if line.strip()]
+    return main_cf, listeners
+
+
+def test_interop_postfix_relay_from_the_readme_sends_the_mail_servers_mail_and_refuses_others():
+    """Issue 20: the README's Postfix relay for outgoing mail, its main.cf and master.cf line
+    read from README.md, run in a real Postfix with loopback addresses for the tailnet ones.
+    The mail server's address (127.0.0.2, mynetworks' /32) relays a message out: the sink
+    (the recipient's MX) gets it from the public address (smtp_bind_address, 127.0.0.4) with
+    the PTR name (myhostname) as HELO. Any other address (127.0.0.3) is refused: 554 5.7.1
+    Relay access denied."""
+    for host in (RELAY_MAIL_SERVER[1], RELAY_STRANGER, RELAY_PUBLIC_ADDRESS[1]):
+        try:
+            with socket.socket() as probe:
+                probe.bind((host, 0))
+        except OSError:
+            unavailable("%s is not a loopback address here" % host)
+    if not is_root():
+        unavailable("a private Postfix instance needs root")
+    helo = re.search(r"^myhostname = (\S+)$", readme_block(RELAY_MAIN_CF), re.M).group(1)
+    with SmtpSink() as sink:
+        port = free_port()
+        main_cf, listeners = readme_relay_config(port, sink.port)
+        relay = contextlib.contextmanager(private_postfix)
+        with relay("tailwart-postfix-relay-", main_cf, listeners, port) as peer:
+            # the mail server hands a message for an outside domain to the relay
+            smtp = smtplib.SMTP(timeout=WAIT, source_address=(RELAY_MAIL_SERVER[1], 0))
+            smtp.connect("127.0.0.1", port)
+            assert smtp.ehlo("mail-server.tailnet.test")[0] == 250
+            assert smtp.mail("alice@example.com")[0] == 250
+            assert smtp.rcpt("bob@example.net")[0] == 250
+            code, reply = smtp.data(b"Subject: out through the VPS\r\n\r\nHello.\r\n")
+            smtp.quit()
+            assert code == 250, reply
+
+            # anyone else: refused at RCPT, whatever the domain
+            stranger = smtplib.SMTP(timeout=WAIT, source_address=(RELAY_STRANGER, 0))
+            stranger.connect("127.0.0.1", port)
+            assert stranger.ehlo("stranger.test")[0] == 250
+            assert stranger.mail("spam@example.org")[0] == 250
+            refused = stranger.rcpt("victim@example.net")
+            stranger.quit()
+            assert refused[0] == 554, refused
+            assert refused[1].startswith(b"5.7.1 ") and b"Relay access denied" in refused[1], \
+                refused
+
+            eventually(lambda: sink.messages or "status=" in peer.text())
+            assert sink.messages, "nothing reached the sink:\n" + peer.text()
+            received = sink.messages[0]
+            assert received.peer == RELAY_PUBLIC_ADDRESS[1], received
+            assert received.helo == helo, received
+            assert received.sender == "MAIL FROM:<alice@example.com>", received
+            assert received.recipients == ["RCPT TO:<bob@example.net>"], received
+            assert b"Subject: out through the VPS" in received.data, received
+            assert len(sink.messages) == 1 and not sink.errors, (sink.messages, sink.errors)
+            peer.wait_log(r"NOQUEUE: reject: RCPT from \S*\[%s\]:\d+: 554 5\.7\.1 "
+                          r"<victim@example\.net>: Relay access denied"
+                          % re.escape(RELAY_STRANGER))
 
 
 # ----------------------------------------------------------------------------------------------
