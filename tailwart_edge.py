@@ -4877,7 +4877,7 @@ def main(argv=None):
         return failed(2, str(e), predecessor)
     if options.reload is not None:
         return reload_client(options.reload)
-    if options.install or options.uninstall:
+    if options.install or options.uninstall or options.replace_settings:
         return install(options, mappings, argv) if options.install else uninstall(options)
     if options.check:
         return Doctor(options, mappings).run()

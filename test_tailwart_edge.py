@@ -1785,6 +1785,102 @@ def test_systemd_unit_file_security_exposure_is_ok(tmp_path):
     assert score <= MAX_EXPOSURE, report
 
 
+# -- --install: the unit's text lives in the script, the settings file is written from argv -----
+
+def test_systemd_unit_file_is_what_install_writes():
+    # the repository's file and the installer's text are one: --install with /usr/bin/python3
+    assert edge.unit_text("/usr/bin/python3") == open(UNIT).read()
+    other = edge.unit_text("/opt/python/bin/python3").splitlines()
+    changed = [line for line, same in zip(other, open(UNIT).read().splitlines()) if line != same]
+    assert [line.partition("=")[0] for line in changed] == ["ExecStart", "ExecReload"], changed
+    assert all(line.partition("=")[2].startswith("/opt/python/bin/python3 /usr/local/bin/")
+               for line in changed), changed
+
+
+@pytest.mark.parametrize("argv", [
+    ["--upstream", "stalwart.tailnet.test", "25", "465", "587", "143", "993", "4190"],
+    # routes on 443 (one word with a comma), a default route with its own header setting
+    ["443@mail.example.com,alpn:acme-tls/1=stalwart.tailnet.test:443",
+     "443=127.0.0.1:8443/proxy=off", "[::1]:993=[fd7a:115c:a1e0::1]:993", "-q"],
+    # quotes, a $ and a # in a path rule; options that repeat, one whose value starts with '-'
+    ["80@mail.example.com/it's/\"$x\"/#a=127.0.0.1:8080", "80=127.0.0.1:8081",
+     "--deny", "192.0.2.0/24", "--deny=2001:db8::/32", "--exempt", "198.51.100.7",
+     "--connect-timeout", "2.5", "--proxy-protocol", "v1", "--metrics", "127.0.0.1:9425",
+     "--per-client", "0", "--max-connections", "25"],
+], ids=["upstream and ports", "routes", "quotes and options"])
+def test_systemd_install_settings_file_reads_back_as_the_command_line(argv, tmp_path):
+    parsed = edge.parse_args(argv)
+    text = edge.settings_text(argv, parsed)
+    path = tmp_path / "tailwart-edge"
+    path.write_text(text)
+    options, mappings = edge.parse_args(["--settings", str(path)])
+    before, after = dict(vars(parsed[0])), dict(vars(options))
+    before.pop("settings")
+    after.pop("settings")
+    assert after == before, text
+    assert [m.spec for m in mappings] == [m.spec for m in parsed[1]], text
+    assert [[(r.matches, r.upstreams, r.proxy) for r in m.routes] for m in mappings] == \
+        [[(r.matches, r.upstreams, r.proxy) for r in m.routes] for m in parsed[1]], text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--install", "--user", "nobody", "25=127.0.0.1:2525"], r"DynamicUser=.*leave --user out"),
+    (["--install", "--check", "25=127.0.0.1:2525"], r"runs the check itself"),
+    (["--install", "--uninstall", "25=127.0.0.1:2525"], r"give one of them"),
+    (["--uninstall", "25=127.0.0.1:2525"], r"--uninstall takes no MAPPING"),
+    (["--replace-settings", "25=127.0.0.1:2525"], r"goes with --install"),
+    (["--install", "25=127.0.0.1:2525/bogus"], r"bogus"),
+], ids=["user", "check", "both", "uninstall mapping", "replace alone", "bad mapping"])
+def test_systemd_install_mistakes_exit_2_with_one_line(argv, message):
+    code, out, err = run_script(*argv)
+    assert code == 2 and out == "", (code, out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), err
+
+
+def test_systemd_install_as_another_user_than_root_says_sudo():
+    python, script, unprivileged = PYTHON, SCRIPT, None
+    if os.geteuid() == 0:
+        python = "/usr/bin/python3"
+        if not os.access(python, os.X_OK):
+            pytest.skip("running as root and no /usr/bin/python3 to run as nobody")
+        directory = tempfile.mkdtemp(prefix="tailwart-nobody-")
+        os.chmod(directory, 0o755)
+        script = shutil.copy(SCRIPT, directory)
+
+        def unprivileged():
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+    try:
+        proc = subprocess.run([python, script, "--install", "--upstream", "h.test", "25"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=WAIT, universal_newlines=True,
+                              preexec_fn=unprivileged, cwd="/")
+    finally:
+        if unprivileged is not None:
+            shutil.rmtree(directory)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and proc.stdout == "", proc
+    assert len(lines) == 1 and "run it as root (sudo python3 " in lines[0], proc.stderr
+
+
+def test_systemd_install_without_systemd_installs_nothing(tmp_path, monkeypatch, capfd):
+    # every path the installer writes points into tmp_path: nothing there afterwards
+    for name in ("INSTALL_SCRIPT", "INSTALL_UNIT", "INSTALL_SETTINGS"):
+        monkeypatch.setattr(edge, name, str(tmp_path / name))
+    monkeypatch.setattr(edge, "SYSTEMD_RUNNING", str(tmp_path / "no-systemd"))
+    monkeypatch.setattr(edge.os, "geteuid", lambda: 0)
+    argv = ["--install", "--upstream", "h.test", "25"]
+    options, mappings = edge.parse_args(argv)
+    assert edge.install(options, mappings, argv) == 1
+    out, err = capfd.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, (out, err)
+    assert "does not run systemd (no %s), so nothing was installed" % (
+        tmp_path / "no-systemd") in err, err
+    assert os.listdir(str(tmp_path)) == []
+
+
 def readme_block(first_line):
     """The fenced block of README.md that starts with `first_line` (the path of a file the
     README tells the reader to create), without that line."""
@@ -6182,6 +6278,46 @@ def test_check_a_refused_port_fails_connect():
     assert doctor.code == 1, doctor
     doctor.finding("FAIL", "connect", "127.0.0.1:%d refused" % port)
     assert "smtp" not in doctor.topics(), doctor          # nothing to greet
+
+
+class RefusedBind:
+    """A socket whose bind() fails as an unprivileged user's does on a port below 1024."""
+
+    def __init__(self, *args):
+        pass
+
+    def setsockopt(self, *args):
+        pass
+
+    def bind(self, address):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    def close(self):
+        pass
+
+
+def test_check_a_low_port_the_unit_may_bind_is_a_warning_not_a_failure(tmp_path, monkeypatch):
+    # the README's `--check --settings /etc/default/tailwart-edge` without sudo: FAILed every
+    # port below 1024, though the unit grants CAP_NET_BIND_SERVICE
+    settings, unit = tmp_path / "tailwart-edge", tmp_path / "tailwart-edge.service"
+    settings.write_text("UPSTREAM=h.test\nPORTS=127.0.0.1:25\n")
+    monkeypatch.setattr(edge, "INSTALL_SETTINGS", str(settings))
+    monkeypatch.setattr(edge, "INSTALL_UNIT", str(unit))
+    monkeypatch.setattr(edge.socket, "socket", RefusedBind)
+    options, (low,) = edge.parse_args(["--settings", str(settings)])
+    high = edge.parse_mapping("127.0.0.1:2525=h.test:25", None)
+    assert edge.unit_grants_low_ports(options)       # the unit --install will write
+    status, topic, text = edge.check_listen(low, edge.unit_grants_low_ports(options))
+    assert (status, topic) == ("warn", "listen") and "CAP_NET_BIND_SERVICE" in text, text
+    assert edge.check_listen(high, True)[0] == "FAIL"       # the capability is for < 1024
+    unit.write_text(edge.unit_text("/usr/bin/python3"))
+    assert edge.unit_grants_low_ports(options)
+    unit.write_text(edge.unit_text("/usr/bin/python3").replace(
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE\n", ""))    # an admin's unit without it
+    assert not edge.unit_grants_low_ports(options)
+    other, _ = edge.parse_args(["127.0.0.1:25=h.test:25"])    # not the service's settings
+    assert not edge.unit_grants_low_ports(other)
+    assert edge.check_listen(low, False)[0] == "FAIL"
 
 
 def test_check_an_unresolvable_name_fails_resolve():
