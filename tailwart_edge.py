@@ -4777,7 +4777,7 @@ def install(options, mappings, argv):
         if same:
             say("%s says the same as the command line: kept as it is" % INSTALL_SETTINGS)
             settings = old
-        elif not replace_settings:
+        elif not options.replace_settings:
             sys.stdout.writelines(difflib.unified_diff(
                 old.decode("utf-8", "replace").splitlines(True), text.splitlines(True),
                 INSTALL_SETTINGS, "the command line"))

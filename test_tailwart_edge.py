@@ -2846,6 +2846,156 @@ def test_systemd_nspawn_socket_activation_from_readme_needs_no_capability(booted
                      "systemctl daemon-reload; systemctl reset-failed", check=False, timeout=60)
 
 
+# -- --install: one command, from the script alone ----------------------------------------------
+
+class CheckedImapUpstream(ImapLikeUpstream):
+    """ImapLikeUpstream that also answers the doctor: a PROXY v2 LOCAL header (its own
+    connection), the greeting, then an echo, as for any client."""
+
+    def echo(self, conn):
+        conn.settimeout(self.timeout)
+        try:
+            with conn:
+                head = recv_exactly(conn, 16)
+                body = recv_exactly(conn, struct.unpack("!H", head[14:16])[0])
+                if head[12] == 0x21:
+                    self.headers.append(body[:12])
+                    self.conns[struct.unpack("!H", body[8:10])[0]] = conn
+                conn.sendall(self.greeting)
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+        except Exception as e:
+            if self.running:
+                self.errors.append(repr(e))
+
+
+def install_in(container, script, *words):
+    """`python3 SCRIPT --install WORDS` in the container: (exit code, stdout + stderr)."""
+    result = container.run("python3", script, "--install", *words, check=False, timeout=120)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_systemd_nspawn_install_relays_upgrades_without_a_gap_and_uninstalls(booted):
+    """Issue 20: only the script is copied in. `--install MAPPING ...` writes the script, the
+    unit (the repository's file) and the settings, checks and starts the service; the README's
+    doctor line run as a user without the capability passes; `--install` again with a changed
+    script is a reload (an IMAP session stays, no client refused); `--uninstall` leaves no
+    unit and keeps the settings; a failed check installs and enables nothing."""
+    container, stage, port, _ = booted
+    imap = CheckedImapUpstream("127.0.0.2")
+    closed = free_port("127.0.0.2")             # nothing listens there: the check fails
+    os.makedirs(os.path.join(stage, "v1"))
+    os.makedirs(os.path.join(stage, "v2"))
+    shutil.copy(SCRIPT, os.path.join(stage, "v1", "tailwart_edge.py"))
+    with open(SCRIPT) as f, open(os.path.join(stage, "v2", "tailwart_edge.py"), "w") as g:
+        g.write(f.read() + "# upgraded\n")
+    mapping = "127.0.0.1:%d/imap=%s:%d" % (port, UPSTREAM_NAME, imap.port)
+    options = ["--connect-timeout", "5", "--idle-timeout", "600", "-q"]
+    container.sh("systemctl stop tailwart-edge; systemctl reset-failed\n"
+                 "rm -f /usr/local/bin/tailwart_edge.py /etc/default/tailwart-edge "
+                 "/etc/systemd/system/tailwart-edge.service\nsystemctl daemon-reload")
+    clients, loop = [], None
+    try:
+        container.mark_journal()
+        code, output = install_in(container, "/mnt/tailwart/v1/tailwart_edge.py", mapping,
+                                  *options)
+        assert code == 0, (output, container.journal("tailwart-edge"))
+        assert "the unit runs /usr/bin/python3 (Python 3." in output, output
+        assert "verdict: ok" in output and "journalctl -t tailwart-edge" in output, output
+        state = container.show("tailwart-edge", "ActiveState", "UnitFileState", "MainPID")
+        assert state["ActiveState"] == "active" and state["UnitFileState"] == "enabled", state
+        first = int(state["MainPID"])
+        assert container.run("cat", "/etc/systemd/system/tailwart-edge.service").stdout == \
+            open(UNIT).read()
+        modes = container.run("stat", "-c", "%a %U %n", "/usr/local/bin/tailwart_edge.py",
+                              "/etc/systemd/system/tailwart-edge.service",
+                              "/etc/default/tailwart-edge").stdout.split("\n")
+        assert modes[:3] == ["755 root /usr/local/bin/tailwart_edge.py",
+                             "644 root /etc/systemd/system/tailwart-edge.service",
+                             "644 root /etc/default/tailwart-edge"], modes
+        settings_written = container.run("cat", "/etc/default/tailwart-edge").stdout
+        assert "PORTS=%s\n" % mapping in settings_written, settings_written
+        # the README's doctor line, as a user who may not bind port < 1024: no FAIL
+        doctor = container.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "python3", "/usr/local/bin/tailwart_edge.py", "--check",
+                               "--settings", "/etc/default/tailwart-edge", check=False)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert re.search(r"^warn listen 127\.0\.0\.1:%d not checked: .*CAP_NET_BIND_SERVICE"
+                         % port, doctor.stdout, re.M), doctor.stdout
+
+        # relaying: an IMAP session, and clients one after another from now on
+        idle = ImapClient(port)
+        clients.append(idle)
+        idle.relays_both_ways(imap, 1)
+        loop = ConnectLoop(port)
+        eventually(lambda: len(loop.served) >= 10)
+
+        # the upgrade: a changed script, --install alone keeps the settings; a reload, no gap
+        code, output = install_in(container, "/mnt/tailwart/v2/tailwart_edge.py")
+        assert code == 0, (output, container.journal("tailwart-edge"))
+        assert "wrote /usr/local/bin/tailwart_edge.py" in output, output
+        assert "wrote /etc/default" not in output and "systemctl reload" in output, output
+        second = new_main_pid(container, first)
+        assert second not in (0, first), container.journal("tailwart-edge")
+        assert container.run("tail", "-n", "1", "/usr/local/bin/tailwart_edge.py").stdout == \
+            "# upgraded\n"
+        idle.relays_both_ways(imap, 2)
+        served = len(loop.served)
+        eventually(lambda: len(loop.served) >= served + 10)
+        loop.stop()
+        assert loop.failures == [], loop.failures[:5]
+        idle.close()
+
+        # other mappings without --replace-settings: the difference is shown, nothing changes
+        other = "127.0.0.1:%d/imap=%s:%d" % (port, UPSTREAM_NAME, closed)
+        code, output = install_in(container, "/mnt/tailwart/v2/tailwart_edge.py", other)
+        assert code == 1 and "\n-PORTS=%s\n" % mapping in output, output
+        assert "\n+PORTS=%s\n" % other in output and "nothing was changed" in output, output
+        assert container.run("cat", "/etc/default/tailwart-edge").stdout == settings_written
+
+        # --uninstall: stopped, disabled, the unit and the script gone, the settings kept
+        result = container.run("python3", "/mnt/tailwart/v2/tailwart_edge.py", "--uninstall",
+                               timeout=90)
+        assert "kept /etc/default/tailwart-edge" in result.stdout, result.stdout
+        gone = container.run("ls", "/etc/systemd/system/tailwart-edge.service",
+                             "/usr/local/bin/tailwart_edge.py", check=False)
+        assert gone.returncode != 0 and gone.stdout == "", gone
+        state = container.show("tailwart-edge", "LoadState", "ActiveState")
+        assert state == {"LoadState": "not-found", "ActiveState": "inactive"}, state
+        assert relay_processes(container) == set()
+        assert container.run("cat", "/etc/default/tailwart-edge").stdout == settings_written
+
+        # a check that fails (the upstream refuses): nothing installed, nothing enabled
+        code, output = install_in(container, "/mnt/tailwart/v2/tailwart_edge.py", other,
+                                  "--replace-settings", *options)
+        assert code == 1, output
+        assert re.search(r"^FAIL connect .*refused", output, re.M), output
+        assert "the check failed (above), so nothing was installed or enabled" in output
+        gone = container.run("ls", "/etc/systemd/system/tailwart-edge.service",
+                             "/usr/local/bin/tailwart_edge.py", check=False)
+        assert gone.returncode != 0 and gone.stdout == "", gone
+        assert container.show("tailwart-edge", "LoadState")["LoadState"] == "not-found"
+        assert container.run("systemctl", "is-enabled", "tailwart-edge",
+                             check=False).returncode != 0
+        assert container.run("cat", "/etc/default/tailwart-edge").stdout == settings_written
+        assert imap.errors == [], imap.errors
+    finally:
+        if loop is not None:
+            loop.stop()
+        for client in clients:
+            client.close()
+        # back to the module's set-up, for any test after this one
+        container.sh("systemctl disable --now tailwart-edge || true; systemctl reset-failed\n"
+                     "install -m 0755 /mnt/tailwart/tailwart_edge.py /usr/local/bin/\n"
+                     "install -m 0644 /mnt/tailwart/tailwart-edge.service /etc/systemd/system/\n"
+                     "install -m 0644 /mnt/tailwart/tailwart-edge.env /etc/default/tailwart-edge\n"
+                     "systemctl daemon-reload", check=False, timeout=90)
+        imap.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Unattended for months: faults found running as a hostile internet and a flaky host would
 # (issue 10). Each test failed on the code before its fix. `-k abuse` is the heavy group.
