@@ -44,6 +44,12 @@ ports, each upstream's name, connect and source address, and its greeting to a
 PROXY LOCAL header (a TLS handshake on implicit-TLS ports); it names what is
 wrong and how to fix it, and exits 0 when all is well, 1 when not.
 
+--install (as root, under systemd) makes it the service tailwart-edge: the
+script in /usr/local/bin, the unit, and /etc/default/tailwart-edge written from
+the mappings and options given; it runs --check first and enables nothing that
+fails it. Again with a newer script: an upgrade, no gap. --uninstall removes
+the service and the script, and keeps the settings file.
+
 Signals: TERM and INT stop accepting, let sessions finish (up to --drain-timeout)
 and exit 0; HUP reloads (a new process, the script as it is on disk now, takes
 the ports over, and this one finishes its sessions); USR1 logs counters. Exit
@@ -81,6 +87,9 @@ codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad command line.
 #   systemd ............. notify, watchdog, privileges       Notifier, drop_privileges
 #   Doctor .............. --check: ports, names, connects,   Doctor, check_listen,
 #                         header, greetings, TLS; the fixes  check_upstream, talk
+#   Install ............. --install: the script, the unit     install, uninstall,
+#                         (its text is here) and settings;   settings_text, unit_text
+#                         the check first; --uninstall
 #   main ................ parse, bind, serve                 main
 
 import collections
@@ -214,6 +223,7 @@ def build_parser():
     add_clients(parser.add_argument_group("clients"))
     add_timeouts(parser.add_argument_group("timeouts"))
     add_running(parser.add_argument_group("running"))
+    add_install(parser.add_argument_group("service"))
     return parser
 
 
@@ -350,7 +360,7 @@ def parse_args(argv=None):
     if unknown:
         raise ConfigError("unrecognized arguments: %s" % " ".join(unknown))
     options.mappings += rest
-    if options.reload is not None:
+    if options.reload is not None or options.uninstall:
         return options, []
     upstream = options.upstream
     if upstream is not None:
@@ -404,7 +414,8 @@ SETTINGS_PLAIN_RE = re.compile(r"[^ \t'\"\\]+")    # unquoted characters (a # to
 SETTINGS_DOUBLE_RE = re.compile(r'[^"\\]+')        # inside "...", up to a quote or backslash
 SETTINGS_SPLIT_RE = re.compile(r"[ \t\n]+")        # where systemd splits "$PORTS" into words
 # options that make no sense as the service's own: they would turn it into another command
-SETTINGS_REFUSED_OPTIONS = ("--settings", "--check", "--reload", "--help", "-h", "--version")
+SETTINGS_REFUSED_OPTIONS = ("--settings", "--check", "--reload", "--help", "-h", "--version",
+                            "--install", "--uninstall", "--replace-settings")
 
 
 def settings_words(path):
@@ -4348,8 +4359,9 @@ class Doctor:
         print("tailwart-edge %s check: %s, %s, PROXY header %s, timeout %gs" % (
             __version__, plural(len(self.mappings), "listener"), plural(routes, "mapping"),
             options.proxy_protocol, options.connect_timeout))
+        granted = unit_grants_low_ports(options)
         for mapping in self.mappings:
-            self.report([check_listen(mapping)])
+            self.report([check_listen(mapping, granted)])
         # each upstream once per protocol its clients speak and header it reads
         upstreams = []
         for mapping in self.mappings:
@@ -4386,10 +4398,11 @@ class Doctor:
         return 0
 
 
-def check_listen(mapping):
+def check_listen(mapping, granted=False):
     """Could the relay bind this mapping's address? (status, topic, text). It binds what the
     relay would (bind_listeners), without listening: on a host without IPv6, every interface
-    is 0.0.0.0 for both."""
+    is 0.0.0.0 for both. `granted`: the service will have CAP_NET_BIND_SERVICE, whoever runs
+    the check."""
     label = mapping.label
     try:
         for sock in bind_listeners(mapping, listen=False):
@@ -4404,6 +4417,10 @@ def check_listen(mapping):
             return "FAIL", "listen", "%s is in use%s; stop that program or choose another " \
                 "address" % (label, " by pid %d (%s)" % (owner.pid, owner.command.split()[0])
                              if owner else "")
+        if code == errno.EACCES and granted and mapping.port < 1024:
+            return "warn", "listen", "%s not checked: this user may not bind ports below " \
+                "1024, the service may (its unit grants CAP_NET_BIND_SERVICE); as root, " \
+                "--check also checks that it is free" % label
         if code == errno.EACCES:
             return "FAIL", "listen", "%s needs privileges (ports below 1024): run as root " \
                 "with --user NAME, or with CAP_NET_BIND_SERVICE as the unit does" % label
@@ -4423,6 +4440,19 @@ class PortOwner(collections.namedtuple("PortOwner", "pid argv cwd")):
     @property
     def command(self):
         return " ".join(self.argv) or "?"
+
+
+def unit_grants_low_ports(options):
+    """Will the relay these options describe bind ports below 1024 whoever checks it? Yes for
+    the service's settings file, while its unit grants CAP_NET_BIND_SERVICE (the unit --install
+    writes does; one that is not installed yet will be that one)."""
+    if options.settings is None or os.path.realpath(options.settings) != INSTALL_SETTINGS:
+        return False
+    try:
+        unit = read_bytes(INSTALL_UNIT)
+    except OSError:
+        return False
+    return unit is None or b"\nAmbientCapabilities=CAP_NET_BIND_SERVICE\n" in unit
 
 
 def port_owner(port):
@@ -4761,6 +4791,473 @@ class LineReader:
 
 
 # ----------------------------------------------------------------------------------------------
+# Install: --install puts the service in place from this file alone, --uninstall takes it away
+# ----------------------------------------------------------------------------------------------
+#
+# Only the script is copied to a server (scp): the unit's text lives here, and the settings file
+# is written from the command line's mappings and options. Written as root, at fixed paths, with
+# modes set here; an admin's settings file is never replaced unasked, and a service whose check
+# failed is never enabled.
+
+INSTALL_SCRIPT = "/usr/local/bin/tailwart_edge.py"
+INSTALL_UNIT = "/etc/systemd/system/tailwart-edge.service"
+INSTALL_SETTINGS = "/etc/default/tailwart-edge"
+SERVICE = "tailwart-edge"
+SYSTEMD_RUNNING = "/run/systemd/system"     # sd_booted(3): present when systemd is PID 1
+UNIT_PYTHON = "/usr/bin/python3"            # the interpreter the text below names
+# where the unit looks for an interpreter, before this one's own (sys.executable)
+SERVICE_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+# what the unit's ProtectHome=yes hides from the service: an interpreter there cannot start it
+HIDDEN_FROM_SERVICE = ("/root/", "/home/", "/run/user/")
+# the options the settings file is written without: the installer's own, the doctor's and the
+# reload's (refused there), and those UPSTREAM= and PORTS= hold
+NOT_SETTINGS = ("help", "version", "mappings", "upstream", "settings", "check", "reload",
+                "install", "uninstall", "replace_settings")
+PLAIN_WORD_RE = re.compile(r"[A-Za-z0-9_@%+=:,./\[\]*-]+\Z")    # needs no quotes in the file
+CHECK_SLACK = 60                # on top of the doctor's own bound, which its timeouts set
+
+UNIT_TEXT = """\
+# tailwart-edge: relays the public mail ports to a mail server in the tailnet.
+# `sudo python3 tailwart_edge.py --install MAPPING ...` writes this file (the script holds its
+# text; ExecStart= and ExecReload= name the python3 it chose), the script and the settings.
+# By hand: tailwart_edge.py in /usr/local/bin, this file in /etc/systemd/system, and the settings
+# in /etc/default/tailwart-edge (only UPSTREAM= is required; the relay reads the file itself, so
+# it must be readable by the service's user: mode 0644, no secrets in it):
+#   UPSTREAM=stalwart.tail7b1641.ts.net
+#   PORTS=25 465 587 143 993 4190
+#   OPTIONS=--proxy-protocol v1
+# Check it first: sudo python3 /usr/local/bin/tailwart_edge.py --check --settings /etc/default/tailwart-edge
+# After editing it: systemctl reload tailwart-edge (no session is cut, no connection refused;
+# a mistake in the file fails the reload and the running relay carries on).
+# Sandbox report: systemd-analyze security tailwart-edge.service (1.4 "OK" with systemd 252)
+
+[Unit]
+Description=tailwart-edge mail port relay (TCP + PROXY protocol to the tailnet)
+# After tailscaled when it is there, but never starting it (an admin may have stopped it on
+# purpose) nor needing it: the relay binds wildcard addresses and resolves the upstream for each
+# connection, so it may start before the tailnet is up and keeps running if tailscaled restarts.
+Wants=network-online.target
+After=network-online.target tailscaled.service
+# A missing settings file is named in `systemctl status`, not left to fail as an empty UPSTREAM
+AssertPathExists=/etc/default/tailwart-edge
+
+[Service]
+Type=notify
+# The relay reads the settings itself, so that a reload reads them again
+ExecStart=/usr/bin/python3 /usr/local/bin/tailwart_edge.py --settings /etc/default/tailwart-edge
+# Reload: a new process (the script as it is on disk now: an upgrade too) takes the listening
+# sockets over, and the old one, still the main process, hands it that role (MAINPID=; so the
+# default NotifyAccess=main suffices) and lets its sessions finish. This command waits for the
+# outcome, so a failed reload fails visibly.
+ExecReload=/usr/bin/python3 /usr/local/bin/tailwart_edge.py --reload $MAINPID
+# where the relay leaves the outcome of a reload for the command above
+RuntimeDirectory=tailwart-edge
+# Stop: TERM to every process of the service, the old ones of a reload included
+KillMode=control-group
+# SIGTERM lets open sessions finish for up to --drain-timeout (30 s), then the relay exits 0
+# (an old process of a reload too); raise this with a longer --drain-timeout
+TimeoutStopSec=45s
+# The relay pings from its event loop every 15 s: a loop stuck for 30 s is killed and restarted
+WatchdogSec=30s
+Restart=on-failure
+RestartSec=2s
+# Exit status 2 is a bad command line: a restart cannot help; fix /etc/default/tailwart-edge
+RestartPreventExitStatus=2
+# The journal says tailwart-edge, not python3 (journalctl -t tailwart-edge)
+SyslogIdentifier=tailwart-edge
+# Two descriptors per session: room for about 130,000 sessions (the relay sizes itself to this)
+LimitNOFILE=262144
+
+# No fixed account: a transient uid/gid that exists only while the service runs
+DynamicUser=yes
+# One privilege, binding ports below 1024; no other capability, and no way to gain one
+AmbientCapabilities=CAP_NET_BIND_SERVICE
+CapabilityBoundingSet=CAP_NET_BIND_SERVICE
+NoNewPrivileges=yes
+RestrictSUIDSGID=yes
+# No writable file system: / read-only, home directories hidden, a private /tmp and mounts
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateMounts=yes
+UMask=0077
+# No SysV IPC or kernel keyring shared with other services
+PrivateIPC=yes
+RemoveIPC=yes
+KeyringMode=private
+# No devices but pseudo-devices such as /dev/null and /dev/urandom
+PrivateDevices=yes
+DevicePolicy=closed
+# No changes to the kernel: sysctls, modules, kernel log, cgroups, clock, host name
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+# No view of other processes, nor of /proc beyond its own
+ProtectProc=invisible
+ProcSubset=pid
+# Sockets: IPv4 and IPv6 for the relay; AF_UNIX for sd_notify, the event loop's wake-up pair
+# and name lookups through nscd or systemd-resolved. No netlink, packet or other families.
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+# No new namespaces, realtime scheduling, personality changes or writable+executable memory
+RestrictNamespaces=yes
+RestrictRealtime=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+# System calls: those of ordinary services (splice, epoll, threads included), minus the
+# privileged ones and resource controls (setrlimit: LimitNOFILE above sets the limit instead)
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def unit_text(python):
+    """The unit, running the script with `python` (tailwart-edge.service is unit_text of
+    /usr/bin/python3)."""
+    return UNIT_TEXT.replace("=%s " % UNIT_PYTHON, "=%s " % python)
+
+
+def add_install(group):
+    """--install, --uninstall, --replace-settings."""
+    group.add_argument("--install", action="store_true",
+                       help="as root, under systemd: install the script, the unit and %s "
+                       "(written from the mappings and options given), check them, and start "
+                       "the service; again with a newer script: an upgrade (a reload)"
+                       % INSTALL_SETTINGS)
+    group.add_argument("--uninstall", action="store_true",
+                       help="stop and disable the service, remove the unit and the script "
+                       "(the settings file is kept)")
+    group.add_argument("--replace-settings", action="store_true",
+                       help="with --install: replace a settings file that says something else "
+                       "(without it, --install shows the difference and stops)")
+
+
+def install_argv(argv):
+    """A bare `--install` keeps the settings file there is: an upgrade."""
+    if argv == ["--install"] and os.path.exists(INSTALL_SETTINGS):
+        return argv + ["--settings", INSTALL_SETTINGS]
+    return argv
+
+
+def settings_text(words, parsed):
+    """The settings file that stands for these command-line words (a settings file's words
+    expanded), which parse_args read as `parsed`; raises ConfigError if it cannot say the
+    same."""
+    parser = build_parser()
+    # the words as given, not as converted (a CIDR, a number of seconds): no type conversion
+    for action in parser._actions:
+        action.type = None
+    given = parser.parse_known_args(words)
+    options, rest = given[0], [word for word in given[1] if not word.startswith("-")]
+    option_words = []
+    for action in parser._actions:
+        value = getattr(options, action.dest, None)
+        if action.dest in NOT_SETTINGS or not action.option_strings or value is None:
+            continue
+        name = action.option_strings[-1]
+        if action.nargs == 0:
+            if value is True:
+                option_words.append(name)
+        elif value is not action.default:
+            for item in value if isinstance(value, list) else [value]:
+                # `--deny=-x`: a value that starts with a dash is not read as an option
+                option_words += ["%s=%s" % (name, item)] if item.startswith("-") else [name, item]
+    lines = ["# written by `%s --install`: the relay reads it at each start and reload" % PROG,
+             "# (after an edit: sudo systemctl reload %s)" % SERVICE]
+    if options.upstream is not None:
+        lines.append("UPSTREAM=" + settings_quote(options.upstream))
+    lines.append("PORTS=" + " ".join(settings_quote(w) for w in options.mappings + rest))
+    if option_words:
+        lines.append("OPTIONS=" + " ".join(settings_quote(w) for w in option_words))
+    text = "\n".join(lines) + "\n"
+    # read back by the relay's own reader, the file must mean what the words meant
+    if not same_meaning(parsed, parse_args(words_of_settings(text.encode(), INSTALL_SETTINGS))):
+        raise ConfigError("--install: these options cannot be written to %s as they are (a "
+                          "value with a space or a control character?); write the file by hand"
+                          % INSTALL_SETTINGS)
+    return text
+
+
+def settings_quote(word):
+    """`word` as a settings file value reads it back (sh quoting: '...', ' as '\\'')."""
+    if SETTINGS_SPLIT_RE.search(word) or SETTINGS_CONTROL_RE.search(word):
+        raise ConfigError("--install: %r has a space or a control character, which a settings "
+                          "file cannot hold in one word; leave it out" % word)
+    if PLAIN_WORD_RE.match(word):
+        return word
+    return "'%s'" % word.replace("'", "'\\''")
+
+
+def same_meaning(first, second):
+    """Do two parse_args results run the same relay (the installer's options aside)?"""
+    def meaning(parsed):
+        options = dict(vars(parsed[0]))
+        for dest in NOT_SETTINGS:
+            options.pop(dest, None)
+        return options, [mapping.spec for mapping in parsed[1]]
+    return meaning(first) == meaning(second)
+
+
+def service_python():
+    """(path, version, why others were passed over): the first python3 >= 3.6 the service's
+    user can run; (None, None, why) when there is none."""
+    passed = []
+    for path in SERVICE_PYTHONS + (sys.executable,):
+        if path in [p for p, _ in passed] or not path:
+            continue
+        why = unreachable(path)
+        if why is None:
+            try:
+                found = subprocess.run(
+                    [path, "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                    universal_newlines=True, timeout=30)
+                version = found.stdout.strip()
+                if found.returncode == 0 and tuple(map(int, version.split("."))) >= (3, 6):
+                    return path, version, passed
+                why = "is Python %s; the relay needs 3.6 or newer" % (version or "?")
+            except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+                why = "does not run: %s" % (getattr(e, "strerror", None) or e)
+        passed.append((path, why))
+    return None, None, passed
+
+
+def unreachable(path):
+    """Why the service's user (any uid, ProtectHome=yes) could not run `path`, or None."""
+    real = os.path.realpath(path)
+    if not os.path.isfile(real):
+        return "is not there"
+    if real.startswith(HIDDEN_FROM_SERVICE) or path.startswith(HIDDEN_FROM_SERVICE):
+        return "is under %s, which the service cannot see (ProtectHome=yes)" % (
+            "/" + (real if real.startswith(HIDDEN_FROM_SERVICE) else path).split("/")[1])
+    if SETTINGS_SPLIT_RE.search(path):
+        return "has a space in its path"
+    directory = real
+    while directory != "/":
+        directory = os.path.dirname(directory)
+        if not os.stat(directory).st_mode & 0o001:
+            return "is in %s, which other users may not enter" % directory
+    if not os.stat(real).st_mode & 0o001:
+        return "may be run by its owner only"
+    return None
+
+
+def say(line):
+    print("install: %s" % line)
+    sys.stdout.flush()
+
+
+def systemctl(*arguments):
+    """Run systemctl, its output passed through; True when it succeeded."""
+    say("systemctl %s" % " ".join(arguments))
+    try:
+        return subprocess.run(["systemctl"] + list(arguments), stdin=subprocess.DEVNULL,
+                              timeout=300).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as e:
+        say("systemctl failed: %s" % (getattr(e, "strerror", None) or e))
+        return False
+
+
+def unit_is(state):
+    """Is the service `state` (active, enabled)? A question: systemctl is-STATE --quiet."""
+    return subprocess.run(["systemctl", "is-" + state, "--quiet", SERVICE],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+
+
+def may_install(what):
+    """None when this process may install (root, systemd running), else the one-line reason."""
+    if os.geteuid() != 0:
+        return "%s writes /usr/local/bin, /etc/systemd/system and /etc/default: run it as root " \
+            "(sudo python3 %s %s ...)" % (what, PROG, what)
+    if not os.path.isdir(SYSTEMD_RUNNING):
+        return "%s: this system does not run systemd (no %s), so nothing was installed; start " \
+            "the relay from your init system instead (as root: %s --user NAME MAPPING ...)" \
+            % (what, SYSTEMD_RUNNING, PROG)
+    return None
+
+
+def read_bytes(path):
+    """The file's bytes, or None when it is not there."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def put_file(path, data, mode):
+    """Write `data` to `path` as a whole (a new file renamed over the old: a reload never reads
+    half a script), owned by root, with `mode` whatever the umask."""
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    new = path + ".tailwart-new"
+    try:
+        os.unlink(new)
+    except FileNotFoundError:
+        pass
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchown(f.fileno(), 0, 0)
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.rename(new, path)
+    except BaseException:
+        try:
+            os.unlink(new)
+        except OSError:
+            pass
+        raise
+    say("wrote %s (mode %04o)" % (path, mode))
+
+
+def install_refusal(options):
+    """What is wrong with --install's (or --uninstall's) other options, or None."""
+    if options.install and options.uninstall:
+        return "--install and --uninstall: give one of them"
+    if options.uninstall and (options.mappings or options.replace_settings):
+        return "--uninstall takes no MAPPING and no other option"
+    if options.replace_settings and not options.install:
+        return "--replace-settings goes with --install"
+    if options.install and options.check:
+        return "--install runs the check itself; leave --check out"
+    if options.install and options.user:
+        return "--install: the unit runs the relay as a user of its own (DynamicUser=); " \
+            "leave --user out"
+    return None
+
+
+def install(options, mappings, argv):
+    """--install with these command-line words (parse_args read them as options, mappings):
+    the exit code (0 running, 1 not, 2 a mistake in the words)."""
+    import difflib
+    words = list(argv)
+    if options.settings is not None:
+        words = settings_words(options.settings) + words
+    try:
+        refusal = install_refusal(options)
+        if refusal is not None:
+            raise ConfigError(refusal)
+        text = settings_text(words, (options, mappings))
+    except ConfigError as e:
+        return failed(2, str(e), None)
+    refusal = may_install("--install")
+    if refusal is not None:
+        return failed(1, refusal, None)
+    python, version, passed = service_python()
+    for path, why in passed:
+        say("not %s: it %s" % (path, why))
+    if python is None:
+        return failed(1, "--install: no python3 the service's user can run; install Debian's "
+                      "(apt install python3-minimal) and run --install again", None)
+    say("the unit runs %s (Python %s), which its user can run" % (python, version))
+
+    # the settings: an admin's file that says something else is shown, never replaced unasked
+    old = read_bytes(INSTALL_SETTINGS)
+    settings = text.encode()
+    if old is not None and old != settings:
+        try:
+            same = words_of_settings(old, INSTALL_SETTINGS) == \
+                words_of_settings(settings, INSTALL_SETTINGS)
+        except ConfigError:
+            same = False
+        if same:
+            say("%s says the same as the command line: kept as it is" % INSTALL_SETTINGS)
+            settings = old
+        elif not options.replace_settings:
+            sys.stdout.writelines(difflib.unified_diff(
+                old.decode("utf-8", "replace").splitlines(True), text.splitlines(True),
+                INSTALL_SETTINGS, "the command line"))
+            return failed(1, "--install: %s says something else (above); nothing was changed. "
+                          "Add --replace-settings to replace it, or run `%s --install` alone "
+                          "to keep it" % (INSTALL_SETTINGS, PROG), None)
+
+    # the doctor, run as the service will run: this interpreter, these settings
+    check = [python, SCRIPT, "--check"] + words_of_settings(settings, INSTALL_SETTINGS)
+    say("checking: %s --check --settings %s" % (python, INSTALL_SETTINGS))
+    try:
+        code = subprocess.run(check, stdin=subprocess.DEVNULL, timeout=CHECK_SLACK + 4 *
+                              options.connect_timeout + 2 * PLAIN_WAIT).returncode
+    except subprocess.TimeoutExpired:
+        code = None
+    if code != 0:
+        return failed(1, "--install: the check failed (above), so nothing was installed or "
+                      "enabled%s; fix what it names, then run --install again"
+                      % ("" if not unit_is("active") else " (the running relay carries on)"),
+                      None)
+
+    # the files: only what changed is written
+    script = read_bytes(SCRIPT)
+    changed = []
+    for path, data, mode in ((INSTALL_SCRIPT, script, 0o755),
+                             (INSTALL_UNIT, unit_text(python).encode(), 0o644),
+                             (INSTALL_SETTINGS, settings, 0o644)):
+        if read_bytes(path) != data:
+            put_file(path, data, mode)
+            changed.append(path)
+    if not changed:
+        say("every file is as it should be")
+    if INSTALL_UNIT in changed and not systemctl("daemon-reload"):
+        return failed(1, "--install: systemctl daemon-reload failed (above)", None)
+    if unit_is("active"):
+        # an upgrade: the new script takes the ports over from the running one, no gap
+        if changed and not systemctl("reload", SERVICE):
+            return failed(1, "--install: the reload failed (above) and the running relay "
+                          "carries on; see journalctl -t %s -n 20" % SERVICE, None)
+        if INSTALL_UNIT in changed:
+            say("the unit changed: the sandbox and interpreter apply from the next "
+                "`systemctl restart %s` (a restart refuses clients for a moment)" % SERVICE)
+        if not unit_is("enabled") and not systemctl("enable", SERVICE):
+            return failed(1, "--install: systemctl enable failed (above)", None)
+    elif not systemctl("enable", "--now", SERVICE):
+        return failed(1, "--install: the service did not start; see journalctl -t %s -n 20 "
+                      "and systemctl status %s" % (SERVICE, SERVICE), None)
+    say("%s is running; see it with: systemctl status %s; journalctl -t %s -f"
+        % (SERVICE, SERVICE, SERVICE))
+    return 0
+
+
+def uninstall(options):
+    """--uninstall: stop, disable, remove the unit and the script; the settings stay."""
+    refusal = install_refusal(options)
+    if refusal is not None:
+        return failed(2, refusal, None)
+    refusal = may_install("--uninstall")
+    if refusal is not None:
+        return failed(1, refusal, None)
+    if os.path.exists(INSTALL_UNIT):
+        # stop lets open sessions finish, up to --drain-timeout
+        if not systemctl("disable", "--now", SERVICE):
+            return failed(1, "--uninstall: could not stop and disable %s (above); nothing was "
+                          "removed" % SERVICE, None)
+    for path in (INSTALL_UNIT, INSTALL_SCRIPT):
+        try:
+            os.unlink(path)
+            say("removed %s" % path)
+        except FileNotFoundError:
+            say("%s was not there" % path)
+    systemctl("daemon-reload")
+    subprocess.run(["systemctl", "reset-failed", SERVICE], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    if os.path.exists(INSTALL_UNIT + ".d"):
+        say("left %s.d: not written by --install; remove it if it was for this service"
+            % INSTALL_UNIT)
+    if os.path.exists(INSTALL_SETTINGS):
+        say("kept %s (your settings); remove it yourself if you no longer want it"
+            % INSTALL_SETTINGS)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
@@ -4768,7 +5265,7 @@ def main(argv=None):
     """Parse, bind, drop privileges, serve. Returns the exit code."""
     catch_signals()
     open_standard_fds()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = install_argv(sys.argv[1:] if argv is None else list(argv))
     predecessor = reload_channel()      # set when a reload started this process
     try:
         options, mappings = parse_args(argv)
@@ -4776,6 +5273,8 @@ def main(argv=None):
         return failed(2, str(e), predecessor)
     if options.reload is not None:
         return reload_client(options.reload)
+    if options.install or options.uninstall or options.replace_settings:
+        return install(options, mappings, argv) if options.install else uninstall(options)
     if options.check:
         return Doctor(options, mappings).run()
     log.configure(options.verbose, options.quiet)

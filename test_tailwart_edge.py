@@ -2030,6 +2030,102 @@ def test_systemd_unit_file_security_exposure_is_ok(tmp_path):
     assert score <= MAX_EXPOSURE, report
 
 
+# -- --install: the unit's text lives in the script, the settings file is written from argv -----
+
+def test_systemd_unit_file_is_what_install_writes():
+    # the repository's file and the installer's text are one: --install with /usr/bin/python3
+    assert edge.unit_text("/usr/bin/python3") == open(UNIT).read()
+    other = edge.unit_text("/opt/python/bin/python3").splitlines()
+    changed = [line for line, same in zip(other, open(UNIT).read().splitlines()) if line != same]
+    assert [line.partition("=")[0] for line in changed] == ["ExecStart", "ExecReload"], changed
+    assert all(line.partition("=")[2].startswith("/opt/python/bin/python3 /usr/local/bin/")
+               for line in changed), changed
+
+
+@pytest.mark.parametrize("argv", [
+    ["--upstream", "stalwart.tailnet.test", "25", "465", "587", "143", "993", "4190"],
+    # routes on 443 (one word with a comma), a default route with its own header setting
+    ["443@mail.example.com,alpn:acme-tls/1=stalwart.tailnet.test:443",
+     "443=127.0.0.1:8443/proxy=off", "[::1]:993=[fd7a:115c:a1e0::1]:993", "-q"],
+    # quotes, a $ and a # in a path rule; options that repeat, one whose value starts with '-'
+    ["80@mail.example.com/it's/\"$x\"/#a=127.0.0.1:8080", "80=127.0.0.1:8081",
+     "--deny", "192.0.2.0/24", "--deny=2001:db8::/32", "--exempt", "198.51.100.7",
+     "--connect-timeout", "2.5", "--proxy-protocol", "v1", "--metrics", "127.0.0.1:9425",
+     "--per-client", "0", "--max-connections", "25"],
+], ids=["upstream and ports", "routes", "quotes and options"])
+def test_systemd_install_settings_file_reads_back_as_the_command_line(argv, tmp_path):
+    parsed = edge.parse_args(argv)
+    text = edge.settings_text(argv, parsed)
+    path = tmp_path / "tailwart-edge"
+    path.write_text(text)
+    options, mappings = edge.parse_args(["--settings", str(path)])
+    before, after = dict(vars(parsed[0])), dict(vars(options))
+    before.pop("settings")
+    after.pop("settings")
+    assert after == before, text
+    assert [m.spec for m in mappings] == [m.spec for m in parsed[1]], text
+    assert [[(r.matches, r.upstreams, r.proxy) for r in m.routes] for m in mappings] == \
+        [[(r.matches, r.upstreams, r.proxy) for r in m.routes] for m in parsed[1]], text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--install", "--user", "nobody", "25=127.0.0.1:2525"], r"DynamicUser=.*leave --user out"),
+    (["--install", "--check", "25=127.0.0.1:2525"], r"runs the check itself"),
+    (["--install", "--uninstall", "25=127.0.0.1:2525"], r"give one of them"),
+    (["--uninstall", "25=127.0.0.1:2525"], r"--uninstall takes no MAPPING"),
+    (["--replace-settings", "25=127.0.0.1:2525"], r"goes with --install"),
+    (["--install", "25=127.0.0.1:2525/bogus"], r"bogus"),
+], ids=["user", "check", "both", "uninstall mapping", "replace alone", "bad mapping"])
+def test_systemd_install_mistakes_exit_2_with_one_line(argv, message):
+    code, out, err = run_script(*argv)
+    assert code == 2 and out == "", (code, out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), err
+
+
+def test_systemd_install_as_another_user_than_root_says_sudo():
+    python, script, unprivileged = PYTHON, SCRIPT, None
+    if os.geteuid() == 0:
+        python = "/usr/bin/python3"
+        if not os.access(python, os.X_OK):
+            pytest.skip("running as root and no /usr/bin/python3 to run as nobody")
+        directory = tempfile.mkdtemp(prefix="tailwart-nobody-")
+        os.chmod(directory, 0o755)
+        script = shutil.copy(SCRIPT, directory)
+
+        def unprivileged():
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+    try:
+        proc = subprocess.run([python, script, "--install", "--upstream", "h.test", "25"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=WAIT, universal_newlines=True,
+                              preexec_fn=unprivileged, cwd="/")
+    finally:
+        if unprivileged is not None:
+            shutil.rmtree(directory)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and proc.stdout == "", proc
+    assert len(lines) == 1 and "run it as root (sudo python3 " in lines[0], proc.stderr
+
+
+def test_systemd_install_without_systemd_installs_nothing(tmp_path, monkeypatch, capfd):
+    # every path the installer writes points into tmp_path: nothing there afterwards
+    for name in ("INSTALL_SCRIPT", "INSTALL_UNIT", "INSTALL_SETTINGS"):
+        monkeypatch.setattr(edge, name, str(tmp_path / name))
+    monkeypatch.setattr(edge, "SYSTEMD_RUNNING", str(tmp_path / "no-systemd"))
+    monkeypatch.setattr(edge.os, "geteuid", lambda: 0)
+    argv = ["--install", "--upstream", "h.test", "25"]
+    options, mappings = edge.parse_args(argv)
+    assert edge.install(options, mappings, argv) == 1
+    out, err = capfd.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, (out, err)
+    assert "does not run systemd (no %s), so nothing was installed" % (
+        tmp_path / "no-systemd") in err, err
+    assert os.listdir(str(tmp_path)) == []
+
+
 def readme_block(first_line):
     """The fenced block of README.md that starts with `first_line` (the path of a file the
     README tells the reader to create), without that line."""
@@ -2993,6 +3089,156 @@ def test_systemd_nspawn_socket_activation_from_readme_needs_no_capability(booted
                      "/etc/systemd/system/tailwart-edge.service.d\n"
                      "install -m 0644 /mnt/tailwart/tailwart-edge.env /etc/default/tailwart-edge\n"
                      "systemctl daemon-reload; systemctl reset-failed", check=False, timeout=60)
+
+
+# -- --install: one command, from the script alone ----------------------------------------------
+
+class CheckedImapUpstream(ImapLikeUpstream):
+    """ImapLikeUpstream that also answers the doctor: a PROXY v2 LOCAL header (its own
+    connection), the greeting, then an echo, as for any client."""
+
+    def echo(self, conn):
+        conn.settimeout(self.timeout)
+        try:
+            with conn:
+                head = recv_exactly(conn, 16)
+                body = recv_exactly(conn, struct.unpack("!H", head[14:16])[0])
+                if head[12] == 0x21:
+                    self.headers.append(body[:12])
+                    self.conns[struct.unpack("!H", body[8:10])[0]] = conn
+                conn.sendall(self.greeting)
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+        except Exception as e:
+            if self.running:
+                self.errors.append(repr(e))
+
+
+def install_in(container, script, *words):
+    """`python3 SCRIPT --install WORDS` in the container: (exit code, stdout + stderr)."""
+    result = container.run("python3", script, "--install", *words, check=False, timeout=120)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_systemd_nspawn_install_relays_upgrades_without_a_gap_and_uninstalls(booted):
+    """Issue 20: only the script is copied in. `--install MAPPING ...` writes the script, the
+    unit (the repository's file) and the settings, checks and starts the service; the README's
+    doctor line run as a user without the capability passes; `--install` again with a changed
+    script is a reload (an IMAP session stays, no client refused); `--uninstall` leaves no
+    unit and keeps the settings; a failed check installs and enables nothing."""
+    container, stage, port, _ = booted
+    imap = CheckedImapUpstream("127.0.0.2")
+    closed = free_port("127.0.0.2")             # nothing listens there: the check fails
+    os.makedirs(os.path.join(stage, "v1"))
+    os.makedirs(os.path.join(stage, "v2"))
+    shutil.copy(SCRIPT, os.path.join(stage, "v1", "tailwart_edge.py"))
+    with open(SCRIPT) as f, open(os.path.join(stage, "v2", "tailwart_edge.py"), "w") as g:
+        g.write(f.read() + "# upgraded\n")
+    mapping = "127.0.0.1:%d/imap=%s:%d" % (port, UPSTREAM_NAME, imap.port)
+    options = ["--connect-timeout", "5", "--idle-timeout", "600", "-q"]
+    container.sh("systemctl stop tailwart-edge; systemctl reset-failed\n"
+                 "rm -f /usr/local/bin/tailwart_edge.py /etc/default/tailwart-edge "
+                 "/etc/systemd/system/tailwart-edge.service\nsystemctl daemon-reload")
+    clients, loop = [], None
+    try:
+        container.mark_journal()
+        code, output = install_in(container, "/mnt/tailwart/v1/tailwart_edge.py", mapping,
+                                  *options)
+        assert code == 0, (output, container.journal("tailwart-edge"))
+        assert "the unit runs /usr/bin/python3 (Python 3." in output, output
+        assert "verdict: ok" in output and "journalctl -t tailwart-edge" in output, output
+        state = container.show("tailwart-edge", "ActiveState", "UnitFileState", "MainPID")
+        assert state["ActiveState"] == "active" and state["UnitFileState"] == "enabled", state
+        first = int(state["MainPID"])
+        assert container.run("cat", "/etc/systemd/system/tailwart-edge.service").stdout == \
+            open(UNIT).read()
+        modes = container.run("stat", "-c", "%a %U %n", "/usr/local/bin/tailwart_edge.py",
+                              "/etc/systemd/system/tailwart-edge.service",
+                              "/etc/default/tailwart-edge").stdout.split("\n")
+        assert modes[:3] == ["755 root /usr/local/bin/tailwart_edge.py",
+                             "644 root /etc/systemd/system/tailwart-edge.service",
+                             "644 root /etc/default/tailwart-edge"], modes
+        settings_written = container.run("cat", "/etc/default/tailwart-edge").stdout
+        assert "PORTS=%s\n" % mapping in settings_written, settings_written
+        # the README's doctor line, as a user who may not bind port < 1024: no FAIL
+        doctor = container.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "python3", "/usr/local/bin/tailwart_edge.py", "--check",
+                               "--settings", "/etc/default/tailwart-edge", check=False)
+        assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+        assert re.search(r"^warn listen 127\.0\.0\.1:%d not checked: .*CAP_NET_BIND_SERVICE"
+                         % port, doctor.stdout, re.M), doctor.stdout
+
+        # relaying: an IMAP session, and clients one after another from now on
+        idle = ImapClient(port)
+        clients.append(idle)
+        idle.relays_both_ways(imap, 1)
+        loop = ConnectLoop(port)
+        eventually(lambda: len(loop.served) >= 10)
+
+        # the upgrade: a changed script, --install alone keeps the settings; a reload, no gap
+        code, output = install_in(container, "/mnt/tailwart/v2/tailwart_edge.py")
+        assert code == 0, (output, container.journal("tailwart-edge"))
+        assert "wrote /usr/local/bin/tailwart_edge.py" in output, output
+        assert "wrote /etc/default" not in output and "systemctl reload" in output, output
+        second = new_main_pid(container, first)
+        assert second not in (0, first), container.journal("tailwart-edge")
+        assert container.run("tail", "-n", "1", "/usr/local/bin/tailwart_edge.py").stdout == \
+            "# upgraded\n"
+        idle.relays_both_ways(imap, 2)
+        served = len(loop.served)
+        eventually(lambda: len(loop.served) >= served + 10)
+        loop.stop()
+        assert loop.failures == [], loop.failures[:5]
+        idle.close()
+
+        # other mappings without --replace-settings: the difference is shown, nothing changes
+        other = "127.0.0.1:%d/imap=%s:%d" % (port, UPSTREAM_NAME, closed)
+        code, output = install_in(container, "/mnt/tailwart/v2/tailwart_edge.py", other)
+        assert code == 1 and "\n-PORTS=%s\n" % mapping in output, output
+        assert "\n+PORTS=%s\n" % other in output and "nothing was changed" in output, output
+        assert container.run("cat", "/etc/default/tailwart-edge").stdout == settings_written
+
+        # --uninstall: stopped, disabled, the unit and the script gone, the settings kept
+        result = container.run("python3", "/mnt/tailwart/v2/tailwart_edge.py", "--uninstall",
+                               timeout=90)
+        assert "kept /etc/default/tailwart-edge" in result.stdout, result.stdout
+        gone = container.run("ls", "/etc/systemd/system/tailwart-edge.service",
+                             "/usr/local/bin/tailwart_edge.py", check=False)
+        assert gone.returncode != 0 and gone.stdout == "", gone
+        state = container.show("tailwart-edge", "LoadState", "ActiveState")
+        assert state == {"LoadState": "not-found", "ActiveState": "inactive"}, state
+        assert relay_processes(container) == set()
+        assert container.run("cat", "/etc/default/tailwart-edge").stdout == settings_written
+
+        # a check that fails (the upstream refuses): nothing installed, nothing enabled
+        code, output = install_in(container, "/mnt/tailwart/v2/tailwart_edge.py", other,
+                                  "--replace-settings", *options)
+        assert code == 1, output
+        assert re.search(r"^FAIL connect .*refused", output, re.M), output
+        assert "the check failed (above), so nothing was installed or enabled" in output
+        gone = container.run("ls", "/etc/systemd/system/tailwart-edge.service",
+                             "/usr/local/bin/tailwart_edge.py", check=False)
+        assert gone.returncode != 0 and gone.stdout == "", gone
+        assert container.show("tailwart-edge", "LoadState")["LoadState"] == "not-found"
+        assert container.run("systemctl", "is-enabled", "tailwart-edge",
+                             check=False).returncode != 0
+        assert container.run("cat", "/etc/default/tailwart-edge").stdout == settings_written
+        assert imap.errors == [], imap.errors
+    finally:
+        if loop is not None:
+            loop.stop()
+        for client in clients:
+            client.close()
+        # back to the module's set-up, for any test after this one
+        container.sh("systemctl disable --now tailwart-edge || true; systemctl reset-failed\n"
+                     "install -m 0755 /mnt/tailwart/tailwart_edge.py /usr/local/bin/\n"
+                     "install -m 0644 /mnt/tailwart/tailwart-edge.service /etc/systemd/system/\n"
+                     "install -m 0644 /mnt/tailwart/tailwart-edge.env /etc/default/tailwart-edge\n"
+                     "systemctl daemon-reload", check=False, timeout=90)
+        imap.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -6844,6 +7090,46 @@ def test_check_a_refused_port_fails_connect():
     assert doctor.code == 1, doctor
     doctor.finding("FAIL", "connect", "127.0.0.1:%d refused" % port)
     assert "smtp" not in doctor.topics(), doctor          # nothing to greet
+
+
+class RefusedBind:
+    """A socket whose bind() fails as an unprivileged user's does on a port below 1024."""
+
+    def __init__(self, *args):
+        pass
+
+    def setsockopt(self, *args):
+        pass
+
+    def bind(self, address):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    def close(self):
+        pass
+
+
+def test_check_a_low_port_the_unit_may_bind_is_a_warning_not_a_failure(tmp_path, monkeypatch):
+    # the README's `--check --settings /etc/default/tailwart-edge` without sudo: FAILed every
+    # port below 1024, though the unit grants CAP_NET_BIND_SERVICE
+    settings, unit = tmp_path / "tailwart-edge", tmp_path / "tailwart-edge.service"
+    settings.write_text("UPSTREAM=h.test\nPORTS=127.0.0.1:25\n")
+    monkeypatch.setattr(edge, "INSTALL_SETTINGS", str(settings))
+    monkeypatch.setattr(edge, "INSTALL_UNIT", str(unit))
+    monkeypatch.setattr(edge.socket, "socket", RefusedBind)
+    options, (low,) = edge.parse_args(["--settings", str(settings)])
+    high = edge.parse_mapping("127.0.0.1:2525=h.test:25", None)
+    assert edge.unit_grants_low_ports(options)       # the unit --install will write
+    status, topic, text = edge.check_listen(low, edge.unit_grants_low_ports(options))
+    assert (status, topic) == ("warn", "listen") and "CAP_NET_BIND_SERVICE" in text, text
+    assert edge.check_listen(high, True)[0] == "FAIL"       # the capability is for < 1024
+    unit.write_text(edge.unit_text("/usr/bin/python3"))
+    assert edge.unit_grants_low_ports(options)
+    unit.write_text(edge.unit_text("/usr/bin/python3").replace(
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE\n", ""))    # an admin's unit without it
+    assert not edge.unit_grants_low_ports(options)
+    other, _ = edge.parse_args(["127.0.0.1:25=h.test:25"])    # not the service's settings
+    assert not edge.unit_grants_low_ports(other)
+    assert edge.check_listen(low, False)[0] == "FAIL"
 
 
 def test_check_an_unresolvable_name_fails_resolve():
