@@ -1827,12 +1827,27 @@ def proxy_header_v2(src, dst):
     fixed = V2_DESTINATIONS.get(dst)
     if fixed is None:
         fixed = v2_destination(dst)
-    dst6, family, prefix, dst_ip, dst_port = fixed
-    if (":" in src_ip) != dst6:
+    if (":" in src_ip) != fixed.ipv6:
         # UNSPEC with PROXY: the receiver must accept the connection and use its own address
         return V2_SIGNATURE + struct.pack("!BBH", V2_VERSION_PROXY, V2_UNSPEC, 0)
-    return b"".join((prefix, socket.inet_pton(family, src_ip), dst_ip,
-                     struct.pack("!HH", src[1], dst_port)))
+    return b"".join((fixed.prefix, socket.inet_pton(fixed.family, src_ip), fixed.packed_ip,
+                     struct.pack("!HH", src[1], fixed.port)))
+
+
+class V2Destination:
+    """The part of a v2 header that depends only on the address the client connected to."""
+
+    __slots__ = ("ipv6", "family", "prefix", "packed_ip", "port")
+
+    def __init__(self, dst):
+        dst_ip = plain_ip(dst[0])
+        self.ipv6 = ":" in dst_ip       # a TCP6 header: the client's address must be IPv6 too
+        self.family = socket.AF_INET6 if self.ipv6 else socket.AF_INET
+        # signature, version/command, family/transport, length of the address block
+        self.prefix = V2_SIGNATURE + struct.pack(
+            "!BBH", V2_VERSION_PROXY, V2_TCP6 if self.ipv6 else V2_TCP4, 36 if self.ipv6 else 12)
+        self.packed_ip = socket.inet_pton(self.family, dst_ip)
+        self.port = dst[1]
 
 
 V2_DESTINATIONS = {}            # dst (ip, port, ...) -> v2_destination(dst)
@@ -1840,13 +1855,8 @@ V2_DESTINATIONS_MAX = 256       # a wildcard listener on many local addresses: t
 
 
 def v2_destination(dst):
-    """(IPv6?, family, signature + version + family + length, packed ip, port) for `dst`."""
-    dst_ip = plain_ip(dst[0])
-    dst6 = ":" in dst_ip
-    family = socket.AF_INET6 if dst6 else socket.AF_INET
-    fixed = (dst6, family, V2_SIGNATURE + struct.pack(
-        "!BBH", V2_VERSION_PROXY, V2_TCP6 if dst6 else V2_TCP4, 36 if dst6 else 12),
-        socket.inet_pton(family, dst_ip), dst[1])
+    """The V2Destination of `dst` (an (ip, port, ...) tuple), kept for the next header."""
+    fixed = V2Destination(dst)
     if len(V2_DESTINATIONS) < V2_DESTINATIONS_MAX:
         V2_DESTINATIONS[dst] = fixed
     return fixed
