@@ -62,7 +62,7 @@ codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad command line.
 #                         server name or the HTTP Host       request_head
 #                         -> the route (Route)
 #   PROXY header ........ the codec: pure functions          proxy_header_v1, proxy_header_v2
-#   Resolver ............ names off the event loop           Resolver
+#   Resolver ............ names off the event loop           Resolver, Answer
 #   Connecting .......... resolve, connect, failover,        Connector, Upstream
 #                         connect timeout, the header,
 #                         per-upstream counters and warnings
@@ -1875,6 +1875,28 @@ RESOLVER_THREADS = 4
 INFINITY = float("inf")
 
 
+class Answer:
+    """A cached answer for one name: its addresses, and until when it is fresh (used as it
+    is) and usable (served stale while a new lookup runs). An IP literal's never expires."""
+
+    __slots__ = ("fresh_until", "addrs", "by_port", "usable_until")
+
+    def __init__(self, fresh_until, addrs, usable_until):
+        self.fresh_until = fresh_until
+        self.addrs = addrs              # [(family, sockaddr)] as getaddrinfo() gave them
+        self.by_port = {}               # port -> addrs with that port (see with_port)
+        self.usable_until = usable_until
+
+    def with_port(self, port):
+        """The addresses with `port` set, made once per port and shared by every session
+        (a sockaddr tuple per session would cost memory for nothing)."""
+        addrs = self.by_port.get(port)
+        if addrs is None:
+            addrs = self.by_port[port] = [(family, (sockaddr[0], port) + sockaddr[2:])
+                                          for family, sockaddr in self.addrs]
+        return addrs
+
+
 class Resolver:
     """Resolves upstream names off the event loop and caches the answers.
 
@@ -1891,8 +1913,7 @@ class Resolver:
     def __init__(self, wake, ttl=DEFAULT_DNS_TTL):
         self.wake = wake
         self.ttl = ttl
-        # host -> (fresh until, [(family, sockaddr)], {port: addrs}, usable until)
-        self.cache = {}
+        self.cache = {}                 # host -> Answer
         self.waiting = {}               # host -> [(port, callback, tag)]
         self.in_flight = {}             # host -> when its lookup began
         self.failures = {}              # host -> lookups that failed (stale answer or not)
@@ -1908,16 +1929,17 @@ class Resolver:
         if hit is None:
             literal = literal_address(host, 0)
             if literal is not None:
-                hit = self.cache[host] = (INFINITY, [literal], {}, INFINITY)
+                hit = self.cache[host] = Answer(INFINITY, [literal], INFINITY)
         if hit is not None:
-            if hit[0] == INFINITY:          # an IP literal: no clock, no lookup
-                return callback(tag, with_port(hit, port), None)
+            if hit.fresh_until == INFINITY:     # an IP literal: no clock, no lookup
+                return callback(tag, hit.with_port(port), None)
             now = time.monotonic()
-            if hit[0] <= now < hit[3]:
+            if hit.fresh_until <= now < hit.usable_until:
                 self.look_up(host)          # in the background; this session takes the old answer
-                log(DEBUG, "resolve host=%s stale=yes age=%ds" % (host, now - hit[0] + self.ttl))
-            if now < hit[3]:
-                return callback(tag, with_port(hit, port), None)
+                log(DEBUG, "resolve host=%s stale=yes age=%ds" % (
+                    host, now - hit.fresh_until + self.ttl))
+            if now < hit.usable_until:
+                return callback(tag, hit.with_port(port), None)
         self.waiting.setdefault(host, []).append((port, callback, tag))
         self.look_up(host)
 
@@ -1946,9 +1968,9 @@ class Resolver:
 
     def expire(self):
         """Treat every cached answer as expired: the next use looks the name up again."""
-        for host, entry in self.cache.items():
-            if entry[0] != INFINITY:
-                self.cache[host] = (0.0,) + entry[1:]
+        for answer in self.cache.values():
+            if answer.fresh_until != INFINITY:
+                answer.fresh_until = 0.0
 
     def warm(self, hosts):
         """Look the upstream names up once at start: fills the cache, and the admin sees
@@ -1963,9 +1985,10 @@ class Resolver:
             host, (addrs, error) = self.done.popleft()
             began = self.in_flight.pop(host, None)
             now = time.monotonic()
-            entry = None
+            answer = None
             if addrs:
-                entry = self.cache[host] = (now + self.ttl, addrs, {}, now + self.ttl + STALE_LIMIT)
+                answer = self.cache[host] = Answer(now + self.ttl, addrs,
+                                                   now + self.ttl + STALE_LIMIT)
                 if log.threshold >= DEBUG:
                     log(DEBUG, "resolve host=%s addresses=%s secs=%.3f" % (
                         host, ",".join(sorted({sockaddr[0] for _, sockaddr in addrs})),
@@ -1973,16 +1996,17 @@ class Resolver:
             else:
                 self.failures[host] = self.failures.get(host, 0) + 1
                 stale = self.cache.get(host)
-                if stale is not None and now < stale[3]:
+                if stale is not None and now < stale.usable_until:
                     log(WARNING, "resolve host=%s error=%r; serving the stale answer, %ds old"
-                        % (host, error, now - stale[0] + self.ttl))
+                        % (host, error, now - stale.fresh_until + self.ttl))
                     # ask again after a third of the TTL, not for every new session
-                    entry = self.cache[host] = (now + self.ttl / 3,) + stale[1:]
+                    stale.fresh_until = now + self.ttl / 3
+                    answer = stale
                     error = None
                 elif not error:
                     error = "no address"
             for port, callback, tag in self.waiting.pop(host, ()):
-                callback(tag, entry and with_port(entry, port), error)
+                callback(tag, answer and answer.with_port(port), error)
 
 
 def log_resolved(host, addrs, error):
@@ -1992,16 +2016,6 @@ def log_resolved(host, addrs, error):
     else:
         ips = sorted({sockaddr[0] for _, sockaddr in addrs})
         log(NOTICE, "resolve host=%s addresses=%s" % (host, ",".join(ips)))
-
-
-def with_port(entry, port):
-    """A cache entry's addresses with `port` set, made once per port and shared by every
-    session (a sockaddr tuple per session would cost memory for nothing)."""
-    addrs = entry[2].get(port)
-    if addrs is None:
-        addrs = entry[2][port] = [(family, (sockaddr[0], port) + sockaddr[2:])
-                                  for family, sockaddr in entry[1]]
-    return addrs
 
 
 def literal_address(host, port):
