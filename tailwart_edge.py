@@ -2043,7 +2043,6 @@ FAILURE_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
                    errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable"}
 
 
-PROBE = "probe"
 HEALTH_BASE = 1.0               # an upstream that failed is skipped this long, doubling with
 HEALTH_MAX = 30.0               # each failure in a row up to this (nginx: fail_timeout=10s)
 
@@ -2056,8 +2055,9 @@ class Upstream:
     Passive health: after a failure the upstream is `down` for HEALTH_BASE seconds,
     doubling with each failure in a row up to HEALTH_MAX; sessions skip it meanwhile (and
     go to the next upstream at once instead of waiting out a connect timeout). When the time
-    is up, one session probes it (`probing`) while the others still skip it; a success
-    makes it healthy again. A mapping whose upstreams are all down still tries one.
+    is up, one session probes it (claim_probe() sets `probing`) while the others still skip
+    it; a success makes it healthy again. A mapping whose upstreams are all down still tries
+    one.
     """
 
     __slots__ = ("label", "attempts", "failures", "warned_at", "suppressed", "streak",
@@ -2075,14 +2075,22 @@ class Upstream:
         self.skipped = 0                # sessions that went past it while it was down
 
     def usable(self, now):
-        """May a new session try it? False, True, or PROBE: it is due a probe, and the
-        caller is it."""
-        if not self.streak:
-            return True
-        if self.probing or now < self.down_until:
+        """May a new session try it? Yes if healthy, or if it is down, its time is up and
+        no session probes it yet (then the caller must claim_probe())."""
+        return not self.streak or not (self.probing or now < self.down_until)
+
+    def claim_probe(self):
+        """The caller tries it while it is down: it is the probe, and the others keep
+        skipping it until the probe ends. True if claimed; False if it is healthy (nothing
+        to probe) or another session probes it already."""
+        if not self.streak or self.probing:
             return False
         self.probing = True
-        return PROBE
+        return True
+
+    def probe_abandoned(self):
+        """The probing session ended before its attempt did: let another one probe."""
+        self.probing = False
 
     def succeeded(self):
         """A connect completed: healthy again."""
@@ -2156,19 +2164,19 @@ class Connector:
         if self.host is not None:
             table[self.host, self.port].failed(
                 self, upstreams[index] if index < len(upstreams) else None, server.now)
-        usable = False
+        self.probe = False
         while index < len(upstreams):
-            usable = table[upstreams[index]].usable(server.now)
-            if usable:
+            upstream = table[upstreams[index]]
+            if upstream.usable(server.now):
+                self.probe = upstream.claim_probe()     # False for a healthy one
                 break
-            table[upstreams[index]].skipped += 1
+            upstream.skipped += 1
             index += 1                  # down: the next one, at once
         if index >= len(upstreams):
             if self.host is None and upstreams:
                 index = self.least_down(upstreams, table)   # all down: try one anyway
             else:
                 return session.refuse("connect-failed", self.error)
-        self.probe = usable is PROBE
         self.host, self.port = upstreams[index]
         table[self.host, self.port].attempts += 1
         self.upstream_index = index + 1
@@ -2808,7 +2816,7 @@ class Session:
         server = self.server
         connector = self.connector
         if connector is not None and connector.probe:
-            server.upstreams[connector.host, connector.port].probing = False
+            server.upstreams[connector.host, connector.port].probe_abandoned()
         if self.client_events:
             server.selector.forget(self.client.fileno())     # closed next: no epoll_ctl
         if self.upstream_events:
