@@ -2168,7 +2168,8 @@ class Connector:
         while index < len(upstreams):
             upstream = table[upstreams[index]]
             if upstream.usable(server.now):
-                self.probe = upstream.claim_probe()     # False for a healthy one
+                if upstream.streak:     # down, its time up: this session is its probe
+                    self.probe = upstream.claim_probe()
                 break
             upstream.skipped += 1
             index += 1                  # down: the next one, at once
@@ -3959,18 +3960,21 @@ def drop_privileges(user):
 
 SCRIPT_NAME = "tailwart_edge.py"     # in a command line: a running relay
 V2_LOCAL = 0x20                 # version 2, command LOCAL: the proxy's own connection (a check)
-# protocol -> (greeting is complete, greeting is good, goodbye, goodbye answered, an error line)
+# A protocol's dialogue as a check holds it: is the greeting complete (after this line), is it
+# good, the goodbye to send, is the goodbye answered (by this line), is a line an error
+Dialogue = collections.namedtuple("Dialogue", "complete good goodbye answered error")
 DIALOGUES = {
-    "smtp": (lambda line: line[3:4] != "-", lambda line: line.startswith("220"), "QUIT",
-             lambda line: line.startswith("221"), lambda line: line[:1] in ("4", "5")),
-    "imap": (lambda line: True, lambda line: line.startswith(("* OK", "* PREAUTH")), "a LOGOUT",
-             lambda line: line.startswith("a "),
-             lambda line: " BAD " in line + " " or " NO " in line + " "),
-    "pop3": (lambda line: True, lambda line: line.startswith("+OK"), "QUIT",
-             lambda line: line.startswith("+OK"), lambda line: line.startswith("-ERR")),
-    "sieve": (lambda line: line.startswith(("OK", "NO", "BYE")),
-              lambda line: line.startswith("OK"), "LOGOUT",
-              lambda line: line.startswith("OK"), lambda line: line.startswith(("NO", "BYE"))),
+    "smtp": Dialogue(lambda line: line[3:4] != "-", lambda line: line.startswith("220"), "QUIT",
+                     lambda line: line.startswith("221"), lambda line: line[:1] in ("4", "5")),
+    "imap": Dialogue(lambda line: True, lambda line: line.startswith(("* OK", "* PREAUTH")),
+                     "a LOGOUT", lambda line: line.startswith("a "),
+                     lambda line: " BAD " in line + " " or " NO " in line + " "),
+    "pop3": Dialogue(lambda line: True, lambda line: line.startswith("+OK"), "QUIT",
+                     lambda line: line.startswith("+OK"), lambda line: line.startswith("-ERR")),
+    "sieve": Dialogue(lambda line: line.startswith(("OK", "NO", "BYE")),
+                      lambda line: line.startswith("OK"), "LOGOUT",
+                      lambda line: line.startswith("OK"),
+                      lambda line: line.startswith(("NO", "BYE"))),
 }
 IMPLICIT_TLS = {"smtps": "smtp", "imaps": "imap", "pop3s": "pop3"}
 PLAIN_WAIT = 1.0                # on an implicit-TLS port, text within this long: a plain port
@@ -4112,21 +4116,43 @@ def check_upstream(host, port, protocol, kind, name, options, mappings, lines):
     `protocol` (a TLS one with server name `name`, if not None); append a (status, topic,
     text) to `lines` for each finding."""
     timeout = options.connect_timeout
-    started = time.monotonic()
+    addrs = check_resolve(host, port, lines)
+    if not addrs:
+        return
+    sock, address = check_connect(host, port, addrs, kind, mappings, timeout, lines)
+    if sock is None:
+        return
+    try:
+        talk(sock, address, plain_ip(sock.getsockname()[0]), protocol, kind, timeout, lines,
+             name)
+    finally:
+        sock.close()
+
+
+def check_resolve(host, port, lines):
+    """The addresses of `host` as [(family, sockaddr)], or None after a FAIL line."""
     literal = literal_address(host, port)
     if literal is not None:
-        addrs = [literal]
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        except (OSError, UnicodeError) as e:
-            return lines.append(("FAIL", "resolve", "%s does not resolve (%s): check the name; "
-                                 "a tailnet name needs this machine in the tailnet with MagicDNS "
-                                 "(`tailscale status`)" % (host, getattr(e, "strerror", e))))
-        addrs = [(info[0], info[4]) for info in infos]
-        lines.append(("ok", "resolve", "%s: %s in %d ms" % (
-            host, ",".join(sorted({sockaddr[0] for _, sockaddr in addrs})),
-            (time.monotonic() - started) * 1000)))
+        return [literal]
+    started = time.monotonic()
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as e:
+        lines.append(("FAIL", "resolve", "%s does not resolve (%s): check the name; a tailnet "
+                      "name needs this machine in the tailnet with MagicDNS (`tailscale "
+                      "status`)" % (host, getattr(e, "strerror", e))))
+        return None
+    addrs = [(info[0], info[4]) for info in infos]
+    lines.append(("ok", "resolve", "%s: %s in %d ms" % (
+        host, ",".join(sorted({sockaddr[0] for _, sockaddr in addrs})),
+        (time.monotonic() - started) * 1000)))
+    return addrs
+
+
+def check_connect(host, port, addrs, kind, mappings, timeout, lines):
+    """Connect to each address in turn until one answers: (blocking socket, its address as
+    text), or (None, None) when none did; a FAIL line for each that did not (a warning once
+    a later one works), and an ok line for the one that did."""
     sock = None
     for family, sockaddr in addrs:
         address = format_address(*sockaddr[:2])
@@ -4153,22 +4179,17 @@ def check_upstream(host, port, protocol, kind, name, options, mappings, lines):
         sock = None
         lines.append(("FAIL", "connect", "%s %s" % (address, why)))
     if sock is None:
-        return
+        return None, None
     for i, line in enumerate(lines):        # a failed address before one that works: a warning
         if line[0] == "FAIL" and line[1] == "connect":
             lines[i] = ("warn",) + line[1:]
-    src = sock.getsockname()
-    source = plain_ip(src[0])
-    text = "%s in %d ms from %s" % (format_address(*sockaddr[:2]), (time.monotonic() - started)
-                                   * 1000, source)
+    source = plain_ip(sock.getsockname()[0])
+    text = "%s in %d ms from %s" % (address, (time.monotonic() - started) * 1000, source)
     if kind != "off":
         text += "; the mail server must trust PROXY headers from %s (exactly that address)" \
             % source
     lines.append(("ok", "connect", text))
-    try:
-        talk(sock, format_address(*sockaddr[:2]), source, protocol, kind, timeout, lines, name)
-    finally:
-        sock.close()
+    return sock, address
 
 
 def check_header(sock, kind):
@@ -4196,45 +4217,65 @@ def talk(sock, address, source, protocol, kind, timeout, lines, name=None):
         return lines.append(("ok", "tcp", "%s accepted the connection%s (no greeting to check "
                              "for an unknown protocol; name it as PORT/smtp, /imap ... to check "
                              "one)" % (address, " and the %s header" % kind if header else "")))
-    complete, good, goodbye, answered, error = DIALOGUES[dialogue_name]
     reader = LineReader(sock, timeout)
+    greeting = check_greeting(reader, address, source, protocol, kind, lines)
+    if greeting is not None:
+        check_goodbye(reader, address, source, dialogue_name, header_name, greeting, lines)
+
+
+def check_greeting(reader, address, source, protocol, kind, lines):
+    """Read the server's greeting in the dialogue of `protocol`: its lines, or None after a
+    FAIL line that says why there was none, or why it is not one a client accepts."""
+    dialogue_name = IMPLICIT_TLS.get(protocol, protocol)
+    dialogue = DIALOGUES[dialogue_name]
     greeting = []
     try:
-        reader.read_until(complete, greeting)
+        reader.read_until(dialogue.complete, greeting)
     except socket.timeout:
         greeting = None
     except OSError as e:
-        return lines.append(("FAIL", dialogue_name, "%s closed the connection without a "
-                             "greeting (%s)%s" % (address, e.strerror, untrusted(source, kind))))
+        lines.append(("FAIL", dialogue_name, "%s closed the connection without a greeting "
+                      "(%s)%s" % (address, e.strerror, untrusted(source, kind))))
+        return None
     if greeting is None:
-        text = "%s sent no greeting within %gs" % (address, timeout)
+        text = "%s sent no greeting within %gs" % (address, reader.timeout)
         if kind != "off":
             text += "; is it the mail server's %s port, and does it expect the %s header?" % (
                 dialogue_name, kind)
         else:
             text += "; it expects a PROXY header? (this relay sends none: --proxy-protocol off)"
-        if protocol not in IMPLICIT_TLS and speaks_tls(sock, timeout):
+        if protocol not in IMPLICIT_TLS and speaks_tls(reader.sock, reader.timeout):
             text += "; it speaks TLS on this port: point the mapping at the server's plain " \
                 "%s port, or name it PORT/%ss" % (dialogue_name, dialogue_name)
-        return lines.append(("FAIL", dialogue_name, text))
+        lines.append(("FAIL", dialogue_name, text))
+        return None
     if not greeting:
-        return lines.append(("FAIL", dialogue_name, "%s closed the connection without a "
-                             "greeting%s" % (address, untrusted(source, kind))))
-    if not good(greeting[-1]):
+        lines.append(("FAIL", dialogue_name, "%s closed the connection without a greeting%s"
+                      % (address, untrusted(source, kind))))
+        return None
+    if not dialogue.good(greeting[-1]):
         text = "%s greeted %s" % (address, quote(greeting[0]))
         if kind == "off":
             text += ": it expects a PROXY header? (this relay sends none: --proxy-protocol off)"
         elif not greeting[0].isprintable():
             text += ": not a %s greeting (binary: TLS?)" % dialogue_name
-        return lines.append(("FAIL", dialogue_name, text))
+        lines.append(("FAIL", dialogue_name, text))
+        return None
+    return greeting
+
+
+def check_goodbye(reader, address, source, dialogue_name, header_name, greeting, lines):
+    """After a good greeting, end the dialogue politely; an error answer when a header was
+    sent means the server read the header as a command. The finding for the dialogue."""
+    dialogue = DIALOGUES[dialogue_name]
     answers = []
     try:
-        sock.sendall(goodbye.encode("ascii") + b"\r\n")
-        reader.read_until(answered, answers)
+        reader.sock.sendall(dialogue.goodbye.encode("ascii") + b"\r\n")
+        reader.read_until(dialogue.answered, answers)
     except (socket.timeout, OSError):
         pass
-    errors = [line for line in answers if error(line)]
-    if errors and header:
+    errors = [line for line in answers if dialogue.error(line)]
+    if errors and header_name:
         return lines.append(("FAIL", dialogue_name, "%s read the PROXY header as a command (it "
                              "answered %s): it does not accept PROXY headers from %s; trust PROXY "
                              "headers from %s on the mail server (%s), or run the relay with "
@@ -4246,11 +4287,12 @@ def talk(sock, address, source, protocol, kind, timeout, lines, name=None):
                                              else greeting[0]))
     if header_name:
         text += "; %s accepted" % header_name
-    if answers and answered(answers[-1]) and not errors:
-        text += "; %s answered %s" % (goodbye.split()[-1], quote(answers[-1]))
+    command = dialogue.goodbye.split()[-1]        # IMAP's without its tag
+    if answers and dialogue.answered(answers[-1]) and not errors:
+        text += "; %s answered %s" % (command, quote(answers[-1]))
         return lines.append(("ok", dialogue_name, text))
-    text += "; but %s was answered %s" % (goodbye.split()[-1], quote(answers[-1]) if answers
-                                          else "by nothing")
+    text += "; but %s was answered %s" % (command, quote(answers[-1]) if answers else
+                                          "by nothing")
     lines.append(("warn" if not errors else "FAIL", dialogue_name, text))
 
 
