@@ -71,7 +71,7 @@ codes: 0 stopped, 1 could not start (e.g. a port is taken), 2 bad command line.
 #                         server name or the HTTP Host       request_head
 #                         -> the route (Route)
 #   PROXY header ........ the codec: pure functions          proxy_header_v1, proxy_header_v2
-#   Resolver ............ names off the event loop           Resolver
+#   Resolver ............ names off the event loop           Resolver, Answer
 #   Connecting .......... resolve, connect, failover,        Connector, Upstream
 #                         connect timeout, the header,
 #                         per-upstream counters and warnings
@@ -2006,12 +2006,27 @@ def proxy_header_v2(src, dst):
     fixed = V2_DESTINATIONS.get(dst)
     if fixed is None:
         fixed = v2_destination(dst)
-    dst6, family, prefix, dst_ip, dst_port = fixed
-    if (":" in src_ip) != dst6:
+    if (":" in src_ip) != fixed.ipv6:
         # UNSPEC with PROXY: the receiver must accept the connection and use its own address
         return V2_SIGNATURE + struct.pack("!BBH", V2_VERSION_PROXY, V2_UNSPEC, 0)
-    return b"".join((prefix, socket.inet_pton(family, src_ip), dst_ip,
-                     struct.pack("!HH", src[1], dst_port)))
+    return b"".join((fixed.prefix, socket.inet_pton(fixed.family, src_ip), fixed.packed_ip,
+                     struct.pack("!HH", src[1], fixed.port)))
+
+
+class V2Destination:
+    """The part of a v2 header that depends only on the address the client connected to."""
+
+    __slots__ = ("ipv6", "family", "prefix", "packed_ip", "port")
+
+    def __init__(self, dst):
+        dst_ip = plain_ip(dst[0])
+        self.ipv6 = ":" in dst_ip       # a TCP6 header: the client's address must be IPv6 too
+        self.family = socket.AF_INET6 if self.ipv6 else socket.AF_INET
+        # signature, version/command, family/transport, length of the address block
+        self.prefix = V2_SIGNATURE + struct.pack(
+            "!BBH", V2_VERSION_PROXY, V2_TCP6 if self.ipv6 else V2_TCP4, 36 if self.ipv6 else 12)
+        self.packed_ip = socket.inet_pton(self.family, dst_ip)
+        self.port = dst[1]
 
 
 V2_DESTINATIONS = {}            # dst (ip, port, ...) -> v2_destination(dst)
@@ -2019,13 +2034,8 @@ V2_DESTINATIONS_MAX = 256       # a wildcard listener on many local addresses: t
 
 
 def v2_destination(dst):
-    """(IPv6?, family, signature + version + family + length, packed ip, port) for `dst`."""
-    dst_ip = plain_ip(dst[0])
-    dst6 = ":" in dst_ip
-    family = socket.AF_INET6 if dst6 else socket.AF_INET
-    fixed = (dst6, family, V2_SIGNATURE + struct.pack(
-        "!BBH", V2_VERSION_PROXY, V2_TCP6 if dst6 else V2_TCP4, 36 if dst6 else 12),
-        socket.inet_pton(family, dst_ip), dst[1])
+    """The V2Destination of `dst` (an (ip, port, ...) tuple), kept for the next header."""
+    fixed = V2Destination(dst)
     if len(V2_DESTINATIONS) < V2_DESTINATIONS_MAX:
         V2_DESTINATIONS[dst] = fixed
     return fixed
@@ -2044,6 +2054,28 @@ RESOLVER_THREADS = 4
 INFINITY = float("inf")
 
 
+class Answer:
+    """A cached answer for one name: its addresses, and until when it is fresh (used as it
+    is) and usable (served stale while a new lookup runs). An IP literal's never expires."""
+
+    __slots__ = ("fresh_until", "addrs", "by_port", "usable_until")
+
+    def __init__(self, fresh_until, addrs, usable_until):
+        self.fresh_until = fresh_until
+        self.addrs = addrs              # [(family, sockaddr)] as getaddrinfo() gave them
+        self.by_port = {}               # port -> addrs with that port (see with_port)
+        self.usable_until = usable_until
+
+    def with_port(self, port):
+        """The addresses with `port` set, made once per port and shared by every session
+        (a sockaddr tuple per session would cost memory for nothing)."""
+        addrs = self.by_port.get(port)
+        if addrs is None:
+            addrs = self.by_port[port] = [(family, (sockaddr[0], port) + sockaddr[2:])
+                                          for family, sockaddr in self.addrs]
+        return addrs
+
+
 class Resolver:
     """Resolves upstream names off the event loop and caches the answers.
 
@@ -2060,8 +2092,7 @@ class Resolver:
     def __init__(self, wake, ttl=DEFAULT_DNS_TTL):
         self.wake = wake
         self.ttl = ttl
-        # host -> (fresh until, [(family, sockaddr)], {port: addrs}, usable until)
-        self.cache = {}
+        self.cache = {}                 # host -> Answer
         self.waiting = {}               # host -> [(port, callback, tag)]
         self.in_flight = {}             # host -> when its lookup began
         self.failures = {}              # host -> lookups that failed (stale answer or not)
@@ -2077,16 +2108,17 @@ class Resolver:
         if hit is None:
             literal = literal_address(host, 0)
             if literal is not None:
-                hit = self.cache[host] = (INFINITY, [literal], {}, INFINITY)
+                hit = self.cache[host] = Answer(INFINITY, [literal], INFINITY)
         if hit is not None:
-            if hit[0] == INFINITY:          # an IP literal: no clock, no lookup
-                return callback(tag, with_port(hit, port), None)
+            if hit.fresh_until == INFINITY:     # an IP literal: no clock, no lookup
+                return callback(tag, hit.with_port(port), None)
             now = time.monotonic()
-            if hit[0] <= now < hit[3]:
+            if hit.fresh_until <= now < hit.usable_until:
                 self.look_up(host)          # in the background; this session takes the old answer
-                log(DEBUG, "resolve host=%s stale=yes age=%ds" % (host, now - hit[0] + self.ttl))
-            if now < hit[3]:
-                return callback(tag, with_port(hit, port), None)
+                log(DEBUG, "resolve host=%s stale=yes age=%ds" % (
+                    host, now - hit.fresh_until + self.ttl))
+            if now < hit.usable_until:
+                return callback(tag, hit.with_port(port), None)
         self.waiting.setdefault(host, []).append((port, callback, tag))
         self.look_up(host)
 
@@ -2115,9 +2147,9 @@ class Resolver:
 
     def expire(self):
         """Treat every cached answer as expired: the next use looks the name up again."""
-        for host, entry in self.cache.items():
-            if entry[0] != INFINITY:
-                self.cache[host] = (0.0,) + entry[1:]
+        for answer in self.cache.values():
+            if answer.fresh_until != INFINITY:
+                answer.fresh_until = 0.0
 
     def warm(self, hosts):
         """Look the upstream names up once at start: fills the cache, and the admin sees
@@ -2132,9 +2164,10 @@ class Resolver:
             host, (addrs, error) = self.done.popleft()
             began = self.in_flight.pop(host, None)
             now = time.monotonic()
-            entry = None
+            answer = None
             if addrs:
-                entry = self.cache[host] = (now + self.ttl, addrs, {}, now + self.ttl + STALE_LIMIT)
+                answer = self.cache[host] = Answer(now + self.ttl, addrs,
+                                                   now + self.ttl + STALE_LIMIT)
                 if log.threshold >= DEBUG:
                     log(DEBUG, "resolve host=%s addresses=%s secs=%.3f" % (
                         host, ",".join(sorted({sockaddr[0] for _, sockaddr in addrs})),
@@ -2142,16 +2175,17 @@ class Resolver:
             else:
                 self.failures[host] = self.failures.get(host, 0) + 1
                 stale = self.cache.get(host)
-                if stale is not None and now < stale[3]:
+                if stale is not None and now < stale.usable_until:
                     log(WARNING, "resolve host=%s error=%r; serving the stale answer, %ds old"
-                        % (host, error, now - stale[0] + self.ttl))
+                        % (host, error, now - stale.fresh_until + self.ttl))
                     # ask again after a third of the TTL, not for every new session
-                    entry = self.cache[host] = (now + self.ttl / 3,) + stale[1:]
+                    stale.fresh_until = now + self.ttl / 3
+                    answer = stale
                     error = None
                 elif not error:
                     error = "no address"
             for port, callback, tag in self.waiting.pop(host, ()):
-                callback(tag, entry and with_port(entry, port), error)
+                callback(tag, answer and answer.with_port(port), error)
 
 
 def log_resolved(host, addrs, error):
@@ -2161,16 +2195,6 @@ def log_resolved(host, addrs, error):
     else:
         ips = sorted({sockaddr[0] for _, sockaddr in addrs})
         log(NOTICE, "resolve host=%s addresses=%s" % (host, ",".join(ips)))
-
-
-def with_port(entry, port):
-    """A cache entry's addresses with `port` set, made once per port and shared by every
-    session (a sockaddr tuple per session would cost memory for nothing)."""
-    addrs = entry[2].get(port)
-    if addrs is None:
-        addrs = entry[2][port] = [(family, (sockaddr[0], port) + sockaddr[2:])
-                                  for family, sockaddr in entry[1]]
-    return addrs
 
 
 def literal_address(host, port):
@@ -2199,7 +2223,6 @@ FAILURE_REASONS = {errno.ECONNREFUSED: "refused", errno.ETIMEDOUT: "timeout",
                    errno.ENETUNREACH: "unreachable", errno.EHOSTUNREACH: "unreachable"}
 
 
-PROBE = "probe"
 HEALTH_BASE = 1.0               # an upstream that failed is skipped this long, doubling with
 HEALTH_MAX = 30.0               # each failure in a row up to this (nginx: fail_timeout=10s)
 
@@ -2212,8 +2235,9 @@ class Upstream:
     Passive health: after a failure the upstream is `down` for HEALTH_BASE seconds,
     doubling with each failure in a row up to HEALTH_MAX; sessions skip it meanwhile (and
     go to the next upstream at once instead of waiting out a connect timeout). When the time
-    is up, one session probes it (`probing`) while the others still skip it; a success
-    makes it healthy again. A mapping whose upstreams are all down still tries one.
+    is up, one session probes it (claim_probe() sets `probing`) while the others still skip
+    it; a success makes it healthy again. A mapping whose upstreams are all down still tries
+    one.
     """
 
     __slots__ = ("label", "attempts", "failures", "warned_at", "suppressed", "streak",
@@ -2231,14 +2255,22 @@ class Upstream:
         self.skipped = 0                # sessions that went past it while it was down
 
     def usable(self, now):
-        """May a new session try it? False, True, or PROBE: it is due a probe, and the
-        caller is it."""
-        if not self.streak:
-            return True
-        if self.probing or now < self.down_until:
+        """May a new session try it? Yes if healthy, or if it is down, its time is up and
+        no session probes it yet (then the caller must claim_probe())."""
+        return not self.streak or not (self.probing or now < self.down_until)
+
+    def claim_probe(self):
+        """The caller tries it while it is down: it is the probe, and the others keep
+        skipping it until the probe ends. True if claimed; False if it is healthy (nothing
+        to probe) or another session probes it already."""
+        if not self.streak or self.probing:
             return False
         self.probing = True
-        return PROBE
+        return True
+
+    def probe_abandoned(self):
+        """The probing session ended before its attempt did: let another one probe."""
+        self.probing = False
 
     def succeeded(self):
         """A connect completed: healthy again."""
@@ -2312,19 +2344,20 @@ class Connector:
         if self.host is not None:
             table[self.host, self.port].failed(
                 self, upstreams[index] if index < len(upstreams) else None, server.now)
-        usable = False
+        self.probe = False
         while index < len(upstreams):
-            usable = table[upstreams[index]].usable(server.now)
-            if usable:
+            upstream = table[upstreams[index]]
+            if upstream.usable(server.now):
+                if upstream.streak:     # down, its time up: this session is its probe
+                    self.probe = upstream.claim_probe()
                 break
-            table[upstreams[index]].skipped += 1
+            upstream.skipped += 1
             index += 1                  # down: the next one, at once
         if index >= len(upstreams):
             if self.host is None and upstreams:
                 index = self.least_down(upstreams, table)   # all down: try one anyway
             else:
                 return session.refuse("connect-failed", self.error)
-        self.probe = usable is PROBE
         self.host, self.port = upstreams[index]
         table[self.host, self.port].attempts += 1
         self.upstream_index = index + 1
@@ -2968,7 +3001,7 @@ class Session:
         server = self.server
         connector = self.connector
         if connector is not None and connector.probe:
-            server.upstreams[connector.host, connector.port].probing = False
+            server.upstreams[connector.host, connector.port].probe_abandoned()
         if self.client_events:
             server.selector.forget(self.client.fileno())     # closed next: no epoll_ctl
         if self.upstream_events:
@@ -4309,18 +4342,21 @@ def drop_privileges(user):
 
 SCRIPT_NAME = "tailwart_edge.py"     # in a command line: a running relay
 V2_LOCAL = 0x20                 # version 2, command LOCAL: the proxy's own connection (a check)
-# protocol -> (greeting is complete, greeting is good, goodbye, goodbye answered, an error line)
+# A protocol's dialogue as a check holds it: is the greeting complete (after this line), is it
+# good, the goodbye to send, is the goodbye answered (by this line), is a line an error
+Dialogue = collections.namedtuple("Dialogue", "complete good goodbye answered error")
 DIALOGUES = {
-    "smtp": (lambda line: line[3:4] != "-", lambda line: line.startswith("220"), "QUIT",
-             lambda line: line.startswith("221"), lambda line: line[:1] in ("4", "5")),
-    "imap": (lambda line: True, lambda line: line.startswith(("* OK", "* PREAUTH")), "a LOGOUT",
-             lambda line: line.startswith("a "),
-             lambda line: " BAD " in line + " " or " NO " in line + " "),
-    "pop3": (lambda line: True, lambda line: line.startswith("+OK"), "QUIT",
-             lambda line: line.startswith("+OK"), lambda line: line.startswith("-ERR")),
-    "sieve": (lambda line: line.startswith(("OK", "NO", "BYE")),
-              lambda line: line.startswith("OK"), "LOGOUT",
-              lambda line: line.startswith("OK"), lambda line: line.startswith(("NO", "BYE"))),
+    "smtp": Dialogue(lambda line: line[3:4] != "-", lambda line: line.startswith("220"), "QUIT",
+                     lambda line: line.startswith("221"), lambda line: line[:1] in ("4", "5")),
+    "imap": Dialogue(lambda line: True, lambda line: line.startswith(("* OK", "* PREAUTH")),
+                     "a LOGOUT", lambda line: line.startswith("a "),
+                     lambda line: " BAD " in line + " " or " NO " in line + " "),
+    "pop3": Dialogue(lambda line: True, lambda line: line.startswith("+OK"), "QUIT",
+                     lambda line: line.startswith("+OK"), lambda line: line.startswith("-ERR")),
+    "sieve": Dialogue(lambda line: line.startswith(("OK", "NO", "BYE")),
+                      lambda line: line.startswith("OK"), "LOGOUT",
+                      lambda line: line.startswith("OK"),
+                      lambda line: line.startswith(("NO", "BYE"))),
 }
 IMPLICIT_TLS = {"smtps": "smtp", "imaps": "imap", "pop3s": "pop3"}
 PLAIN_WAIT = 1.0                # on an implicit-TLS port, text within this long: a plain port
@@ -4506,21 +4542,43 @@ def check_upstream(host, port, protocol, kind, name, options, mappings, lines):
     `protocol` (a TLS one with server name `name`, if not None); append a (status, topic,
     text) to `lines` for each finding."""
     timeout = options.connect_timeout
-    started = time.monotonic()
+    addrs = check_resolve(host, port, lines)
+    if not addrs:
+        return
+    sock, address = check_connect(host, port, addrs, kind, mappings, timeout, lines)
+    if sock is None:
+        return
+    try:
+        talk(sock, address, plain_ip(sock.getsockname()[0]), protocol, kind, timeout, lines,
+             name)
+    finally:
+        sock.close()
+
+
+def check_resolve(host, port, lines):
+    """The addresses of `host` as [(family, sockaddr)], or None after a FAIL line."""
     literal = literal_address(host, port)
     if literal is not None:
-        addrs = [literal]
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        except (OSError, UnicodeError) as e:
-            return lines.append(("FAIL", "resolve", "%s does not resolve (%s): check the name; "
-                                 "a tailnet name needs this machine in the tailnet with MagicDNS "
-                                 "(`tailscale status`)" % (host, getattr(e, "strerror", e))))
-        addrs = [(info[0], info[4]) for info in infos]
-        lines.append(("ok", "resolve", "%s: %s in %d ms" % (
-            host, ",".join(sorted({sockaddr[0] for _, sockaddr in addrs})),
-            (time.monotonic() - started) * 1000)))
+        return [literal]
+    started = time.monotonic()
+    try:
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as e:
+        lines.append(("FAIL", "resolve", "%s does not resolve (%s): check the name; a tailnet "
+                      "name needs this machine in the tailnet with MagicDNS (`tailscale "
+                      "status`)" % (host, getattr(e, "strerror", e))))
+        return None
+    addrs = [(info[0], info[4]) for info in infos]
+    lines.append(("ok", "resolve", "%s: %s in %d ms" % (
+        host, ",".join(sorted({sockaddr[0] for _, sockaddr in addrs})),
+        (time.monotonic() - started) * 1000)))
+    return addrs
+
+
+def check_connect(host, port, addrs, kind, mappings, timeout, lines):
+    """Connect to each address in turn until one answers: (blocking socket, its address as
+    text), or (None, None) when none did; a FAIL line for each that did not (a warning once
+    a later one works), and an ok line for the one that did."""
     sock = None
     for family, sockaddr in addrs:
         address = format_address(*sockaddr[:2])
@@ -4547,22 +4605,17 @@ def check_upstream(host, port, protocol, kind, name, options, mappings, lines):
         sock = None
         lines.append(("FAIL", "connect", "%s %s" % (address, why)))
     if sock is None:
-        return
+        return None, None
     for i, line in enumerate(lines):        # a failed address before one that works: a warning
         if line[0] == "FAIL" and line[1] == "connect":
             lines[i] = ("warn",) + line[1:]
-    src = sock.getsockname()
-    source = plain_ip(src[0])
-    text = "%s in %d ms from %s" % (format_address(*sockaddr[:2]), (time.monotonic() - started)
-                                   * 1000, source)
+    source = plain_ip(sock.getsockname()[0])
+    text = "%s in %d ms from %s" % (address, (time.monotonic() - started) * 1000, source)
     if kind != "off":
         text += "; the mail server must trust PROXY headers from %s (exactly that address)" \
             % source
     lines.append(("ok", "connect", text))
-    try:
-        talk(sock, format_address(*sockaddr[:2]), source, protocol, kind, timeout, lines, name)
-    finally:
-        sock.close()
+    return sock, address
 
 
 def check_header(sock, kind):
@@ -4590,45 +4643,65 @@ def talk(sock, address, source, protocol, kind, timeout, lines, name=None):
         return lines.append(("ok", "tcp", "%s accepted the connection%s (no greeting to check "
                              "for an unknown protocol; name it as PORT/smtp, /imap ... to check "
                              "one)" % (address, " and the %s header" % kind if header else "")))
-    complete, good, goodbye, answered, error = DIALOGUES[dialogue_name]
     reader = LineReader(sock, timeout)
+    greeting = check_greeting(reader, address, source, protocol, kind, lines)
+    if greeting is not None:
+        check_goodbye(reader, address, source, dialogue_name, header_name, greeting, lines)
+
+
+def check_greeting(reader, address, source, protocol, kind, lines):
+    """Read the server's greeting in the dialogue of `protocol`: its lines, or None after a
+    FAIL line that says why there was none, or why it is not one a client accepts."""
+    dialogue_name = IMPLICIT_TLS.get(protocol, protocol)
+    dialogue = DIALOGUES[dialogue_name]
     greeting = []
     try:
-        reader.read_until(complete, greeting)
+        reader.read_until(dialogue.complete, greeting)
     except socket.timeout:
         greeting = None
     except OSError as e:
-        return lines.append(("FAIL", dialogue_name, "%s closed the connection without a "
-                             "greeting (%s)%s" % (address, e.strerror, untrusted(source, kind))))
+        lines.append(("FAIL", dialogue_name, "%s closed the connection without a greeting "
+                      "(%s)%s" % (address, e.strerror, untrusted(source, kind))))
+        return None
     if greeting is None:
-        text = "%s sent no greeting within %gs" % (address, timeout)
+        text = "%s sent no greeting within %gs" % (address, reader.timeout)
         if kind != "off":
             text += "; is it the mail server's %s port, and does it expect the %s header?" % (
                 dialogue_name, kind)
         else:
             text += "; it expects a PROXY header? (this relay sends none: --proxy-protocol off)"
-        if protocol not in IMPLICIT_TLS and speaks_tls(sock, timeout):
+        if protocol not in IMPLICIT_TLS and speaks_tls(reader.sock, reader.timeout):
             text += "; it speaks TLS on this port: point the mapping at the server's plain " \
                 "%s port, or name it PORT/%ss" % (dialogue_name, dialogue_name)
-        return lines.append(("FAIL", dialogue_name, text))
+        lines.append(("FAIL", dialogue_name, text))
+        return None
     if not greeting:
-        return lines.append(("FAIL", dialogue_name, "%s closed the connection without a "
-                             "greeting%s" % (address, untrusted(source, kind))))
-    if not good(greeting[-1]):
+        lines.append(("FAIL", dialogue_name, "%s closed the connection without a greeting%s"
+                      % (address, untrusted(source, kind))))
+        return None
+    if not dialogue.good(greeting[-1]):
         text = "%s greeted %s" % (address, quote(greeting[0]))
         if kind == "off":
             text += ": it expects a PROXY header? (this relay sends none: --proxy-protocol off)"
         elif not greeting[0].isprintable():
             text += ": not a %s greeting (binary: TLS?)" % dialogue_name
-        return lines.append(("FAIL", dialogue_name, text))
+        lines.append(("FAIL", dialogue_name, text))
+        return None
+    return greeting
+
+
+def check_goodbye(reader, address, source, dialogue_name, header_name, greeting, lines):
+    """After a good greeting, end the dialogue politely; an error answer when a header was
+    sent means the server read the header as a command. The finding for the dialogue."""
+    dialogue = DIALOGUES[dialogue_name]
     answers = []
     try:
-        sock.sendall(goodbye.encode("ascii") + b"\r\n")
-        reader.read_until(answered, answers)
+        reader.sock.sendall(dialogue.goodbye.encode("ascii") + b"\r\n")
+        reader.read_until(dialogue.answered, answers)
     except (socket.timeout, OSError):
         pass
-    errors = [line for line in answers if error(line)]
-    if errors and header:
+    errors = [line for line in answers if dialogue.error(line)]
+    if errors and header_name:
         return lines.append(("FAIL", dialogue_name, "%s read the PROXY header as a command (it "
                              "answered %s): it does not accept PROXY headers from %s; trust PROXY "
                              "headers from %s on the mail server (%s), or run the relay with "
@@ -4640,11 +4713,12 @@ def talk(sock, address, source, protocol, kind, timeout, lines, name=None):
                                              else greeting[0]))
     if header_name:
         text += "; %s accepted" % header_name
-    if answers and answered(answers[-1]) and not errors:
-        text += "; %s answered %s" % (goodbye.split()[-1], quote(answers[-1]))
+    command = dialogue.goodbye.split()[-1]        # IMAP's without its tag
+    if answers and dialogue.answered(answers[-1]) and not errors:
+        text += "; %s answered %s" % (command, quote(answers[-1]))
         return lines.append(("ok", dialogue_name, text))
-    text += "; but %s was answered %s" % (goodbye.split()[-1], quote(answers[-1]) if answers
-                                          else "by nothing")
+    text += "; but %s was answered %s" % (command, quote(answers[-1]) if answers else
+                                          "by nothing")
     lines.append(("warn" if not errors else "FAIL", dialogue_name, text))
 
 

@@ -6695,6 +6695,23 @@ def test_health_a_probe_whose_client_left_frees_the_probe():
         assert re.search(r"upstream %s attempts=3 " % re.escape(dead.address), stats), stats
 
 
+def test_health_unit_usable_is_a_question_and_claim_probe_claims_once():
+    """Issue 19 (readability): usable(now) only answers, however often it is asked; the
+    probe of a down upstream whose time is up is taken by claim_probe(), once, until the
+    probe ends (here: abandoned). A healthy upstream has nothing to claim."""
+    upstream = edge.Upstream("127.0.0.1", 25)
+    assert upstream.usable(0.0) and upstream.usable(0.0)
+    assert upstream.claim_probe() is False and not upstream.probing
+    upstream.streak, upstream.down_until = 1, 10.0          # failed once: down until t=10
+    assert not upstream.usable(5.0) and not upstream.probing
+    assert upstream.usable(10.0) and upstream.usable(10.0) and not upstream.probing
+    assert upstream.claim_probe() is True and upstream.probing
+    assert not upstream.usable(11.0)                        # the others skip it meanwhile
+    assert upstream.claim_probe() is False                  # claimed once
+    upstream.probe_abandoned()
+    assert upstream.usable(11.0) and upstream.claim_probe() is True
+
+
 # ----------------------------------------------------------------------------------------------
 # Refusals: a real Postfix defers through a down upstream (issue 13)
 # ----------------------------------------------------------------------------------------------
