@@ -4600,9 +4600,10 @@ def check_connect(host, port, addrs, kind, mappings, timeout, lines):
                 why = "refused: nothing listens on port %d there; is the mail server's " \
                     "listener on that port, and up?" % port
             else:
-                why = "failed: %s" % e.strerror
-        sock.close()
-        sock = None
+                why = "failed: %s" % (e.strerror or e)
+        if sock is not None:        # None when socket() itself failed (no IPv6, no descriptor)
+            sock.close()
+            sock = None
         lines.append(("FAIL", "connect", "%s %s" % (address, why)))
     if sock is None:
         return None, None

@@ -7109,6 +7109,31 @@ def test_check_a_refused_port_fails_connect():
     assert "smtp" not in doctor.topics(), doctor          # nothing to greet
 
 
+def test_check_an_address_whose_socket_cannot_be_made_is_a_fail_line(monkeypatch):
+    """socket() itself failing (an IPv6 address on a host without IPv6, no descriptor left)
+    killed the check's thread with an AttributeError (close() on None), so the doctor said
+    only 'did not answer in time'; now it is that address's FAIL line, and the next address
+    is tried."""
+    real = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    with Upstream(None, accept=False) as up:
+        lines = []
+        addrs = [(socket.AF_INET6, ("2001:db8::1", up.port, 0, 0)),
+                 (socket.AF_INET, ("127.0.0.1", up.port))]
+        sock, address = edge.check_connect("mx.example", up.port, addrs, "v2", [], 5, lines)
+        sock.close()
+    assert address == "127.0.0.1:%d" % up.port
+    assert lines[0] == ("warn", "connect", "[2001:db8::1]:%d failed: %s"
+                        % (up.port, os.strerror(errno.EAFNOSUPPORT))), lines
+    assert lines[1][0] == "ok", lines
+
+
 class RefusedBind:
     """A socket whose bind() fails as an unprivileged user's does on a port below 1024."""
 
