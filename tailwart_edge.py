@@ -4361,10 +4361,26 @@ DIALOGUES = {
 IMPLICIT_TLS = {"smtps": "smtp", "imaps": "imap", "pop3s": "pop3"}
 PLAIN_WAIT = 1.0                # on an implicit-TLS port, text within this long: a plain port
 CERT_WARN_DAYS = 14
-TRUST_FIX = ("Stalwart: server.proxy.trusted-networks, or the listener's own proxy.trusted-"
-             "networks, which replaces it; Postfix: smtpd_upstream_proxy_protocol = haproxy "
-             "(postscreen_upstream_proxy_protocol with postscreen); Dovecot: "
-             "haproxy_trusted_networks and haproxy = yes on the listener")
+# How each mail server is told to read the header from the edge (SOURCE: the edge's address
+# as the mail server sees it), as short lines under a finding; the server is known by its
+# greeting, else each that may serve the protocol is named
+TRUST_FIXES = {
+    "Postfix": [
+        "Postfix: in master.cf, on the smtpd line of that port:",
+        "  -o smtpd_upstream_proxy_protocol=haproxy",
+        "  (port 25 behind postscreen: postscreen_upstream_proxy_protocol = haproxy instead)",
+        "  and let only the edge reach that port (Postfix reads the header from any client)"],
+    "Dovecot": [
+        "Dovecot: haproxy_trusted_networks = SOURCE, and haproxy = yes on that port's",
+        "  inet_listener (in the service imap-login, pop3-login, managesieve-login... block)"],
+    "Stalwart": [
+        "Stalwart 0.16: Settings > Network > General > Proxy > Trusted Networks: add SOURCE",
+        "  (0.15: server.proxy.trusted-networks = [\"SOURCE\"] in config.toml)",
+        "  a ban from before outlasts the fix: Settings > Security > Blocked IPs (0.15:",
+        "  the server.blocked-ip.SOURCE key)"],
+}
+MAIL_SERVERS = {"smtp": ("Postfix", "Dovecot", "Stalwart"), "imap": ("Dovecot", "Stalwart"),
+                "pop3": ("Dovecot", "Stalwart"), "sieve": ("Dovecot", "Stalwart")}
 
 
 class Doctor:
@@ -4381,11 +4397,15 @@ class Doctor:
         self.failures = 0
 
     def report(self, lines):
-        """Print (status, topic, text) findings and count them."""
-        for status, topic, text in lines:
+        """Print (status, topic, text) findings, with (..., [hint]) short indented lines
+        under them (how to fix it), and count them."""
+        for finding in lines:
+            status, topic, text = finding[:3]
             self.found += 1
             self.failures += status == "FAIL"
             print("%-5s%s %s" % (status, topic, one_line(text)))
+            for hint in finding[3] or () if len(finding) > 3 else ():
+                print("      " + one_line(hint))
         sys.stdout.flush()
 
     def run(self):
@@ -4662,7 +4682,8 @@ def check_greeting(reader, address, source, protocol, kind, lines):
         greeting = None
     except OSError as e:
         lines.append(("FAIL", dialogue_name, "%s closed the connection without a greeting "
-                      "(%s)%s" % (address, e.strerror, untrusted(source, kind))))
+                      "(%s)%s" % (address, e.strerror, untrusted(source, kind)),
+                      trust_fixes(dialogue_name, None, source, kind)))
         return None
     if greeting is None:
         text = "%s sent no greeting within %gs" % (address, reader.timeout)
@@ -4678,7 +4699,8 @@ def check_greeting(reader, address, source, protocol, kind, lines):
         return None
     if not greeting:
         lines.append(("FAIL", dialogue_name, "%s closed the connection without a greeting%s"
-                      % (address, untrusted(source, kind))))
+                      % (address, untrusted(source, kind)),
+                      trust_fixes(dialogue_name, None, source, kind)))
         return None
     if not dialogue.good(greeting[-1]):
         text = "%s greeted %s" % (address, quote(greeting[0]))
@@ -4704,10 +4726,9 @@ def check_goodbye(reader, address, source, dialogue_name, header_name, greeting,
     errors = [line for line in answers if dialogue.error(line)]
     if errors and header_name:
         return lines.append(("FAIL", dialogue_name, "%s read the PROXY header as a command (it "
-                             "answered %s): it does not accept PROXY headers from %s; trust PROXY "
-                             "headers from %s on the mail server (%s), or run the relay with "
-                             "--proxy-protocol off" % (address, quote(errors[0]), source, source,
-                                                       TRUST_FIX)))
+                             "answered %s): trust PROXY headers from %s on the mail server"
+                             % (address, quote(errors[0]), source),
+                             trust_fixes(dialogue_name, greeting, source, header_name)))
     # the line that says it: SMTP's first (the host name), ManageSieve's last (after the
     # capabilities)
     text = "%s greeted %s" % (address, quote(greeting[-1] if dialogue_name == "sieve"
@@ -4728,9 +4749,23 @@ def untrusted(source, kind):
     if kind == "off":
         return (": it expects a PROXY header (this relay sends none: --proxy-protocol off), "
                 "or has banned %s" % source)
-    return (": it does not trust PROXY headers from %s, or has banned %s (Dovecot: "
-            "haproxy_trusted_networks; Stalwart: server.proxy.trusted-networks, and "
-            "server.allowed-ip against bans)" % (source, source))
+    return ": it does not trust PROXY headers from %s, or has banned %s" % (source, source)
+
+
+def trust_fixes(dialogue_name, greeting, source, kind):
+    """The short lines that say how to make the mail server read the header from `source`:
+    for the server that greeted (Postfix, Dovecot, Stalwart), else each that may serve this
+    protocol. None with --proxy-protocol off (the server wants a header: send one)."""
+    if kind == "off":
+        return None
+    said = " ".join(greeting or ()).lower()
+    servers = [name for name in TRUST_FIXES if name.lower() in said] or \
+        MAIL_SERVERS.get(dialogue_name, list(TRUST_FIXES))
+    hints = [line.replace("SOURCE", source) for name in servers for line in TRUST_FIXES[name]]
+    # the way out that is not one: said with what it costs
+    hints += ["(--proxy-protocol off instead: every client would look like %s there;" % source,
+              "  never list it in the mail server's trusted or relay networks)"]
+    return hints
 
 
 def quote(line):

@@ -6888,8 +6888,13 @@ class Doctor:
                               preexec_fn=preexec_fn)
         self.code, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
         assert "Traceback" not in self.stderr, self
-        lines = self.stdout.splitlines()
-        # a title line first: `tailwart-edge VERSION check: N mappings, PROXY header v2, ...`
+        lines = []
+        for line in self.stdout.splitlines():
+            if line.startswith(" ") and lines:
+                lines[-1] += "\n" + line       # a finding's hint lines, indented under it
+            else:
+                lines.append(line)
+        # a title line first: `tailwart-edge VERSION check: N listeners, M mappings, ...`
         self.title = lines.pop(0) if lines and lines[0].startswith("tailwart-edge ") else None
         assert lines, self
         self.findings, self.verdict = lines[:-1], lines[-1]
@@ -7107,6 +7112,27 @@ def test_check_a_refused_port_fails_connect():
     assert doctor.code == 1, doctor
     doctor.finding("FAIL", "connect", "127.0.0.1:%d refused" % port)
     assert "smtp" not in doctor.topics(), doctor          # nothing to greet
+
+
+@pytest.mark.parametrize("dialogue, greeting, named", [
+    ("smtp", ["220 mx.example.com ESMTP Postfix (Debian/GNU)"], ["Postfix"]),
+    ("smtp", ["220 mail.example.com Stalwart ESMTP at your service"], ["Stalwart"]),
+    ("imap", ["* OK [CAPABILITY IMAP4rev1 SASL-IR] Dovecot (Debian) ready."], ["Dovecot"]),
+    ("imap", ["* OK Stalwart IMAP4rev2 at your service."], ["Stalwart"]),
+    ("imap", None, ["Dovecot", "Stalwart"]),        # closed before greeting: no Postfix on IMAP
+    ("smtp", ["220 mx.example.com ESMTP"], ["Postfix", "Dovecot", "Stalwart"]),
+])
+def test_check_trust_hint_fits_the_server_that_greeted(dialogue, greeting, named):
+    """Issue 20: the trust hint was one ~560-character line naming every server (Postfix's fix
+    on an IMAP port) and suggesting --proxy-protocol off without its danger."""
+    hints = edge.trust_fixes(dialogue, greeting, "100.64.0.1", "v2")
+    said = [name for name in ("Postfix", "Dovecot", "Stalwart")
+            if any(line.startswith(name) for line in hints)]
+    assert said == named, hints
+    assert all(len(line) <= 94 for line in hints), hints        # + 6 of indent: 100
+    assert any("100.64.0.1" in line for line in hints) and "SOURCE" not in "".join(hints)
+    assert hints[-2].startswith("(--proxy-protocol off instead: every client would look like")
+    assert edge.trust_fixes(dialogue, greeting, "100.64.0.1", "off") is None
 
 
 def test_check_an_address_whose_socket_cannot_be_made_is_a_fail_line(monkeypatch):
@@ -7376,6 +7402,11 @@ def test_interop_check_postfix_smtpd_without_proxy_protocol_reads_the_header_as_
     line = doctor.finding("FAIL", "smtp", "127.0.0.1:%d read the PROXY header as a command"
                           % ports["plain"], "trust PROXY headers from 127.0.0.1")
     assert "smtpd_upstream_proxy_protocol" in line, line                    # the fix, named
+    # fitted to the server that greeted, in short lines, and `off` only with what it costs
+    assert "Dovecot" not in line and "Stalwart" not in line, line
+    assert "every client would look like 127.0.0.1 there;" in line, line
+    assert "never list it in the mail server's trusted or relay networks" in line, line
+    assert all(len(hint) <= 100 for hint in line.splitlines()[1:]), line
     # Postfix's view: the header came as commands. v2 holds `QUIT\n`, so the bytes after it are
     # pipelined after a QUIT (or after CONNECT, when they came before the greeting); v1 is one
     # unknown command. (Log lines from Postfix 3.7.)
@@ -7570,8 +7601,10 @@ def test_interop_check_dovecot_listener_without_haproxy_reads_the_header_as_a_co
     peer, ports = dovecot_trusting
     doctor = Doctor(mapping("imap", ports["imap_plain"]))
     assert doctor.code == 1, doctor
-    doctor.finding("FAIL", "imap", "127.0.0.1:%d read the PROXY header as a command"
-                   % ports["imap_plain"], "trust PROXY headers from 127.0.0.1")
+    line = doctor.finding("FAIL", "imap", "127.0.0.1:%d read the PROXY header as a command"
+                          % ports["imap_plain"], "trust PROXY headers from 127.0.0.1")
+    assert "haproxy_trusted_networks = 127.0.0.1" in line, line         # Dovecot's fix only
+    assert "Postfix" not in line and "Stalwart" not in line, line
 
 
 def test_interop_check_dovecot_expecting_a_header_that_is_off(dovecot_trusting):
