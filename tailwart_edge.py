@@ -4087,8 +4087,13 @@ def lookup_user(name):
     except ImportError:
         raise StartupError("--user works only on Unix")
     except KeyError:
-        raise StartupError("--user %s: no such user; create one (e.g. `useradd --system "
-                           "--no-create-home %s`) or name an existing one" % (name, name))
+        pass
+    import difflib      # only on this error path
+    near = difflib.get_close_matches(name, [user.pw_name for user in pwd.getpwall()], n=1)
+    if near:
+        raise StartupError("--user %s: no such user; did you mean %s?" % (name, near[0]))
+    raise StartupError("--user %s: no such user; create one (e.g. `useradd --system "
+                       "--no-create-home %s`) or name an existing one" % (name, name))
 
 
 def drop_privileges(user):

@@ -4564,6 +4564,24 @@ def test_an_argument_holding_a_newline_gives_a_one_line_error(argv):
     assert lines[0].startswith("tailwart_edge.py: error: ") and "Traceback" not in err
 
 
+def test_user_option_misspelt_names_the_user_meant():
+    """Issue 20: --user nobdy suggested `useradd nobdy`; a close existing name comes first."""
+    pwd = pytest.importorskip("pwd")
+    if "nobody" not in [user.pw_name for user in pwd.getpwall()]:
+        pytest.skip("no user nobody here")
+    code, out, err = run_script("--user", "nobdy", "127.0.0.1:%d=127.0.0.1:25" % free_port())
+    assert (code, out, err) == (1, "", "tailwart_edge.py: error: --user nobdy: no such user; "
+                                "did you mean nobody?\n")
+
+
+def test_user_option_unknown_and_near_no_user_suggests_creating_it():
+    name = "tailwart-qz7"
+    code, out, err = run_script("--user", name, "127.0.0.1:%d=127.0.0.1:25" % free_port())
+    assert (code, out, err) == (1, "", "tailwart_edge.py: error: --user %s: no such user; "
+                                "create one (e.g. `useradd --system --no-create-home %s`) or "
+                                "name an existing one\n" % (name, name))
+
+
 @pytest.mark.skipif(not is_root(), reason="needs root (switching users)")
 def test_user_option_accepts_a_numeric_id():
     """Issue 10 fault 13: --user 65534 runs as uid 65534 (it suggested `useradd 65534`)."""
