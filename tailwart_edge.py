@@ -2046,7 +2046,11 @@ class Resolver:
 def log_resolved(host, addrs, error):
     """The answer to a lookup made at start, for the admin to see."""
     if error is not None:
-        log(WARNING, "resolve host=%s error=%r; will retry for each connection" % (host, error))
+        # the relay starts all the same (the name may come back, a tailnet come up): say
+        # what its clients meet meanwhile, and where to look
+        log(WARNING, "resolve host=%s error=%r; until it resolves, clients sent to it are "
+            "refused (SMTP 421, TLS ports closed) unless a next upstream serves them; run "
+            "--check to see why" % (host, error))
     else:
         ips = sorted({sockaddr[0] for _, sockaddr in addrs})
         log(NOTICE, "resolve host=%s addresses=%s" % (host, ",".join(ips)))

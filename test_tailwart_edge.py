@@ -5784,6 +5784,22 @@ def test_refusal_smtp_client_reads_421():
         assert "end=connect-failed" in line and "told the client 421 4.3.2" in line, line
 
 
+def test_start_with_an_unresolvable_upstream_warns_that_clients_are_refused():
+    """Issue 20: the relay comes up `ready` and answers every client 421 until the name
+    resolves; the start-up warning said only `will retry for each connection`."""
+    proxy, port = Edge.on_free_port(lambda port: [
+        "127.0.0.1:%d/smtp=%s:25" % (port, UNRESOLVABLE_NAME)])
+    with proxy:
+        line = proxy.wait_for(r"resolve host=%s " % re.escape(UNRESOLVABLE_NAME))
+        assert re.search(r"warning resolve host=%s error='[^']+'; until it resolves, clients "
+                         r"sent to it are refused \(SMTP 421, TLS ports closed\) unless a next "
+                         r"upstream serves them; run --check to see why$"
+                         % re.escape(UNRESOLVABLE_NAME), line), line
+        with connect(("127.0.0.1", port)) as c:
+            assert recv_all(c).startswith(b"421 4.3.2 ")     # as it says
+        assert proxy.stop() == 0
+
+
 def test_refusal_imap_client_reads_bye():
     proxy, port = refusing_edge("imap")
     with proxy:
