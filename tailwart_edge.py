@@ -180,6 +180,10 @@ class ConfigError(Exception):
     """A mistake on the command line. main() prints it as one line and exits 2."""
 
 
+class NoUpstream(ConfigError):
+    """A bare [BIND_ADDR:]PORT with no --upstream to go to."""
+
+
 class StartupError(Exception):
     """The configuration is valid but cannot be put in place. main() exits 1."""
 
@@ -352,32 +356,35 @@ def parse_args(argv=None):
     and between the options. With --settings FILE, the file's words come first."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    settings = settings_file(argv)
-    if settings is not None:
-        argv = settings_words(settings) + argv
+    path = settings_file(argv)
+    settings = None
+    if path is not None:
+        settings = read_settings_file(path)
+        check_settings(parser, settings)
+        argv = settings.words() + argv
     options, rest = parser.parse_known_args(argv)
-    unknown = [arg for arg in rest if arg.startswith("-")]
-    if unknown:
-        raise ConfigError("unrecognized arguments: %s" % " ".join(unknown))
+    refuse_unknown_options(parser, rest)
     options.mappings += rest
     if options.reload is not None or options.uninstall:
         return options, []
     upstream = options.upstream
     if upstream is not None:
-        if upstream.startswith("[") and upstream.endswith("]"):
-            upstream = upstream[1:-1]
-            valid = is_ip(upstream, socket.AF_INET6)
-        else:
-            valid = HOST_RE.match(upstream) and ":" not in upstream
-        if not valid:
-            raise ConfigError("--upstream %r is not a host name or IP address (IPv6 goes in "
-                              "brackets, as in [fd7a:115c:a1e0::1])" % options.upstream)
+        upstream = upstream_host(upstream)
+        if upstream is None:
+            raise ConfigError(upstream_refusal("--upstream %r" % options.upstream,
+                                               options.upstream, "--upstream %s"))
     if not options.mappings:
         raise ConfigError("no MAPPING given; usage: %s [OPTIONS] [BIND_ADDR:]PORT=HOST:PORT ... "
                           "e.g. %s 25=stalwart.tail7b1641.ts.net:25 (see --help)" % (PROG, PROG))
     mappings = []
     for text in options.mappings:
-        mapping = parse_mapping(text, upstream)
+        try:
+            mapping = parse_mapping(text, upstream)
+        except NoUpstream:
+            if settings is None:
+                raise
+            raise ConfigError("%s: no UPSTREAM= line; add UPSTREAM=HOST (the mail server)"
+                              % settings.path)
         # words on one listen address are the routes of one listener, if any of them routes
         same = [m for m in mappings if m.label == mapping.label]
         if same and (len(same[0].routes) > 1 or same[0].default is None or
@@ -407,6 +414,77 @@ def settings_file(argv):
     return None
 
 
+def refuse_unknown_options(parser, rest, where=None):
+    """ConfigError for the words in `rest` (what parse_known_args left) that look like
+    options, naming the option each most likely meant; `where` says where they were written."""
+    unknown = [word for word in rest if word.startswith("-")]
+    if not unknown:
+        return
+    meant = [(word.partition("=")[0], options_near(parser, word.partition("=")[0]))
+             for word in unknown]
+    meant = [(word, near) for word, near in meant if near]
+    hint = ""
+    if len(unknown) == 1 and meant:
+        hint = "; did you mean %s?" % or_list(meant[0][1])
+    elif meant:
+        hint = "; did you mean %s?" % ", ".join("%s for %s" % (or_list(near), word)
+                                               for word, near in meant)
+    raise ConfigError("unrecognized arguments: %s%s%s" % (
+        " ".join(unknown), " (%s)" % where if where else "", hint))
+
+
+def options_near(parser, word):
+    """The options `word` most likely meant: those it begins (--up: --upstream; prefixes are
+    not taken, allow_abbrev=False), else the one closest in spelling (--idle-timout)."""
+    import difflib      # only on this error path
+    # argparse has no public list of its option strings: read them off its actions
+    known = [option for action in parser._actions for option in action.option_strings]
+    begun = [option for option in known if len(word) > 2 and option.startswith(word)]
+    return begun[:3] or difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+
+
+def or_list(words):
+    """['a'] -> 'a'; ['a', 'b', 'c'] -> 'a, b or c'."""
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+
+
+def check_settings(parser, settings):
+    """Check the file's UPSTREAM= and OPTIONS= alone before the whole command line, so that
+    a mistake in them names the file and line they are on (ConfigError)."""
+    upstream = settings.values.get("UPSTREAM")
+    if upstream is not None and upstream_host(upstream[0]) is None:
+        raise ConfigError(upstream_refusal("%s line %d: UPSTREAM=%s" % (
+            settings.path, settings.lines["UPSTREAM"], upstream[0]), upstream[0], "UPSTREAM=%s"))
+    words = settings.values.get("OPTIONS")
+    if not words:
+        return
+    where = "in OPTIONS= of %s line %d" % (settings.path, settings.lines["OPTIONS"])
+    try:
+        _, rest = parser.parse_known_args(words)
+    except ConfigError as e:
+        raise ConfigError("%s (%s)" % (e, where))
+    refuse_unknown_options(parser, rest, where)
+
+
+def upstream_host(text):
+    """--upstream's HOST (a name, an IPv4 address, an IPv6 one in brackets) without its
+    brackets, or None when `text` is none of these."""
+    if text.startswith("[") and text.endswith("]"):
+        return text[1:-1] if is_ip(text[1:-1], socket.AF_INET6) else None
+    return text if HOST_RE.match(text) else None
+
+
+def upstream_refusal(subject, text, spelling):
+    """Why `text`, given as `subject`, is no --upstream HOST; `spelling` % host is how to
+    write it (the line to write instead, when it only has a port too many)."""
+    head, colon, port = text.rpartition(":")
+    if colon and DIGITS_RE.match(port) and upstream_host(head) is not None:
+        return ("%s names a port; drop the port: each port goes to the same port there (%s)"
+                % (subject, spelling % head))
+    return ("%s is not a host name or IP address (IPv6 goes in brackets, as in "
+            "[fd7a:115c:a1e0::1])" % subject)
+
+
 SETTINGS_MAX_BYTES = 1 << 20       # a few lines in practice; --settings /dev/zero must not hang
 SETTINGS_LINE_BREAK_RE = re.compile(r"\r\n|\r|\n")     # CR too: a file saved on Windows
 SETTINGS_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")   # tab is whitespace
@@ -418,9 +496,36 @@ SETTINGS_REFUSED_OPTIONS = ("--settings", "--check", "--reload", "--help", "-h",
                             "--install", "--uninstall", "--replace-settings")
 
 
+class Settings:
+    """A settings file as read: its values and the line each is on."""
+
+    __slots__ = ("path", "values", "lines")
+
+    def __init__(self, path):
+        self.path = path
+        self.values = {}            # KEY -> [word]
+        self.lines = {}             # KEY -> the number of the line it is on
+
+    def ports(self):
+        """The PORTS words (default: the six mail ports)."""
+        return list(self.values.get("PORTS", DEFAULT_PORTS))
+
+    def words(self):
+        """The command-line words the file stands for: OPTIONS, then --upstream UPSTREAM,
+        then PORTS."""
+        upstream = self.values.get("UPSTREAM")
+        return (list(self.values.get("OPTIONS", ())) +
+                (["--upstream", upstream[0]] if upstream else []) + self.ports())
+
+
 def settings_words(path):
-    """The command-line words a settings file stands for: OPTIONS, then --upstream UPSTREAM,
-    then PORTS (default: the six mail ports). See read_settings for the file's grammar."""
+    """The command-line words a settings file stands for (Settings.words). See
+    read_settings for the file's grammar."""
+    return read_settings_file(path).words()
+
+
+def read_settings_file(path):
+    """The Settings of the file at `path`; raises ConfigError naming it."""
     try:
         with open(path, "rb") as f:
             data = f.read(SETTINGS_MAX_BYTES + 1)
@@ -429,24 +534,27 @@ def settings_words(path):
     if len(data) > SETTINGS_MAX_BYTES:
         raise ConfigError("--settings %s: larger than %d bytes; is it the settings file?"
                           % (path, SETTINGS_MAX_BYTES))
-    return words_of_settings(data, path)
+    return settings_of(data, path)
 
 
 def words_of_settings(data, path):
     """settings_words of a file's bytes (`path` names it in errors)."""
-    values = read_settings(data, path)
-    words = list(values.get("OPTIONS", ()))
-    upstream = values.get("UPSTREAM")
+    return settings_of(data, path).words()
+
+
+def settings_of(data, path):
+    """The Settings of a file's bytes (ConfigError when it cannot be read as one)."""
+    settings = read_settings(data, path)
+    upstream = settings.values.get("UPSTREAM")
     if upstream is not None:
         if len(upstream) != 1:
             raise ConfigError("%s: UPSTREAM= takes one host name or address, not %r"
                               % (path, " ".join(upstream)))
-        words += ["--upstream", upstream[0]]
-    return words + list(values.get("PORTS", DEFAULT_PORTS))
+    return settings
 
 
 def read_settings(data, path):
-    """A settings file's bytes -> {KEY: [word]}; raises ConfigError naming the file and line.
+    """A settings file's bytes -> Settings; raises ConfigError naming the file and line.
 
     UTF-8 text (a BOM at the start is ignored) of KEY=VALUE lines, # comment lines and blank
     lines; each of UPSTREAM, PORTS and OPTIONS at most once. A value is read as sh reads a
@@ -465,7 +573,8 @@ def read_settings(data, path):
         if control:
             raise ConfigError("%s line %d: control character %r in the text; remove it"
                               % (path, number, control.group()))
-    values, first = {}, {}
+    settings = Settings(path)
+    values, first = settings.values, settings.lines
     index = 0
     while index < len(lines):
         number = index + 1
@@ -489,7 +598,7 @@ def read_settings(data, path):
                 raise ConfigError("%s line %d: OPTIONS= may not hold %s; give it on the command "
                                   "line" % (path, number, refused[0].partition("=")[0]))
         values[key] = words
-    return values
+    return settings
 
 
 def value_words(lines, index, value, path, key):
@@ -564,7 +673,6 @@ def value_words(lines, index, value, path, key):
 # ----------------------------------------------------------------------------------------------
 
 DIGITS_RE = re.compile(r"[0-9]+\Z")
-COLON_MAPPING_RE = re.compile(r"([0-9]+):([^:\[\]=]+):([0-9]+)\Z")     # 25:host:25
 HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})\Z")
 # what clients of a port speak, unless the mapping says (25/smtp); `s`: TLS from the first byte
 PROTOCOLS = ("smtp", "smtps", "imap", "imaps", "pop3", "pop3s", "sieve", "http", "https", "tls",
@@ -765,7 +873,53 @@ def parse_upstream(text, spec):
 
 def parse_mapping(text, default_upstream=None):
     """'[BIND:]PORT[/PROTO][@MATCH,...]=HOST:PORT[,HOST:PORT...][/proxy=V]' (or without
-    '=...' with a default upstream)."""
+    '=...' with a default upstream) -> Mapping. A mistake with one likely meaning (25:host:25,
+    the two sides swapped, ';' for ':') is told how to write it."""
+    try:
+        return read_mapping(text, default_upstream)
+    except ConfigError:
+        meant = respelling(text, default_upstream)
+        if meant is None:
+            raise
+    raise ConfigError("mapping %r: write it as %s (%s)" % (text, meant.text, meant.why))
+
+
+Respelling = collections.namedtuple("Respelling", "text why")
+
+
+def respellings(text):
+    """What a mapping that does not parse may have meant, each a Respelling."""
+    listen, eq, target = text.partition("=")
+    if not eq:                                  # ssh -L style: 25:host:25, BIND:25:host:25
+        for at in [i for i, char in enumerate(text) if char == ":"]:
+            said = text[:at]
+            yield Respelling(said + "=" + text[at + 1:], "%s, '=', then HOST:PORT" % (
+                "the listen address" if ":" in said else "a listen port"))
+    elif DIGITS_RE.match(target) and ":" in listen:     # HOST:PORT=PORT
+        yield Respelling(target + "=" + listen, "the listen port first, then '=' and the "
+                         "upstream HOST:PORT")
+    if ";" in text:
+        yield Respelling(text.replace(";", ":"), "a colon before a port, not ';'")
+        yield Respelling(text.replace(";", ","), "a comma between upstreams, not ';'")
+
+
+def respelling(text, default_upstream):
+    """The one Respelling of `text` that parses, or None (none, or several: no guess)."""
+    fits = []
+    for meant in respellings(text):
+        try:
+            # whether it is spelt right, not whether an upstream is given: if none is,
+            # that is the error the next try says
+            read_mapping(meant.text, default_upstream or "mx")
+        except ConfigError:
+            continue
+        if meant.text not in [fit.text for fit in fits]:
+            fits.append(meant)
+    return fits[0] if len(fits) == 1 else None
+
+
+def read_mapping(text, default_upstream=None):
+    """parse_mapping of the text as written (no guesses at what a mistake meant)."""
     listen, eq, target = text.partition("=")
     listen, at, match_text = listen.partition("@")
     matches = parse_matches(match_text, text) if at else ()
@@ -776,10 +930,6 @@ def parse_mapping(text, default_upstream=None):
     if "," in listen:
         raise ConfigError("mapping %r names several ports; separate mappings with spaces, "
                           "as in %s" % (text, " ".join(listen.split(","))))
-    colon_form = COLON_MAPPING_RE.match(text)
-    if colon_form and not eq:
-        raise ConfigError("mapping %r: write it as %s=%s:%s (a listen port, '=', then "
-                          "HOST:PORT)" % ((text,) + colon_form.groups()))
     if not listen:
         raise ConfigError("mapping %r has no listen port before '='; write it as "
                           "PORT=HOST:PORT, e.g. 25=mail.example.net:25" % text)
@@ -797,8 +947,8 @@ def parse_mapping(text, default_upstream=None):
     proxy = None
     if not eq:
         if default_upstream is None:
-            raise ConfigError("mapping %r has no upstream; write it as %s=HOST:PORT, or give "
-                              "--upstream HOST to forward to the same port there" % (text, text))
+            raise NoUpstream("mapping %r has no upstream; write it as %s=HOST:PORT, or give "
+                             "--upstream HOST to forward to the same port there" % (text, text))
         upstreams = [(default_upstream, port)]
     elif not target:
         raise ConfigError("mapping %r has nothing after '='; write it as %s=HOST:PORT, e.g. "
@@ -2191,7 +2341,11 @@ class Resolver:
 def log_resolved(host, addrs, error):
     """The answer to a lookup made at start, for the admin to see."""
     if error is not None:
-        log(WARNING, "resolve host=%s error=%r; will retry for each connection" % (host, error))
+        # the relay starts all the same (the name may come back, a tailnet come up): say
+        # what its clients meet meanwhile, and where to look
+        log(WARNING, "resolve host=%s error=%r; until it resolves, clients sent to it are "
+            "refused (SMTP 421, TLS ports closed) unless a next upstream serves them; run "
+            "--check to see why" % (host, error))
     else:
         ips = sorted({sockaddr[0] for _, sockaddr in addrs})
         log(NOTICE, "resolve host=%s addresses=%s" % (host, ",".join(ips)))
@@ -4310,8 +4464,13 @@ def lookup_user(name):
     except ImportError:
         raise StartupError("--user works only on Unix")
     except KeyError:
-        raise StartupError("--user %s: no such user; create one (e.g. `useradd --system "
-                           "--no-create-home %s`) or name an existing one" % (name, name))
+        pass
+    import difflib      # only on this error path
+    near = difflib.get_close_matches(name, [user.pw_name for user in pwd.getpwall()], n=1)
+    if near:
+        raise StartupError("--user %s: no such user; did you mean %s?" % (name, near[0]))
+    raise StartupError("--user %s: no such user; create one (e.g. `useradd --system "
+                       "--no-create-home %s`) or name an existing one" % (name, name))
 
 
 def drop_privileges(user):

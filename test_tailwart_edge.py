@@ -517,6 +517,63 @@ def test_bad_command_line_exits_2_with_one_line(argv, message):
     assert "Traceback" not in err
 
 
+MISTAKES_EXPLAINED = [
+    # argv, the whole error line after "tailwart_edge.py: error: " (issue 20: each seen)
+    (["--idle-timout", "5", "25=h:25"],
+     "unrecognized arguments: --idle-timout; did you mean --idle-timeout?"),
+    (["--idle-timout=5", "25=h:25"],
+     "unrecognized arguments: --idle-timout=5; did you mean --idle-timeout?"),
+    (["--up", "mx", "25"], "unrecognized arguments: --up; did you mean --upstream?"),
+    (["--idle-timout", "5", "--rlay", "copy", "25=h:25"],
+     "unrecognized arguments: --idle-timout --rlay; did you mean --idle-timeout for "
+     "--idle-timout, --relay for --rlay?"),
+    (["--upstream", "mx:25", "25"], "--upstream 'mx:25' names a port; drop the port: each "
+     "port goes to the same port there (--upstream mx)"),
+    (["--upstream", "[fd7a::1]:25", "25"], "--upstream '[fd7a::1]:25' names a port; drop the "
+     "port: each port goes to the same port there (--upstream [fd7a::1])"),
+    (["127.0.0.1:2525:127.0.0.2:25"], "mapping '127.0.0.1:2525:127.0.0.2:25': write it as "
+     "127.0.0.1:2525=127.0.0.2:25 (the listen address, '=', then HOST:PORT)"),
+    (["[::1]:2525:mx:25"], "mapping '[::1]:2525:mx:25': write it as [::1]:2525=mx:25 (the "
+     "listen address, '=', then HOST:PORT)"),
+    (["25:mx:25"], "mapping '25:mx:25': write it as 25=mx:25 (a listen port, '=', then "
+     "HOST:PORT)"),
+    (["127.0.0.3;34243"], "mapping '127.0.0.3;34243': write it as 127.0.0.3:34243 (a colon "
+     "before a port, not ';')"),
+    (["2525=127.0.0.3;34243"], "mapping '2525=127.0.0.3;34243': write it as "
+     "2525=127.0.0.3:34243 (a colon before a port, not ';')"),
+    (["25=mx1:25;mx2:25"], "mapping '25=mx1:25;mx2:25': write it as 25=mx1:25,mx2:25 (a "
+     "comma between upstreams, not ';')"),
+    (["127.0.0.2:25=2525"], "mapping '127.0.0.2:25=2525': write it as 2525=127.0.0.2:25 (the "
+     "listen port first, then '=' and the upstream HOST:PORT)"),
+    (["mx:25=2525"], "mapping 'mx:25=2525': write it as 2525=mx:25 (the listen port first, "
+     "then '=' and the upstream HOST:PORT)"),
+]
+
+
+@pytest.mark.parametrize("argv, message", MISTAKES_EXPLAINED,
+                         ids=[" ".join(a) for a, _ in MISTAKES_EXPLAINED])
+def test_command_line_mistake_says_how_to_write_it(argv, message):
+    """Issue 20: the option meant, the port dropped, the mapping as it is written (before:
+    `unrecognized arguments` alone, `is not a host name`, an IPv6 hint for IPv4, `has no
+    port; write it as 127.0.0.3;34243:PORT`, `upstream '2525' ... has no port`)."""
+    code, out, err = run_script(*argv)
+    assert (code, out, err) == (2, "", "tailwart_edge.py: error: %s\n" % message)
+
+
+def test_command_line_mistake_with_no_likely_meaning_gets_no_guess():
+    """A hint only when one reading parses: --bogus is near no option; '25:mx' means nothing
+    with a '=' put in; a valid mapping is never rewritten."""
+    for argv, message in ((["--bogus", "25=h:25"], "unrecognized arguments: --bogus"),
+                          (["127.0.0.1:25"], "mapping '127.0.0.1:25' has no upstream; "
+                           "write it as 127.0.0.1:25=HOST:PORT, or give --upstream HOST to "
+                           "forward to the same port there")):
+        with pytest.raises(edge.ConfigError) as raised:
+            edge.parse_args(argv)
+        assert str(raised.value) == message
+    _, mappings = edge.parse_args(["2525=25:25"])       # a host named 25: as written
+    assert [(m.port, m.upstreams) for m in mappings] == [(2525, [("25", 25)])]
+
+
 def test_help_and_version():
     code, out, err = run_script("--help")
     assert code == 0 and "usage: tailwart_edge.py [OPTIONS] MAPPING" in out
@@ -5057,6 +5114,24 @@ def test_an_argument_holding_a_newline_gives_a_one_line_error(argv):
     assert lines[0].startswith("tailwart_edge.py: error: ") and "Traceback" not in err
 
 
+def test_user_option_misspelt_names_the_user_meant():
+    """Issue 20: --user nobdy suggested `useradd nobdy`; a close existing name comes first."""
+    pwd = pytest.importorskip("pwd")
+    if "nobody" not in [user.pw_name for user in pwd.getpwall()]:
+        pytest.skip("no user nobody here")
+    code, out, err = run_script("--user", "nobdy", "127.0.0.1:%d=127.0.0.1:25" % free_port())
+    assert (code, out, err) == (1, "", "tailwart_edge.py: error: --user nobdy: no such user; "
+                                "did you mean nobody?\n")
+
+
+def test_user_option_unknown_and_near_no_user_suggests_creating_it():
+    name = "tailwart-qz7"
+    code, out, err = run_script("--user", name, "127.0.0.1:%d=127.0.0.1:25" % free_port())
+    assert (code, out, err) == (1, "", "tailwart_edge.py: error: --user %s: no such user; "
+                                "create one (e.g. `useradd --system --no-create-home %s`) or "
+                                "name an existing one\n" % (name, name))
+
+
 @pytest.mark.skipif(not is_root(), reason="needs root (switching users)")
 def test_user_option_accepts_a_numeric_id():
     """Issue 10 fault 13: --user 65534 runs as uid 65534 (it suggested `useradd 65534`)."""
@@ -6188,6 +6263,46 @@ def test_settings_file_refused_naming_file_and_line(tmp_path, text, message):
     assert str(refused.value).startswith("%s %s" % (tmp_path / "settings", message)), refused.value
 
 
+SETTINGS_MISTAKES = [
+    # (file text, the whole error line after "tailwart_edge.py: error: "; {path}: the file)
+    ("UPSTREAM=mx:25\n", "{path} line 1: UPSTREAM=mx:25 names a port; drop the port: each "
+     "port goes to the same port there (UPSTREAM=mx)"),
+    ("# mail\nUPSTREAM=[fd7a::1]:25\n", "{path} line 2: UPSTREAM=[fd7a::1]:25 names a port; "
+     "drop the port: each port goes to the same port there (UPSTREAM=[fd7a::1])"),
+    ("UPSTREAM=fd7a::1\n", "{path} line 1: UPSTREAM=fd7a::1 is not a host name or IP address "
+     "(IPv6 goes in brackets, as in [fd7a:115c:a1e0::1])"),
+    ("", "{path}: no UPSTREAM= line; add UPSTREAM=HOST (the mail server)"),
+    ("PORTS=25 465\nOPTIONS=-q\n", "{path}: no UPSTREAM= line; add UPSTREAM=HOST (the mail "
+     "server)"),
+    ("UPSTREAM=mx\n\nOPTIONS=-q --idle-timout 5\n", "unrecognized arguments: --idle-timout "
+     "(in OPTIONS= of {path} line 3); did you mean --idle-timeout?"),
+    ("OPTIONS=--connect-timeout 0\nUPSTREAM=mx\n", "argument --connect-timeout: '0' is not a "
+     "positive number of seconds, e.g. 10 (in OPTIONS= of {path} line 1)"),
+]
+
+
+@pytest.mark.parametrize("text, message", SETTINGS_MISTAKES,
+                         ids=[repr(t) for t, _ in SETTINGS_MISTAKES])
+def test_settings_file_mistake_names_its_line_and_the_fix(tmp_path, text, message):
+    """Issue 20: the file's UPSTREAM= and OPTIONS= errors name the file and line (before:
+    `--upstream 'mx:25' is not a host name`, `give --upstream HOST` for an empty file,
+    `unrecognized arguments: --idle-timout` from nowhere)."""
+    path = tmp_path / "settings"
+    path.write_text(text)
+    assert settings_error(path) == "tailwart_edge.py: error: " + message.format(path=path)
+
+
+def test_settings_file_upstream_beside_ports_that_need_none_is_not_asked_for(tmp_path):
+    """A file without UPSTREAM= is fine when every PORTS word names its upstream, or when
+    the command line gives --upstream."""
+    path = tmp_path / "settings"
+    path.write_text("PORTS=2525=mx:25\n")
+    assert [m.upstreams for m in edge.parse_args(["--settings", str(path)])[1]] == [[("mx", 25)]]
+    path.write_text("PORTS=2525\n")
+    assert [m.upstreams for m in edge.parse_args(["--settings", str(path), "--upstream",
+                                                  "mx"])[1]] == [[("mx", 2525)]]
+
+
 def test_settings_file_unterminated_quote_exits_2_naming_the_line_it_opened(tmp_path):
     path = tmp_path / "settings"
     path.write_text('UPSTREAM=mx\nPORTS="25 587\nOPTIONS=--deny 192.0.2.0/24\n')
@@ -6513,6 +6628,22 @@ def test_refusal_smtp_client_reads_421():
         assert refused.value.smtp_error == b"4.3.2 Service not available, closing transmission channel"
         line = proxy.wait_for(r"session client=")
         assert "end=connect-failed" in line and "told the client 421 4.3.2" in line, line
+
+
+def test_start_with_an_unresolvable_upstream_warns_that_clients_are_refused():
+    """Issue 20: the relay comes up `ready` and answers every client 421 until the name
+    resolves; the start-up warning said only `will retry for each connection`."""
+    proxy, port = Edge.on_free_port(lambda port: [
+        "127.0.0.1:%d/smtp=%s:25" % (port, UNRESOLVABLE_NAME)])
+    with proxy:
+        line = proxy.wait_for(r"resolve host=%s " % re.escape(UNRESOLVABLE_NAME))
+        assert re.search(r"warning resolve host=%s error='[^']+'; until it resolves, clients "
+                         r"sent to it are refused \(SMTP 421, TLS ports closed\) unless a next "
+                         r"upstream serves them; run --check to see why$"
+                         % re.escape(UNRESOLVABLE_NAME), line), line
+        with connect(("127.0.0.1", port)) as c:
+            assert recv_all(c).startswith(b"421 4.3.2 ")     # as it says
+        assert proxy.stop() == 0
 
 
 def test_refusal_imap_client_reads_bye():
