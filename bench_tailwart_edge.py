@@ -75,7 +75,9 @@ Scenarios
          hello cut into 1-byte TLS records, one per segment; tailwart refuses a hello in more
          than 64 records, so there the clients reconnect every 64 records: a connection churn).
          Figures: echo p50/p99/max, the proxy's CPU % of a core over the echo window, and its
-         CPU µs per hello byte (= per segment the clients sent in the window). Candidates: the
+         CPU µs per hello byte (= per segment the clients sent in the window). Targets: echo
+         p99 < 10 ms in both attacked tests; CPU per hello byte with 1-byte records at most
+         1.5x that with one record (a peek that parses its bytes again grows past it). Candidates: the
          ones that route TLS by SNI on one port and relay plain TCP on another: haproxy
          (`tcp-request inspect-delay 5s`, `req.ssl_hello_type 1`, `use_backend ... if
          { req.ssl_sni -i mail.example.com }`), nginx (`ssl_preread on` + `map
@@ -1823,11 +1825,13 @@ def targets(env, names):
         a = med(env, "peek", "one record", c, "cpu_us_per_hello_byte")
         b = med(env, "peek", "1-byte records", c, "cpu_us_per_hello_byte")
         if a and b:
-            # "independent of the cut": 2x is this bench's tolerance (the 1-byte records also
-            # pay a reconnect every 64 records); a peek that parses again what it has parsed
-            # grows with the hello, far past it
+            # "independent of the cut": 1.5x is this bench's tolerance (the 1-byte records
+            # also pay a reconnect every 64 records). The peek before issue 19's fix, which
+            # parsed its bytes again on every segment, measured 2.0x in a --quick run (and an
+            # echo p99 of 660 ms); the fixed one 0.9-1.3x
             add("CPU per peeked hello byte independent of the cut: 1-byte records / one "
-                "record <= 2×", c, b / a, "%.1f / %.1f µs = %.2f×" % (b, a, b / a), b / a <= 2)
+                "record <= 1.5×", c, b / a, "%.1f / %.1f µs = %.2f×" % (b, a, b / a),
+                b / a <= 1.5)
     return out
 
 
