@@ -1259,7 +1259,8 @@ def open_listeners(mappings, proxy_protocol):
             wanted = describe_shape(shape, mapping.port)
             if handed_over:
                 raise StartupError("the bind address of :%d changed (listening on %s, the "
-                                   "settings say %s); restart to apply" % (mapping.port, held, wanted))
+                                   "settings say %s); restart to apply"
+                                   % (mapping.port, held, wanted))
             raise ConfigError("socket %s from systemd is not the %s that mapping %r listens "
                               "on; make the ListenStream= line (and BindIPv6Only=) match it"
                               % (held, wanted, mapping.spec))
@@ -2939,7 +2940,8 @@ class Session:
 
     __slots__ = ("server", "mapping", "client", "upstream", "peer", "target",
                  "stage", "started", "active_at", "up", "down", "connector", "end",
-                 "client_events", "upstream_events", "client_entry", "routing", "reader", "kept_alive")
+                 "client_events", "upstream_events", "client_entry", "routing", "reader",
+                 "kept_alive")
 
     def __init__(self, server, mapping, client, peer):
         self.server = server
