@@ -5809,7 +5809,7 @@ def test_reload_with_an_upstream_name_that_does_not_resolve_warns_as_a_start_doe
         mark = proxy.mark()
         new, _ = relays.reload(proxy, proxy.pid)
         warned = proxy.wait_for(r"resolve host=%s" % re.escape(UNRESOLVABLE_NAME), start=mark)
-        assert "warning" in warned and "will retry" in warned, warned
+        assert "warning" in warned and "until it resolves" in warned, warned
         payload = b"first upstream".ljust(16, b".")
         assert round_trip(port, payload) == payload
         assert relays.wait_gone(proxy.pid) == 0
@@ -7734,8 +7734,10 @@ def test_interop_check_dovecot_listener_without_haproxy_reads_the_header_as_a_co
     assert doctor.code == 1, doctor
     line = doctor.finding("FAIL", "imap", "127.0.0.1:%d read the PROXY header as a command"
                           % ports["imap_plain"], "trust PROXY headers from 127.0.0.1")
-    assert "haproxy_trusted_networks = 127.0.0.1" in line, line         # Dovecot's fix only
-    assert "Postfix" not in line and "Stalwart" not in line, line
+    assert "haproxy_trusted_networks = 127.0.0.1" in line, line         # Dovecot's fix
+    # and no Postfix on IMAP (Stalwart's is named too when the greeting did not say Dovecot:
+    # `* OK Waiting for authentication process to respond..` while its auth starts)
+    assert "Postfix" not in line, line
 
 
 def test_interop_check_dovecot_expecting_a_header_that_is_off(dovecot_trusting):
