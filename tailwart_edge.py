@@ -358,7 +358,7 @@ def parse_args(argv=None):
         if not valid:
             raise ConfigError("--upstream %r is not a host name or IP address (IPv6 goes in "
                               "brackets, as in [fd7a:115c:a1e0::1])" % options.upstream)
-    if not options.mappings and options.egress is None and options.egress_via is None:
+    if not options.mappings and not egress_given(options):
         raise ConfigError("no MAPPING given; usage: %s [OPTIONS] [BIND_ADDR:]PORT=HOST:PORT ... "
                           "e.g. %s 25=stalwart.tail7b1641.ts.net:25 (see --help)" % (PROG, PROG))
     mappings = []
@@ -3643,6 +3643,13 @@ def egress_listen_address(text, option):
     return host, parse_port(port, "%s port" % option, text)
 
 
+def egress_given(options):
+    """Is any --egress* option on the command line (then no MAPPING is needed)?"""
+    return any((options.egress, options.egress_peer, options.egress_source,
+                options.egress_deny, options.egress_allow, options.egress_via,
+                options.egress_listen, options.egress_user, options.egress_ports != "25"))
+
+
 def egress_mappings(options, mappings):
     """The listeners of the egress options, as Mappings (their `egress`: an EgressPolicy on
     the VPS, "via" on the mail host); ConfigError for what would make an open proxy or a
@@ -3714,17 +3721,20 @@ def vps_mapping(options):
                               "(192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32, "
                               "3fff::/20) may stand in for the internet, in a lab" % net)
         allow.append((first[0], first[1], net.prefixlen))
-    sources = {}
+    sources, given = {}, {}
     for text in options.egress_source:
         try:
             source_version, source_value = address_value(text)
         except ValueError:
             raise ConfigError("--egress-source %r is not an IP address; give the VPS's public "
                               "address" % text)
-        if source_version in sources:
+        if source_version in given:
             raise ConfigError("--egress-source %s: IPv%d has one already (%s); give at "
                               "most one per family" % (text, source_version,
-                                                       sources[source_version]))
+                                                       given[source_version]))
+        given[source_version] = text
+    for text in options.egress_source:
+        source_version, source_value = address_value(text)
         why = address_class(source_version, source_value, allow)
         if why is not None:
             raise ConfigError("--egress-source %s is %s, not a public address; give the "

@@ -671,6 +671,324 @@ def test_poller_keeps_the_selectors_contract(kind, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# Egress codec and policy (unit, `egress`): the v2 header the VPS end reads, the refused table
+# ----------------------------------------------------------------------------------------------
+
+def v2(command, family, body):
+    """A v2 header with a raw command, family and address block (+ TLVs)."""
+    return edge.V2_SIGNATURE + struct.pack("!BBH", command, family, len(body)) + body
+
+
+V2_TCP4_BODY = socket.inet_aton("100.64.0.7") + socket.inet_aton("8.8.8.8") + \
+    struct.pack("!HH", 40000, 25)
+V2_TCP6_BODY = socket.inet_pton(socket.AF_INET6, "fd7a:115c:a1e0::7") + \
+    socket.inet_pton(socket.AF_INET6, "2a00:1450:4001::1a") + struct.pack("!HH", 40000, 25)
+EGRESS_HEADERS = [
+    # (case, bytes, the ProxyHeader's (command, destination), or a refusal's words)
+    ("local", v2(0x20, 0x00, b""), ("LOCAL", None)),
+    ("local with a block", v2(0x20, 0x11, V2_TCP4_BODY), ("LOCAL", None)),
+    ("local unix", v2(0x20, 0x31, b"\0" * 216), ("LOCAL", None)),
+    ("tcp4", v2(0x21, 0x11, V2_TCP4_BODY), ("PROXY", ("8.8.8.8", 25))),
+    ("tcp6", v2(0x21, 0x21, V2_TCP6_BODY), ("PROXY", ("2a00:1450:4001::1a", 25))),
+    ("tcp4 and TLVs", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04\x00\x03abc" + b"\x01\x00\x00"),
+     ("PROXY", ("8.8.8.8", 25))),
+    ("our encoder", edge.proxy_header_v2(("127.0.0.1", 5), ("198.51.100.25", 25)),
+     ("PROXY", ("198.51.100.25", 25))),
+    ("unspec", v2(0x21, 0x00, b""), "UNSPEC header"),
+    ("udp4", v2(0x21, 0x12, V2_TCP4_BODY), "UDP4 header"),
+    ("udp6", v2(0x21, 0x22, V2_TCP6_BODY), "UDP6 header"),
+    ("unix", v2(0x21, 0x31, b"\0" * 216), "UNIX stream header"),
+    ("unknown family", v2(0x21, 0x41, V2_TCP4_BODY), "family byte 0x41"),
+    ("version 1 command", v2(0x11, 0x11, V2_TCP4_BODY), "version/command byte 0x11"),
+    ("command 2", v2(0x22, 0x11, V2_TCP4_BODY), "version/command byte 0x22"),
+    ("short tcp4 block", v2(0x21, 0x11, V2_TCP4_BODY[:8]), "8 address bytes, not 12"),
+    ("tcp6 family, tcp4 block", v2(0x21, 0x21, V2_TCP4_BODY), "12 address bytes, not 36"),
+    ("oversized length", edge.V2_SIGNATURE + b"\x21\x11\xff\xff", "over 528"),
+    ("just over the limit", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04" + struct.pack("!H", 498) +
+                                b"\0" * 498), "529 bytes, over 528"),
+    ("at the limit", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04" + struct.pack("!H", 497) +
+                         b"\0" * 497), ("PROXY", ("8.8.8.8", 25))),
+    ("TLV cut short", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04\x00"), "ends inside a TLV"),
+    ("TLV too long", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04\x00\x09abc"), "TLV longer"),
+    ("v1 header", b"PROXY TCP4 100.64.0.7 8.8.8.8 40000 25\r\n", "not a PROXY v2 header"),
+    ("SMTP instead", b"EHLO mail.example.com\r\n", "not a PROXY v2 header"),
+    ("signature off by one byte", b"\r\n\r\n\x00\r\nQUIT\r" + b"\x21\x11\x00\x0c" +
+     V2_TCP4_BODY, "not a PROXY v2 header"),
+]
+
+
+def read_header(pieces):
+    """Feed the pieces one after another: the ProxyHeader, None (not whole) or ValueError."""
+    reader, data = edge.V2Reader(), bytearray()
+    for piece in pieces:
+        data += piece
+        found = reader.read(data)
+        if found is not None:
+            return found
+    return None
+
+
+@pytest.mark.parametrize("case,data,expected", EGRESS_HEADERS,
+                         ids=[case for case, _, _ in EGRESS_HEADERS])
+def test_egress_header_table(case, data, expected):
+    """Every header case, whole and one byte at a time (the same answer), and cut short by
+    a byte (never whole). The VPS carries only a TCP4/TCP6 PROXY header; LOCAL is a probe."""
+    for pieces in ([data], [data[i:i + 1] for i in range(len(data))]):
+        if isinstance(expected, str):
+            with pytest.raises(ValueError) as caught:
+                read_header(pieces)
+            assert expected in str(caught.value)
+        else:
+            found = read_header(pieces)
+            assert (found.command, found.destination) == expected
+            assert found.length == len(data)
+    if not isinstance(expected, str):
+        assert read_header([data[:-1]]) is None         # truncated: waits for the rest
+
+
+def test_egress_header_bytes_after_it_are_the_clients():
+    """What follows the header in the same segment is the mail server's, not the header's."""
+    data = v2(0x21, 0x11, V2_TCP4_BODY)
+    found = read_header([data + b"\x16\x03\x01 opaque"])
+    assert found.length == len(data)
+
+
+class CountingBytes(bytearray):
+    """A stream that counts the bytes its readers slice out of it."""
+    sliced = 0
+
+    def __getitem__(self, index):
+        part = bytearray.__getitem__(self, index)
+        if isinstance(index, slice):
+            CountingBytes.sliced += len(part)
+        return part
+
+
+def test_egress_header_work_per_byte_is_flat():
+    """The biggest header allowed, one byte per segment: the reader looks at the 12-byte
+    signature at most until the length is in, then at nothing until the header is whole,
+    so what it slices stays within a few times the header (not its square)."""
+    data = v2(0x21, 0x11, V2_TCP4_BODY + b"\x04" + struct.pack("!H", 497) + b"\0" * 497)
+    assert len(data) == edge.V2_HEADER_LIMIT
+    reader, stream = edge.V2Reader(), CountingBytes()
+    CountingBytes.sliced = 0
+    found = None
+    for i in range(len(data)):
+        stream += data[i:i + 1]
+        found = reader.read(stream)
+    assert found is not None and found.destination == ("8.8.8.8", 25)
+    assert CountingBytes.sliced <= 16 * 12 + len(data), CountingBytes.sliced
+
+
+def test_egress_header_fuzz():
+    """Mutated, cut and padded headers (a fixed seed, 3000 of them): the reader answers a
+    header, not-yet or ValueError, never anything else, the same whole and in random pieces."""
+    rng = random.Random(21)
+    seeds = [data for _, data, _ in EGRESS_HEADERS]
+    for _ in range(3000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 4)):
+            kind = rng.randrange(4)
+            if kind == 0 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif kind == 1:
+                del data[rng.randrange(len(data) + 1):]
+            elif kind == 2:
+                data += bytes(rng.randrange(256) for _ in range(rng.randrange(8)))
+            elif len(data) > 15:
+                data[14:16] = struct.pack("!H", rng.randrange(65536))
+        data = bytes(data)
+        results = []
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, 5))) if len(data) > 1 \
+            else []
+        for pieces in ([data], [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]):
+            try:
+                results.append(read_header(pieces))
+            except ValueError:
+                results.append("refused")
+        assert results[0] == results[1]
+
+
+EGRESS_DESTINATIONS = [
+    # (address, refused because (words), or None: carried)
+    ("8.8.8.8", None),
+    ("2a00:1450:4001::1a", None),
+    ("0.1.2.3", "this network"),
+    ("10.1.2.3", "private (10.0.0.0/8)"),
+    ("172.31.255.255", "private (172.16.0.0/12)"),
+    ("192.168.1.1", "private (192.168.0.0/16)"),
+    ("100.101.102.103", "shared (CGNAT, the tailnet)"),
+    ("127.0.0.1", "loopback"),
+    ("127.255.255.254", "loopback"),
+    ("169.254.169.254", "link-local"),
+    ("192.0.0.8", "IETF protocol assignments"),
+    ("192.0.2.25", "documentation"),
+    ("198.51.100.25", "documentation"),
+    ("203.0.113.25", "documentation"),
+    ("192.88.99.1", "6to4 relay anycast"),
+    ("198.18.0.1", "benchmarking"),
+    ("224.0.0.1", "multicast"),
+    ("239.255.255.250", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "reserved"),
+    ("::", "unspecified"),
+    ("::1", "loopback"),
+    ("::127.0.0.1", "IPv4-compatible"),
+    ("::8.8.8.8", "IPv4-compatible"),
+    ("::ffff:127.0.0.1", "v4-mapped form of 127.0.0.1 loopback"),
+    ("::ffff:10.0.0.1", "v4-mapped form of 10.0.0.1 private"),
+    ("::ffff:169.254.169.254", "v4-mapped form of 169.254.169.254 link-local"),
+    ("::ffff:100.64.0.1", "v4-mapped form of 100.64.0.1 shared"),
+    ("::ffff:8.8.8.8", None),
+    ("64:ff9b::7f00:1", "NAT64 form of 127.0.0.1 loopback"),
+    ("64:ff9b::a9fe:a9fe", "NAT64 form of 169.254.169.254 link-local"),
+    ("64:ff9b::c0a8:101", "NAT64 form of 192.168.1.1 private"),
+    ("64:ff9b::808:808", None),
+    ("64:ff9b:1::808:808", "local-use NAT64"),
+    ("2002:7f00:1::1", "6to4 form of 127.0.0.1 loopback"),
+    ("2002:a9fe:a9fe::", "6to4 form of 169.254.169.254 link-local"),
+    ("2002:6440:1::", "6to4 form of 100.64.0.1 shared"),
+    ("2002:c000:219::", "6to4 form of 192.0.2.25 documentation"),
+    ("2002:808:808::1", None),
+    # Teredo (RFC 4380 4): server at bits 32-63, client XORed in the last 32
+    ("2001:0:7f00:1::", "Teredo server form of 127.0.0.1 loopback"),
+    ("2001:0:808:808:0:0:f5ff:fffe", "Teredo client form of 10.0.0.1 private"),
+    ("2001:0:808:808:0:0:5601:5601", "Teredo client form of 169.254.169.254 link-local"),
+    ("2001:0:808:808:0:0:f7f7:f7f7", "IETF protocol assignments"),    # both global: still
+    ("2001:2::1", "IETF protocol assignments"),
+    ("2001:db8::25", "documentation (2001:db8::/32)"),
+    ("3fff::25", "documentation (3fff::/20)"),
+    ("100::1", "discard-only"),
+    ("5f00::1", "segment routing"),
+    ("fd7a:115c:a1e0::7", "unique-local"),
+    ("fc00::1", "unique-local"),
+    ("fe80::1", "link-local"),
+    ("fec0::1", "site-local"),
+    ("ff02::1", "multicast"),
+    ("1::1", "not global unicast"),
+    ("4000::1", "not global unicast"),
+]
+
+
+@pytest.mark.parametrize("ip,refused", EGRESS_DESTINATIONS,
+                         ids=[ip for ip, _ in EGRESS_DESTINATIONS])
+def test_egress_destination_table(ip, refused):
+    """Each refused range, its v4-mapped, NAT64, 6to4 and Teredo forms, and global addresses:
+    an explicit table, the same answer under every CPython (no ipaddress.is_global)."""
+    version, value = edge.address_value(ip)
+    why = edge.address_class(version, value)
+    if refused is None:
+        assert why is None
+    else:
+        assert why is not None and refused in why, why
+
+
+def egress_policy(ports=(25,), sources=None, deny=(), allow=(), own=()):
+    """An EgressPolicy as the command line builds it (own: the VPS's fixed addresses)."""
+    fixed = [edge.cidr_value(cidr) for cidr in own]
+    policy = edge.EgressPolicy([edge.cidr_value("100.64.0.7/32")], dict(sources or {}),
+                               frozenset(ports), [(edge.cidr_value(c), c) for c in deny],
+                               [edge.cidr_value(c) for c in allow], 100,
+                               edge.OwnAddresses(fixed))
+    policy.own.networks = []            # only `own`: not this test machine's addresses
+    return policy
+
+
+EGRESS_POLICY_CASES = [
+    # (policy options, ip, port, refusal reason or None)
+    ({}, "8.8.8.8", 25, None),
+    ({}, "8.8.8.8", 587, "egress-port"),
+    ({}, "8.8.8.8", 26, "egress-port"),
+    ({"ports": (25, 587)}, "8.8.8.8", 587, None),
+    ({"ports": (25, 587)}, "8.8.8.8", 465, "egress-port"),
+    ({}, "10.0.0.1", 25, "egress-destination"),
+    ({}, "198.51.100.25", 25, "egress-destination"),
+    ({"allow": ["198.51.100.0/24"]}, "198.51.100.25", 25, None),
+    ({"allow": ["198.51.100.0/24"]}, "203.0.113.25", 25, "egress-destination"),
+    ({"allow": ["198.51.100.0/24"]}, "2002:c633:6419::", 25, None),   # 6to4 of an allowed
+    ({"deny": ["8.8.8.0/24"]}, "8.8.8.8", 25, "egress-denied"),
+    ({"deny": ["2a00:1450::/32"]}, "2a00:1450:4001::1a", 25, "egress-denied"),
+    ({"own": ["9.9.9.9/32"]}, "9.9.9.9", 25, "egress-own"),
+    ({"own": ["2a01:4f8::/64"]}, "2a01:4f8::25", 25, "egress-own"),
+    ({"sources": {4: "9.9.9.9"}}, "2a00:1450:4001::1a", 25, "egress-family"),
+    ({"sources": {4: "9.9.9.9"}}, "8.8.8.8", 25, None),
+    ({"sources": {6: "2a01:4f8::1"}}, "8.8.8.8", 25, "egress-family"),
+]
+
+
+@pytest.mark.parametrize("options,ip,port,reason", EGRESS_POLICY_CASES)
+def test_egress_policy_table(options, ip, port, reason):
+    """Ports (25 unless widened), --egress-deny, --egress-allow (documentation networks
+    only), the VPS's own addresses, and the families --egress-source carries."""
+    refusal = egress_policy(**options).refusal(ip, port)
+    assert (refusal[0] if refusal else None) == reason, refusal
+
+
+def test_egress_own_addresses_are_read_from_proc():
+    """On Linux the VPS's own addresses come from /proc (fib_trie, if_inet6): loopback is
+    there, and an address of this machine is refused, a global one is not."""
+    networks = edge.local_networks_linux()
+    if networks is None:
+        unavailable("/proc/net/fib_trie (Linux)")
+    own = edge.OwnAddresses([])
+    own.refresh(time.monotonic())
+    assert own.holds(*edge.address_value("127.0.0.1"))
+    assert not own.holds(*edge.address_value("8.8.8.8"))
+
+
+EGRESS_COMMAND_LINES = [
+    # (arguments, words of the one error line)
+    (["--egress", "0.0.0.0:2525", "--egress-peer", "100.64.0.7"], "is every address"),
+    (["--egress", "[::]:2525", "--egress-peer", "100.64.0.7"], "is every address"),
+    (["--egress", "8.8.8.8:2525", "--egress-peer", "100.64.0.7"], "not a tailnet or private"),
+    (["--egress", "198.51.100.1:2525", "--egress-peer", "100.64.0.7"], "not a tailnet"),
+    (["--egress", "vps.example.net:2525", "--egress-peer", "100.64.0.7"], "give an IP address"),
+    (["--egress", "100.64.0.1:2525"], "without --egress-peer"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "0.0.0.0/0"], "reaches past the tailnet"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.0.0.0/8"], "reaches past"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-ports", "25,110"],
+     "below 1024 only 25, 465 and 587"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-ports", "x"],
+     "not a number"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-source",
+      "10.0.0.1"], "private (10.0.0.0/8), not a public address"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-source",
+      "8.8.8.8"], "not an address of this machine"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-source",
+      "8.8.8.8", "--egress-source", "9.9.9.9"], "at most one per family"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-allow",
+      "10.0.0.0/8"], "not a documentation network"),
+    (["--egress-peer", "100.64.0.7"], "--egress-peer is for the VPS end"),
+    (["--egress-listen", "127.0.0.1:2525"], "--egress-listen is for the mail host end"),
+    (["--egress-via", "100.64.0.1:2525", "--egress-listen", "127.0.0.1:2525",
+      "--egress-listen", "127.0.0.2:2526"], "one listener per family"),
+    (["--egress-via", "100.64.0.1"], "has no port"),
+]
+
+
+@pytest.mark.parametrize("args,words", EGRESS_COMMAND_LINES,
+                         ids=[" ".join(args) for args, _ in EGRESS_COMMAND_LINES])
+def test_egress_command_line_refusals(args, words):
+    """What would make an open proxy (or nothing at all) is refused before anything
+    listens, in one line that names the fix."""
+    with pytest.raises(edge.ConfigError) as caught:
+        edge.parse_args(args)
+    assert words in str(caught.value)
+
+
+def test_egress_command_line_accepts_both_ends():
+    """A VPS end alone, a mail host end alone (its default listener), no MAPPING needed."""
+    _, mappings = edge.parse_args(["--egress", "100.64.0.1:2525", "--egress-peer",
+                                   "100.64.0.7/32", "--egress-ports", "25,587"])
+    [vps] = mappings
+    assert (vps.bind, vps.port, vps.egress.ports) == ("100.64.0.1", 2525, {25, 587})
+    _, mappings = edge.parse_args(["--egress-via", "100.64.0.1:2525"])
+    [home] = mappings
+    assert (home.bind, home.port, home.upstreams, home.egress) == (
+        "127.0.0.1", 2525, [("100.64.0.1", 2525)], "via")
+
+
+# ----------------------------------------------------------------------------------------------
 # Routing codec: the ClientHello's server name and ALPN, an HTTP request's Host (unit, `routing`)
 # ----------------------------------------------------------------------------------------------
 
