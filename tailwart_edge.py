@@ -3835,7 +3835,7 @@ def egress_rules(mappings, user):
     else:
         lines += ["ip6tables -N TAILWART_NO_EGRESS6",
                   "ip6tables -A TAILWART_NO_EGRESS6 -d %s -j RETURN" % EGRESS_PRIVATE_V6,
-                  "ip6tables -A TAILWART_NO_EGRESS6 -j REJECT --reject-with tcp-reset",
+                  "ip6tables -A TAILWART_NO_EGRESS6 -p tcp -j REJECT --reject-with tcp-reset",
                   "ip6tables -A OUTPUT -p tcp --dport 25 -j TAILWART_NO_EGRESS6",
                   "ip6tables -A FORWARD -p tcp --dport 25 -j TAILWART_NO_EGRESS6"]
     return lines

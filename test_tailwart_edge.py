@@ -1753,6 +1753,486 @@ def test_sessions_log_lines_under_journal_have_priorities_and_no_time():
 
 
 # ----------------------------------------------------------------------------------------------
+# Egress end to end (`egress`): the VPS end on loopback (refusals that need no other host), then
+# three network namespaces the tests make (home, vps, mx; `egress_netns`, root, once in CI)
+# ----------------------------------------------------------------------------------------------
+
+def egress_vps_args(port, *more):
+    """A VPS end on loopback: 127.0.0.1 is its 'tailnet' address and its one peer."""
+    return ["--egress", "127.0.0.1:%d" % port, "--egress-peer", "127.0.0.1/32", "-v"] + list(more)
+
+
+def egress_ask(port, data, pieces=1, source=None):
+    """Send `data` to the egress listener (in `pieces` segments) and read all it answers
+    (a reset, as from a close with our bytes unread: nothing)."""
+    with connect(("127.0.0.1", port), source) as c:
+        step = max(1, -(-len(data) // pieces))
+        try:
+            for i in range(0, len(data), step):
+                c.sendall(data[i:i + step])
+                if pieces > 1:
+                    time.sleep(0.002)
+            return recv_all(c)
+        except ConnectionResetError:
+            return b""
+
+
+V2_LOCAL_PROBE = edge.V2_SIGNATURE + b"\x20\x00\x00\x00"
+
+
+def egress_header(dst_ip, port=25):
+    """A v2 PROXY header naming dst_ip:port, written as given (our encoder would unmap a
+    ::ffff: address); the source is a placeholder of the same family."""
+    if ":" in dst_ip:
+        body = socket.inet_pton(socket.AF_INET6, "fd7a:115c:a1e0:21::1") + \
+            socket.inet_pton(socket.AF_INET6, dst_ip)
+        return v2(0x21, 0x21, body + struct.pack("!HH", 4000, port))
+    body = socket.inet_aton("100.64.21.1") + socket.inet_aton(dst_ip)
+    return v2(0x21, 0x11, body + struct.pack("!HH", 4000, port))
+
+
+def test_egress_probe_answers_one_line_even_one_byte_at_a_time():
+    """A v2 LOCAL header is a health probe: one line naming the source, then a close; the
+    header cut into one-byte segments gets the same answer."""
+    vps, port = Edge.on_free_port(egress_vps_args)
+    with vps:
+        assert egress_ask(port, V2_LOCAL_PROBE) == b"tailwart-edge egress ok source=auto ports=25\r\n"
+        assert egress_ask(port, V2_LOCAL_PROBE, pieces=len(V2_LOCAL_PROBE)).startswith(
+            b"tailwart-edge egress ok")
+        vps.wait_for(r"session client=127\.0\.0\.1:\d+ listen=127\.0\.0\.1:%d .* end=probe" % port)
+
+
+def test_egress_refuses_destinations_on_loopback():
+    """The VPS end refuses what a peer may not ask, before any connect: loopback, private,
+    metadata, documentation, their IPv6 forms, another port; an SMTP port hears 421 4.7.0
+    (never a 5xx), another port a plain close; the log names each reason."""
+    vps, port = Edge.on_free_port(egress_vps_args)
+    with vps:
+        for ip, words in [("127.0.0.1", "loopback"), ("10.0.0.1", "private"),
+                          ("169.254.169.254", "link-local"), ("192.0.2.25", "documentation"),
+                          ("::ffff:127.0.0.1", "loopback"), ("64:ff9b::a9fe:a9fe", "NAT64 form"),
+                          ("2002:7f00:1::", "6to4 form"), ("2001:0:7f00:1::", "Teredo server")]:
+            answer = egress_ask(port, egress_header(ip))
+            assert answer.startswith(b"421 4.7.0 "), (ip, answer)
+            vps.wait_for(r"end=egress-destination reason=.*%s" % re.escape(words))
+        assert egress_ask(port, edge.proxy_header_v2(("127.0.0.1", 4), ("10.0.0.1", 26))) == b""
+        vps.wait_for(r"end=egress-port reason=\"port 26 is not an egress port")
+
+
+def test_egress_bad_and_slow_headers_are_closed():
+    """Not a v2 header (an SMTP client, a v1 header, a UDP header): closed unanswered; no
+    header within --peek-timeout: closed as header-timeout."""
+    vps, port = Edge.on_free_port(lambda p: egress_vps_args(p, "--peek-timeout", "0.5"))
+    with vps:
+        assert egress_ask(port, b"EHLO mail.example.com\r\n") == b""
+        vps.wait_for(r"end=header-bad reason=\"not a PROXY v2 header\"")
+        assert egress_ask(port, b"PROXY TCP4 127.0.0.1 8.8.8.8 4 25\r\n") == b""
+        assert egress_ask(port, v2(0x21, 0x12, V2_TCP4_BODY)) == b""
+        vps.wait_for(r"end=header-bad reason=\"PROXY v2 UDP4 header")
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(V2_LOCAL_PROBE[:7])
+            assert recv_all(c) == b""
+        vps.wait_for(r"end=header-timeout")
+
+
+def test_egress_non_peer_is_refused_silently():
+    """A client outside --egress-peer is closed at accept without a byte, whatever it sends,
+    and the log says so (once per interval, not per connection)."""
+    vps, port = Edge.on_free_port(egress_vps_args)
+    with vps:
+        for _ in range(3):
+            assert egress_ask(port, V2_LOCAL_PROBE, source="127.0.0.2") == b""
+        vps.wait_for(r"refused client=127\.0\.0\.2:\d+ listen=127\.0\.0\.1:%d reason=not-peer"
+                     % port)
+
+
+def test_egress_limit_per_peer():
+    """Over --egress-per-peer, a peer's next session hears 421 4.7.0 (a retry later), and
+    once one ends, the next is served again."""
+    vps, port = Edge.on_free_port(lambda p: egress_vps_args(p, "--egress-per-peer", "1"))
+    with vps:
+        held = connect(("127.0.0.1", port))     # its header is still to come
+        try:
+            vps.wait_for(r"accept client=127\.0\.0\.1")
+            answer = egress_ask(port, edge.proxy_header_v2(("127.0.0.1", 4), ("10.0.0.1", 25)))
+            assert answer == b"421 4.7.0 Too many egress connections from your address\r\n"
+            vps.wait_for(r"end=per-peer")
+        finally:
+            held.close()
+        vps.wait_for(r"end=client-fin")
+        assert egress_ask(port, V2_LOCAL_PROBE).startswith(b"tailwart-edge egress ok")
+
+
+def test_egress_public_bind_and_empty_peer_list_exit_2():
+    """The script itself refuses, exit 2 and one line each: a public or wildcard --egress, an
+    --egress with no peer."""
+    for args, words in [(["--egress", "8.8.8.8:2525", "--egress-peer", "127.0.0.1"],
+                         "not a tailnet or private address"),
+                        (["--egress", "0.0.0.0:2525", "--egress-peer", "127.0.0.1"],
+                         "is every address"),
+                        (["--egress", "127.0.0.1:2525"], "without --egress-peer")]:
+        code, out, err = run_script(*args)
+        assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_egress_tables_under_the_script_interpreter():
+    """The destination table and the header cases give the same answers under the
+    interpreter that runs the script (CI: every CPython from 3.6), as under pytest's."""
+    cases = [ip for ip, _ in EGRESS_DESTINATIONS]
+    headers = [data.hex() for _, data, _ in EGRESS_HEADERS]
+    program = (
+        "import json, sys; sys.path.insert(0, %r); import tailwart_edge as e\n"
+        "out = []\n"
+        "for ip in %r:\n"
+        "    out.append(e.address_class(*e.address_value(ip)))\n"
+        "for h in %r:\n"
+        "    try:\n"
+        "        r = e.V2Reader().read(bytearray(bytes.fromhex(h)))\n"
+        "        out.append(None if r is None else [r.command, r.destination, r.length])\n"
+        "    except ValueError as x:\n"
+        "        out.append('refused: %%s' %% x)\n"
+        "print(json.dumps(out))\n" % (HERE, cases, headers))
+    there = subprocess.run([PYTHON, "-c", program], stdout=subprocess.PIPE, timeout=WAIT,
+                           check=True, universal_newlines=True).stdout
+    here = [edge.address_class(*edge.address_value(ip)) for ip in cases]
+    for _, data, _ in EGRESS_HEADERS:
+        try:
+            r = edge.V2Reader().read(bytearray(data))
+            here.append(None if r is None else [r.command, list(r.destination or ()) or None,
+                                                r.length])
+        except ValueError as x:
+            here.append("refused: %s" % x)
+    import json
+    got = json.loads(there)
+    got = [[g[0], g[1] or None, g[2]] if isinstance(g, list) else g for g in got]
+    assert got == here
+
+
+# -- in network namespaces -----------------------------------------------------------------
+#
+# home (the mail host: 100.64.21.1, fd7a:115c:a1e0:21::1 on its 'tailnet' link; 100.64.21.3
+# too, not a peer) -- vps (100.64.21.2 and fd7a:115c:a1e0:21::2 there; 198.51.100.1 and
+# 2001:db8:21::1, its 'public' addresses, towards mx) -- mx (198.51.100.25, 2001:db8:21::25).
+# The vps forwards, so without the rules home would reach mx directly: a leak the tests see.
+# Only these namespaces' own addresses are ever connected to.
+
+CLONE_NEWNET = 0x40000000
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+class EgressLab:
+    """Three network namespaces, linked by veth pairs; delete() removes them."""
+
+    ADDRESSES = [("home", "twh0", "100.64.21.1/24"), ("home", "twh0", "100.64.21.3/24"),
+                 ("home", "twh0", "fd7a:115c:a1e0:21::1/64"),
+                 ("vps", "twv0", "100.64.21.2/24"), ("vps", "twv0", "fd7a:115c:a1e0:21::2/64"),
+                 ("vps", "twv1", "198.51.100.1/24"), ("vps", "twv1", "2001:db8:21::1/64"),
+                 ("mx", "twm0", "198.51.100.25/24"), ("mx", "twm0", "2001:db8:21::25/64")]
+
+    def __init__(self):
+        tag = "tw%d" % os.getpid()
+        self.ns = {role: "%s-%s" % (tag, role) for role in ("home", "vps", "mx")}
+        self.made = []
+        try:
+            for role in ("home", "vps", "mx"):
+                self.ip("netns", "add", self.ns[role])
+                self.made.append(self.ns[role])
+                self.ip("-n", self.ns[role], "link", "set", "lo", "up")
+            self.ip("link", "add", "twh0", "netns", self.ns["home"], "type", "veth", "peer",
+                    "name", "twv0", "netns", self.ns["vps"])
+            self.ip("link", "add", "twv1", "netns", self.ns["vps"], "type", "veth", "peer",
+                    "name", "twm0", "netns", self.ns["mx"])
+            for role, dev, address in self.ADDRESSES:
+                self.ip("-n", self.ns[role], "addr", "add", address, "dev", dev, *(
+                    ("nodad",) if ":" in address else ()))
+            for role, dev in (("home", "twh0"), ("vps", "twv0"), ("vps", "twv1"),
+                              ("mx", "twm0")):
+                self.ip("-n", self.ns[role], "link", "set", dev, "up")
+            for role, v4, v6 in (("home", "100.64.21.2", "fd7a:115c:a1e0:21::2"),
+                                 ("mx", "198.51.100.1", "2001:db8:21::1")):
+                self.ip("-n", self.ns[role], "route", "add", "default", "via", v4)
+                self.ip("-n", self.ns[role], "-6", "route", "add", "default", "via", v6)
+            self.run("vps", "sysctl", "-qw", "net.ipv4.ip_forward=1",
+                     "net.ipv6.conf.all.forwarding=1")
+        except BaseException:
+            self.delete()
+            raise
+
+    def ip(self, *args):
+        subprocess.run(["ip"] + list(args), check=True, timeout=WAIT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+
+    def run(self, role, *args, check=True):
+        """A command in a namespace: (exit code, stdout + stderr)."""
+        proc = subprocess.run(["ip", "netns", "exec", self.ns[role]] + list(args),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=WAIT,
+                              universal_newlines=True)
+        if check and proc.returncode:
+            raise AssertionError("%s: %s" % (" ".join(args), proc.stdout))
+        return proc.returncode, proc.stdout
+
+    def inside(self, role, function):
+        """function() run by a thread that entered the namespace: sockets it makes stay
+        there, whichever thread uses them next."""
+        result = {}
+
+        def enter():
+            fd = os.open("/var/run/netns/" + self.ns[role], os.O_RDONLY)
+            try:
+                if LIBC.setns(fd, CLONE_NEWNET) != 0:
+                    result["error"] = OSError(ctypes.get_errno(), "setns")
+                    return
+            finally:
+                os.close(fd)
+            try:
+                result["value"] = function()
+            except BaseException as e:
+                result["error"] = e
+        thread = threading.Thread(target=enter, daemon=True)
+        thread.start()
+        thread.join(WAIT * 2)
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def edge(self, role, *args):
+        return NetnsEdge(self.ns[role], *args)
+
+    def reset_rules(self):
+        for tool in ("iptables", "ip6tables"):
+            for table in ("nat", "filter"):
+                self.run("home", tool, "-t", table, "-F")
+                self.run("home", tool, "-t", table, "-X")
+
+    def apply_rules(self, check_output):
+        """Install the rules `--check` printed, as an admin would paste them."""
+        self.reset_rules()
+        rules = [line for line in check_output.splitlines()
+                 if line.startswith(("iptables ", "ip6tables "))]
+        assert rules, check_output
+        for line in rules:
+            self.run("home", *line.split())
+        return rules
+
+    def delete(self):
+        for name in self.made:
+            subprocess.run(["ip", "netns", "del", name], timeout=WAIT)
+        self.made = []
+
+
+class NetnsEdge(Edge):
+    """The script in a network namespace (`ip netns exec` execs it: the same pid)."""
+
+    def __init__(self, ns, *args, **options):
+        self.ns = ns
+        Edge.__init__(self, *args, **options)
+
+    def _start(self, env, preexec_fn, timeout):
+        if self.args[0] != "ip":
+            self.args = ["ip", "netns", "exec", self.ns] + self.args
+        Edge._start(self, env, preexec_fn, timeout)
+
+
+class Mx:
+    """The destination mail server in the mx namespace, on port 25 of both its addresses:
+    a greeting, then it reads all the client sends and answers its own blob. `seen` is
+    [(peer ip, bytes received)] per connection."""
+
+    def __init__(self, lab, blob):
+        self.blob = blob
+        self.seen = []
+        self.closed = False
+        self.socks = lab.inside("mx", lambda: [listening(("198.51.100.25", 25)),
+                                               listening(("2001:db8:21::25", 25))])
+        self.threads = [threading.Thread(target=self.serve, args=(sock,), daemon=True)
+                        for sock in self.socks]
+        for thread in self.threads:
+            thread.start()
+
+    def serve(self, sock):
+        sock.settimeout(0.2)            # a close() from another thread does not wake accept()
+        while not self.closed:
+            try:
+                conn, peer = sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(WAIT)
+                try:
+                    conn.sendall(b"220 mx.test ESMTP\r\n")
+                    received = recv_all(conn)
+                    conn.sendall(self.blob)
+                except OSError:
+                    received = None
+                self.seen.append((peer[0], received))
+
+    def close(self):
+        self.closed = True
+        for thread in self.threads:
+            thread.join(WAIT)
+        for sock in self.socks:
+            sock.close()
+
+
+def listening(address):
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(16)
+    return sock
+
+
+@pytest.fixture(scope="module")
+def egress_lab():
+    if os.geteuid() != 0:
+        unavailable("the egress namespace tests need root (ip netns, iptables)")
+    for tool in ("ip", "iptables", "ip6tables"):
+        need_tool(tool)
+    if not os.path.isdir("/proc/sys/net/ipv6"):
+        unavailable("IPv6 in the kernel")
+    lab = EgressLab()
+    try:
+        yield lab
+    finally:
+        lab.delete()
+
+
+VPS_ARGS = ["--egress", "100.64.21.2:2525", "--egress-peer", "100.64.21.1/32",
+            "--egress-peer", "fd7a:115c:a1e0:21::1/128", "--egress-source", "198.51.100.1",
+            "--egress-allow", "198.51.100.0/24", "--connect-timeout", "2", "-v"]
+VPS_ARGS_V6 = VPS_ARGS + ["--egress-source", "2001:db8:21::1", "--egress-allow",
+                          "2001:db8:21::/48"]
+
+
+def carry(lab, destination, blob):
+    """A client in home (the mail server) connects to destination:25, sends blob, half-closes
+    and reads everything back."""
+    def dial():
+        return connect((destination, 25))
+    client = lab.inside("home", dial)
+    with client:
+        client.sendall(blob)
+        client.shutdown(socket.SHUT_WR)
+        return recv_all(client)
+
+
+def test_egress_netns_carries_the_mail_server_through_the_vps(egress_lab):
+    """The whole path: the rules `--check` prints, installed in home, send the mail server's
+    connection to 198.51.100.25:25 through the VPS: the MX sees the VPS's public address, and
+    the bytes (an opaque blob standing in for STARTTLS) are identical both ways; an MX that
+    does not answer gets 421 4.4.1; both ends write one line per session."""
+    lab = egress_lab
+    up_blob, down_blob = os.urandom(300 * 1024), os.urandom(200 * 1024)
+    mx = Mx(lab, down_blob)
+    try:
+        with lab.edge("vps", *VPS_ARGS) as vps:
+            code, out = lab.run("home", PYTHON, SCRIPT, "--check", "--egress-via",
+                                "100.64.21.2:2525", "--egress-user", "root", check=False)
+            assert code == 0, out
+            assert "tailwart-edge egress ok source=198.51.100.1 ports=25" in out
+            rules = lab.apply_rules(out)
+            assert any("REDIRECT --to-ports 2525" in r for r in rules)
+            with lab.edge("home", "--egress-via", "100.64.21.2:2525", "-v") as home:
+                answer = carry(lab, "198.51.100.25", up_blob)
+                assert answer == b"220 mx.test ESMTP\r\n" + down_blob
+                eventually(lambda: mx.seen)
+                assert mx.seen == [("198.51.100.1", up_blob)]
+                vps.wait_for(r"session client=100\.64\.21\.1:\d+ listen=100\.64\.21\.2:2525 "
+                             r"upstream=198\.51\.100\.25:25 up=%d down=%d .*end=client-fin"
+                             % (len(up_blob), len(down_blob) + 19))
+                home.wait_for(r"session client=100\.64\.21\.1:\d+ listen=127\.0\.0\.1:2525 upstream=100\.64\.21\.2:2525 "
+                              r".*destination=198\.51\.100\.25:25")
+                # nobody at .26: the VPS's connect fails, the mail server hears a 4xx
+                answer = carry(lab, "198.51.100.26", b"")
+                assert answer.startswith(b"421 4.4.1 "), answer
+                vps.wait_for(r"upstream=198\.51\.100\.26:25 .*end=connect-failed")
+    finally:
+        mx.close()
+        lab.reset_rules()
+
+
+def test_egress_netns_refusals(egress_lab):
+    """Straight to the VPS's egress, as a peer: each refused class (own addresses, the
+    tailnet, loopback, private, metadata, a documentation network not allowed, mapped and
+    embedded forms), another port and IPv6 without a source are refused, the MX never sees a
+    connection; a non-peer (home's 100.64.21.3) is closed unanswered, a header or not."""
+    lab = egress_lab
+    mx = Mx(lab, b"")
+    try:
+        with lab.edge("vps", *VPS_ARGS) as vps:
+            def ask(header, source="100.64.21.1"):
+                def dial():
+                    return connect(("100.64.21.2", 2525), source)
+                with lab.inside("home", dial) as c:
+                    try:
+                        c.sendall(header)
+                        return recv_all(c)
+                    except ConnectionResetError:
+                        return b""
+            for ip, reason in [("198.51.100.1", "egress-own"), ("100.64.21.2", "egress-dest"),
+                               ("127.0.0.1", "egress-dest"), ("10.1.2.3", "egress-dest"),
+                               ("169.254.169.254", "egress-dest"),
+                               ("203.0.113.25", "egress-dest"),
+                               ("::ffff:127.0.0.1", "egress-dest"),
+                               ("64:ff9b::a9fe:a9fe", "egress-dest"),
+                               ("2002:a01:203::", "egress-dest"),
+                               ("2001:db8:21::25", "egress-dest"),
+                               ("2a00:1450:4001::1a", "egress-family")]:
+                answer = ask(egress_header(ip))
+                assert answer.startswith(b"421 4.7.0 "), (ip, answer)
+                vps.wait_for(r"upstream=%s .*end=%s" % (re.escape(edge.format_address(
+                    edge.plain_ip(ip), 25)), reason))
+            answer = ask(edge.proxy_header_v2(("100.64.21.1", 4), ("198.51.100.25", 587)))
+            assert answer.startswith(b"421 4.7.0 ")     # 587 speaks SMTP: told so, not closed
+            vps.wait_for(r"upstream=198\.51\.100\.25:587 .*end=egress-port")
+            header = edge.proxy_header_v2(("100.64.21.1", 4), ("198.51.100.25", 25))
+            assert ask(header, source="100.64.21.3") == b""
+            assert ask(b"", source="100.64.21.3") == b""
+            vps.wait_for(r"refused client=100\.64\.21\.3:\d+ .*reason=not-peer")
+        assert mx.seen == []
+    finally:
+        mx.close()
+
+
+def test_egress_netns_ipv6_is_refused_or_carried_never_leaked(egress_lab):
+    """IPv6 port 25 from home: with the default rules (no IPv6 listener) it is rejected at
+    home, and the MX sees nothing from home's address; with an IPv6 listener ([::1]:2525) and
+    an IPv6 source on the VPS, the rules `--check` prints then carry it, and the MX sees the
+    VPS's IPv6 address."""
+    lab = egress_lab
+    mx = Mx(lab, b"250 ok\r\n")
+    try:
+        with lab.edge("vps", *VPS_ARGS_V6):
+            code, out = lab.run("home", PYTHON, SCRIPT, "--check", "--egress-via",
+                                "100.64.21.2:2525", "--egress-user", "root", check=False)
+            assert code == 0, out
+            lab.apply_rules(out)
+            with lab.edge("home", "--egress-via", "100.64.21.2:2525"):
+                with pytest.raises(OSError) as refused:
+                    carry(lab, "2001:db8:21::25", b"x")
+                assert refused.value.errno == errno.ECONNREFUSED
+                assert mx.seen == []
+            code, out = lab.run("home", PYTHON, SCRIPT, "--check", "--egress-via",
+                                "100.64.21.2:2525", "--egress-listen", "127.0.0.1:2525",
+                                "--egress-listen", "[::1]:2525", "--egress-user", "root",
+                                check=False)
+            assert code == 0, out
+            lab.apply_rules(out)
+            with lab.edge("home", "--egress-via", "100.64.21.2:2525", "--egress-listen",
+                          "127.0.0.1:2525", "--egress-listen", "[::1]:2525", "-v") as home:
+                answer = carry(lab, "2001:db8:21::25", b"EHLO home\r\n")
+                assert answer == b"220 mx.test ESMTP\r\n250 ok\r\n"
+                eventually(lambda: mx.seen)
+                assert mx.seen == [("2001:db8:21::1", b"EHLO home\r\n")]
+                home.wait_for(r"destination=\[2001:db8:21::25\]:25")
+    finally:
+        mx.close()
+        lab.reset_rules()
+
+
+# ----------------------------------------------------------------------------------------------
 # Real peers: HAProxy, nginx and Postfix parse our header and log the real client
 # ----------------------------------------------------------------------------------------------
 #
