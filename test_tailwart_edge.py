@@ -1817,6 +1817,9 @@ def test_egress_refuses_destinations_on_loopback():
             vps.wait_for(r"end=egress-destination reason=.*%s" % re.escape(words))
         assert egress_ask(port, edge.proxy_header_v2(("127.0.0.1", 4), ("10.0.0.1", 26))) == b""
         vps.wait_for(r"end=egress-port reason=\"port 26 is not an egress port")
+        vps.signal(signal.SIGUSR1)      # counted as any listener's sessions and refusals
+        vps.wait_for(r"stats .*127\.0\.0\.1:%d active=0 sessions=9 failed=0 up=0 down=0 "
+                     r"refused-egress-destination=8 refused-egress-port=1" % port)
 
 
 def test_egress_bad_and_slow_headers_are_closed():
