@@ -3058,6 +3058,15 @@ def address_class(version, value, allow=()):
     return None
 
 
+def embedded_v4(version, value):
+    """[(4, int)]: the IPv4 addresses a NAT64 or 6to4 IPv6 address leads to (none else)."""
+    if version == 6 and value >> 32 == NAT64_PREFIX:
+        return [(4, value & MASK32)]
+    if version == 6 and value >> 112 == SIX_TO_FOUR:
+        return [(4, (value >> 80) & MASK32)]
+    return []
+
+
 def inside_class(version, value):
     """The EGRESS_INSIDE class name an address is in (never reachable from the internet),
     or None."""
@@ -3265,11 +3274,14 @@ class EgressPolicy:
         why = address_class(version, value, self.allow)
         if why is not None:
             return "egress-destination", "%s is %s" % (ip, why)
-        for cidr, text in self.deny:
-            if in_cidr(version, value, cidr):
-                return "egress-denied", "%s is in --egress-deny %s" % (ip, text)
-        if self.own.holds(version, value):
-            return "egress-own", "%s is an address of this machine" % ip
+        # an IPv4 address carried in an IPv6 one (NAT64, 6to4) reaches that IPv4 host too
+        for inner_version, inner in [(version, value)] + embedded_v4(version, value):
+            for cidr, text in self.deny:
+                if in_cidr(inner_version, inner, cidr):
+                    return "egress-denied", "%s is in --egress-deny %s" % (ip, text)
+            if self.own.holds(inner_version, inner):
+                return "egress-own", "%s is an address of this machine%s" % (ip, "" if (
+                    inner == value) else " (%s)" % value_text(4, inner))
         if self.sources and version not in self.sources:
             return "egress-family", "no --egress-source for IPv%d: IPv%d is not carried" % (
                 version, version)
@@ -3547,10 +3559,6 @@ class RedirectedSession(Session):
             refused = self.mapping.refused
             refused[end] = refused.get(end, 0) + 1
         self.close(end, reason)
-
-    def describe_original(self):
-        """The original destination, for the session line."""
-        return format_address(*self.original[:2]) if self.original else "-"
 
 
 def original_destination(sock, six):

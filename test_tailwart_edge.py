@@ -910,6 +910,9 @@ EGRESS_POLICY_CASES = [
     ({"deny": ["2a00:1450::/32"]}, "2a00:1450:4001::1a", 25, "egress-denied"),
     ({"own": ["9.9.9.9/32"]}, "9.9.9.9", 25, "egress-own"),
     ({"own": ["2a01:4f8::/64"]}, "2a01:4f8::25", 25, "egress-own"),
+    ({"own": ["9.9.9.9/32"]}, "64:ff9b::909:909", 25, "egress-own"),     # NAT64 of our own
+    ({"own": ["9.9.9.9/32"]}, "2002:909:909::1", 25, "egress-own"),      # 6to4 of our own
+    ({"deny": ["9.9.9.0/24"]}, "64:ff9b::909:909", 25, "egress-denied"),
     ({"sources": {4: "9.9.9.9"}}, "2a00:1450:4001::1a", 25, "egress-family"),
     ({"sources": {4: "9.9.9.9"}}, "8.8.8.8", 25, None),
     ({"sources": {6: "2a01:4f8::1"}}, "8.8.8.8", 25, "egress-family"),
@@ -1758,8 +1761,11 @@ def test_sessions_log_lines_under_journal_have_priorities_and_no_time():
 # ----------------------------------------------------------------------------------------------
 
 def egress_vps_args(port, *more):
-    """A VPS end on loopback: 127.0.0.1 is its 'tailnet' address and its one peer."""
-    return ["--egress", "127.0.0.1:%d" % port, "--egress-peer", "127.0.0.1/32", "-v"] + list(more)
+    """A VPS end on loopback: 127.0.0.1 is its 'tailnet' address and its one peer. Every
+    global destination is denied too (--egress-deny 0.0.0.0/0 and ::/0): a test, or a fuzzed
+    header, must never make it connect beyond this machine."""
+    return ["--egress", "127.0.0.1:%d" % port, "--egress-peer", "127.0.0.1/32", "-v",
+            "--egress-deny", "0.0.0.0/0", "--egress-deny", "::/0"] + list(more)
 
 
 def egress_ask(port, data, pieces=1, source=None):
@@ -1773,7 +1779,7 @@ def egress_ask(port, data, pieces=1, source=None):
                 if pieces > 1:
                     time.sleep(0.002)
             return recv_all(c)
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             return b""
 
 
@@ -1864,6 +1870,41 @@ def test_egress_limit_per_peer():
             held.close()
         vps.wait_for(r"end=client-fin")
         assert egress_ask(port, V2_LOCAL_PROBE).startswith(b"tailwart-edge egress ok")
+
+
+def test_egress_abuse_hostile_peers_and_outsiders():
+    """A peer gone bad and outsiders, bounded: 200 non-peer connections, 300 mutated headers
+    (the fuzz's mutations, over the wire, some one byte per segment), 100 half headers left
+    hanging past --peek-timeout. Afterwards the relay answers a probe, every session has
+    ended (active=0), and nothing but refusals was logged: no internal error."""
+    vps, port = Edge.on_free_port(lambda p: egress_vps_args(p, "--peek-timeout", "1"))
+    with vps:
+        rng = random.Random(2121)
+        for _ in range(200):
+            assert egress_ask(port, os.urandom(rng.randrange(1, 64)), source="127.0.0.2") == b""
+        seeds = [data for _, data, _ in EGRESS_HEADERS]
+        for i in range(300):
+            data = bytearray(rng.choice(seeds))
+            data[rng.randrange(len(data))] = rng.randrange(256)
+            answer = egress_ask(port, bytes(data), pieces=len(data) if i % 10 == 0 else 1)
+            assert answer == b"" or answer.startswith((b"421 4.7.0 ", b"tailwart-edge egress ok")), \
+                answer                  # 421 4.7.0: refused; never a connect (4.4.1)
+        hanging = []
+        try:
+            for _ in range(100):
+                c = connect(("127.0.0.1", port))
+                c.sendall(V2_LOCAL_PROBE[:rng.randrange(1, 16)])
+                hanging.append(c)
+            for c in hanging:
+                assert recv_all(c) == b""       # closed by the header timeout
+        finally:
+            for c in hanging:
+                c.close()
+        assert egress_ask(port, V2_LOCAL_PROBE).startswith(b"tailwart-edge egress ok")
+        mark = vps.mark()
+        vps.signal(signal.SIGUSR1)
+        vps.wait_for(r"stats active=0 ", start=mark)
+        assert "internal error" not in vps.output() and "Traceback" not in vps.output()
 
 
 def test_egress_public_bind_and_empty_peer_list_exit_2():
