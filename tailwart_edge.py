@@ -226,6 +226,7 @@ def build_parser():
     add_relaying(parser.add_argument_group("relaying"))
     add_clients(parser.add_argument_group("clients"))
     add_timeouts(parser.add_argument_group("timeouts"))
+    add_egress(parser.add_argument_group("egress (outbound mail through the VPS)"))
     add_running(parser.add_argument_group("running"))
     add_install(parser.add_argument_group("service"))
     return parser
@@ -373,7 +374,7 @@ def parse_args(argv=None):
         if upstream is None:
             raise ConfigError(upstream_refusal("--upstream %r" % options.upstream,
                                                options.upstream, "--upstream %s"))
-    if not options.mappings:
+    if not options.mappings and not egress_given(options):
         raise ConfigError("no MAPPING given; usage: %s [OPTIONS] [BIND_ADDR:]PORT=HOST:PORT ... "
                           "e.g. %s 25=stalwart.tail7b1641.ts.net:25 (see --help)" % (PROG, PROG))
     mappings = []
@@ -400,6 +401,7 @@ def parse_args(argv=None):
         mappings.append(mapping)
     for mapping in mappings:
         mapping.finish()
+    mappings += egress_mappings(options, mappings)
     refuse_self_loops(mappings)
     return options, mappings
 
@@ -728,7 +730,7 @@ class Mapping:
 
     __slots__ = ("bind", "port", "routes", "default", "router", "spec", "label", "protocol",
                  "active", "sessions", "failed", "up", "down", "refused", "routed", "unrouted",
-                 "local")
+                 "local", "egress")
 
     def __init__(self, bind, port, upstreams, spec="", protocol=None, matches=(), proxy=None):
         self.bind = bind            # None (all interfaces) or an IP address without brackets
@@ -745,6 +747,7 @@ class Mapping:
         self.routed = {}            # MATCH item (or "default") -> sessions it routed
         self.unrouted = {}          # why -> sessions closed before a route was found
         self.local = None           # (ip, port) every client reaches, when bound to one address
+        self.egress = None          # an egress listener: EgressPolicy (VPS) or "via" (mail host)
 
     @property
     def upstreams(self):
@@ -3188,7 +3191,1006 @@ def session_line(session, end, reason):
         line += ' reason="%s"' % reason.replace('"', "'")
     if session.routing is not None:
         line += session.routing
+    original = getattr(session, "original", None)     # the egress of a mail host
+    if original is not None:
+        line += " destination=%s" % format_address(*original[:2])
     return line
+
+
+# ----------------------------------------------------------------------------------------------
+# Egress: outbound mail leaves from the VPS (--egress there, --egress-via on the mail host)
+# ----------------------------------------------------------------------------------------------
+#
+# The mail server keeps choosing the MX (and DANE, MTA-STS, its one queue); only the TCP
+# connection leaves from the VPS, so the recipient sees the VPS's address. As commercial MTAs
+# do with HAProxy (`server x 0.0.0.0`), the destination travels in a PROXY v2 header:
+#
+#   mail server ──▶ REDIRECT (the admin's netfilter rule; --check prints it)
+#     ──▶ --egress-listen: RedirectedSession reads SO_ORIGINAL_DST, connects to --egress-via
+#         and sends v2 (source: the mail server, destination: the MX it chose)
+#     ──▶ --egress on the VPS (a tailnet address): EgressSession reads that header (HEADER,
+#         strict, within --peek-timeout), checks the peer, the port and the destination
+#         against an explicit table (EgressPolicy), connects from --egress-source, relays.
+#
+# Both are Sessions: the relay, half-close, timeouts, the session line and the metrics are
+# the inbound ones. What the VPS end must never become is an open proxy: it refuses to
+# listen on a public or wildcard address or without --egress-peer, checks the peer on
+# accept, and refuses every destination in the table below whatever form it is written in.
+
+# session ends worth a warning: the VPS end refused what a peer asked for
+EGRESS_WARNINGS = ("egress-port", "egress-destination", "egress-denied", "egress-own",
+                   "egress-family", "header-bad", "per-peer", "not-redirected")
+HEADER = "header"               # stage of an EgressSession reading the mail host's header
+DEFAULT_EGRESS_LISTEN = "127.0.0.1:2525"
+DEFAULT_EGRESS_PER_PEER = 100   # a mail server's outbound concurrency (Postfix: 100 processes)
+EGRESS_LOW_PORTS = (25, 465, 587)   # the only ports below 1024 --egress-ports may name
+V2_HEADER_LIMIT = 16 + 512      # a header's most: 16 fixed bytes + addresses (36) and TLVs
+V2_LOCAL_COMMAND, V2_PROXY_COMMAND = 0x20, 0x21
+V2_FAMILIES = {0x00: "UNSPEC", 0x11: "TCP4", 0x12: "UDP4", 0x21: "TCP6", 0x22: "UDP6",
+               0x31: "UNIX stream", 0x32: "UNIX datagram"}     # section 2.2, 14th byte
+SO_ORIGINAL_DST = 80            # linux/netfilter_ipv4.h, at SOL_IP; IPv6: ip6_tables.h's
+SOL_IPV6 = 41                   # IP6T_SO_ORIGINAL_DST is 80 too, at SOL_IPV6
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)   # Linux >= 4.2
+OWN_REFRESH = 5.0               # the VPS's own addresses are read again after this long
+PROC_LIMIT = 4 << 20            # the most read of a /proc table (a full BGP table is ~100 MB)
+# what the mail server hears when its connection cannot be carried (SMTP ports only: on 465
+# the client speaks TLS first, and plain text would be garbage to it): always a 4xx, a
+# temporary failure it retries, never a 5xx that would bounce the message
+EGRESS_UNREACHABLE = b"421 4.4.1 No answer from the destination (via the egress relay)\r\n"
+EGRESS_REFUSED = b"421 4.7.0 Destination refused by the egress relay's policy\r\n"
+EGRESS_BUSY = b"421 4.7.0 Too many egress connections from your address\r\n"
+EGRESS_NOT_REDIRECTED = b"421 4.3.0 Not a redirected connection; see tailwart_edge.py --check\r\n"
+
+# Destinations never connected to: an explicit table, not ipaddress.is_global (whose answers
+# changed between CPython versions). IANA's special-purpose registries (RFC 6890 and later).
+EGRESS_REFUSED_V4 = (
+    ("0.0.0.0/8", "this network"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "shared (CGNAT, the tailnet)"),      # RFC 6598; Tailscale's 100.x
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),           # 169.254.169.254: a cloud's metadata service
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol assignments"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay anycast (deprecated)"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),                # 255.255.255.255 (broadcast) too
+)
+EGRESS_REFUSED_V6 = (
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("::/96", "IPv4-compatible (deprecated)"),  # RFC 4291 2.5.5.1
+    ("64:ff9b:1::/48", "local-use NAT64"),      # RFC 8215: never global
+    ("100::/64", "discard-only"),
+    ("2001::/23", "IETF protocol assignments"),     # Teredo (2001::/32) among them
+    ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),             # RFC 9637
+    ("5f00::/16", "segment routing (SRv6)"),
+    ("fc00::/7", "unique-local (the tailnet's fd7a:115c:a1e0::/48)"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local (deprecated)"),
+    ("ff00::/8", "multicast"),
+)
+DOCUMENTATION = "documentation"
+# where the egress listener and its peers may be: never reachable from the internet
+EGRESS_INSIDE = ("loopback", "private", "shared (CGNAT, the tailnet)",
+                 "unique-local (the tailnet's fd7a:115c:a1e0::/48)")
+MASK32 = 0xffffffff
+NAT64_PREFIX = 0x64ff9b << 64       # 64:ff9b::/96, the top 96 bits
+V4_MAPPED_PREFIX = 0xffff           # ::ffff:0:0/96, the top 96 bits
+SIX_TO_FOUR = 0x2002                # 2002::/16, the top 16 bits
+TEREDO = 0x20010000                 # 2001::/32, the top 32 bits
+
+
+def address_value(ip):
+    """'192.0.2.1' -> (4, int); '2001:db8::1' -> (6, int). ValueError when no IP literal."""
+    ip = ip.partition("%")[0]
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        packed = socket.inet_pton(family, ip)
+    except (OSError, ValueError):
+        raise ValueError("%r is not an IP address" % ip)
+    return (6 if family == socket.AF_INET6 else 4), int.from_bytes(packed, "big")
+
+
+def cidr_value(text):
+    """'10.0.0.0/8' -> (version, network int, prefix length)."""
+    ip, _, prefix = text.partition("/")
+    version, value = address_value(ip)
+    return version, value, int(prefix) if prefix else (32 if version == 4 else 128)
+
+
+def in_cidr(version, value, cidr):
+    """Is address (version, value) inside cidr (version, network, prefix)?"""
+    bits = 32 if version == 4 else 128
+    return version == cidr[0] and value >> (bits - cidr[2]) == cidr[1] >> (bits - cidr[2])
+
+
+EGRESS_TABLE = [(cidr_value(cidr), cidr, name) for cidr, name in
+                EGRESS_REFUSED_V4 + EGRESS_REFUSED_V6]
+
+
+def value_text(version, value):
+    """(4, int) -> '192.0.2.1'; (6, int) -> '2001:db8::1'."""
+    if version == 4:
+        return socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
+    return socket.inet_ntop(socket.AF_INET6, value.to_bytes(16, "big"))
+
+
+def address_class(version, value, allow=()):
+    """Why an address can never be a destination (or the VPS's public source): its refused
+    class, e.g. 'private (10.0.0.0/8)' or '6to4 form of loopback (127.0.0.0/8)'; None for a
+    global address. `allow` (cidr_value tuples) lets documentation networks pass: a lab's
+    stand-in for the internet. A question only: no side effects.
+
+    An IPv6 address that carries an IPv4 one is judged by it too: v4-mapped (::ffff:0:0/96),
+    NAT64 (64:ff9b::/96), 6to4 (2002::/16: bits 16-47) and Teredo (2001::/32: the server at
+    bits 32-63, the client, XORed, in the last 32 bits, RFC 4380 4)."""
+    if version == 6:
+        top96 = value >> 32
+        embedded = []
+        if top96 == V4_MAPPED_PREFIX:
+            embedded.append(("v4-mapped", value & MASK32))
+        elif top96 == NAT64_PREFIX:
+            embedded.append(("NAT64", value & MASK32))
+        elif value >> 112 == SIX_TO_FOUR:
+            embedded.append(("6to4", (value >> 80) & MASK32))
+        elif value >> 96 == TEREDO:
+            embedded.append(("Teredo server", (value >> 64) & MASK32))
+            embedded.append(("Teredo client", (value & MASK32) ^ MASK32))
+        for form, inner in embedded:
+            why = address_class(4, inner, allow)
+            if why is not None:
+                return "%s form of %s %s" % (form, value_text(4, inner), why)
+        if embedded and embedded[0][0] in ("v4-mapped", "NAT64"):
+            return None         # a global IPv4 address, written in IPv6
+    for cidr, text, name in EGRESS_TABLE:
+        if in_cidr(version, value, cidr):
+            if name == DOCUMENTATION and any(in_cidr(version, value, a) for a in allow):
+                return None
+            return "%s (%s)" % (name, text)
+    if version == 6 and value >> 125 != 1:
+        return "not global unicast (outside 2000::/3)"
+    return None
+
+
+def embedded_v4(version, value):
+    """[(4, int)]: the IPv4 addresses a NAT64 or 6to4 IPv6 address leads to (none else)."""
+    if version == 6 and value >> 32 == NAT64_PREFIX:
+        return [(4, value & MASK32)]
+    if version == 6 and value >> 112 == SIX_TO_FOUR:
+        return [(4, (value >> 80) & MASK32)]
+    return []
+
+
+def inside_class(version, value):
+    """The EGRESS_INSIDE class name an address is in (never reachable from the internet),
+    or None."""
+    for cidr, text, name in EGRESS_TABLE:
+        if name in EGRESS_INSIDE and in_cidr(version, value, cidr):
+            return name
+    return None
+
+
+class ProxyHeader(collections.namedtuple("ProxyHeader", "command source destination length")):
+    """A PROXY v2 header read: command "LOCAL" or "PROXY"; source and destination (ip, port)
+    (None for LOCAL); length: its bytes in the stream (what follows is the client's)."""
+    __slots__ = ()
+
+
+class V2Reader:
+    """A PROXY v2 header at the start of a stream, read as it comes and strictly (section
+    2.2): each call looks at the 16 fixed bytes at most until the length is known, then at
+    nothing until the whole header is in, so a header cut into one-byte segments costs what
+    it costs in one piece. Refused (ValueError): another signature, version or command, a
+    family other than TCP4/TCP6 for PROXY (UNSPEC has no destination, UDP and UNIX are not
+    carried), an address block shorter than its family's, TLVs that do not fill the rest
+    exactly, or a length over V2_HEADER_LIMIT."""
+
+    __slots__ = ("need",)
+
+    def __init__(self):
+        self.need = None                # the header's length, once its first 16 bytes are in
+
+    def read(self, data):
+        """A ProxyHeader once `data` (the stream from its first byte, grown since the last
+        call) holds the whole header; None until then; ValueError when it never will."""
+        if self.need is None:
+            have = len(data)
+            if bytes(data[:12]) != V2_SIGNATURE[:min(have, 12)]:
+                raise ValueError("not a PROXY v2 header")
+            if have > 12 and data[12] not in (V2_LOCAL_COMMAND, V2_PROXY_COMMAND):
+                raise ValueError("PROXY v2 version/command byte 0x%02x is not 0x20 (LOCAL) "
+                                 "or 0x21 (PROXY)" % data[12])
+            if have > 13:
+                family = data[13]
+                if family not in V2_FAMILIES:
+                    raise ValueError("PROXY v2 family byte 0x%02x is unknown" % family)
+                if data[12] == V2_PROXY_COMMAND and family not in (V2_TCP4, V2_TCP6):
+                    raise ValueError("PROXY v2 %s header: only TCP4 and TCP6 name a "
+                                     "destination to carry" % V2_FAMILIES[family])
+            if have < 16:
+                return None
+            length = data[14] << 8 | data[15]
+            if 16 + length > V2_HEADER_LIMIT:
+                raise ValueError("PROXY v2 header of %d bytes, over %d"
+                                 % (16 + length, V2_HEADER_LIMIT))
+            self.need = 16 + length
+        if len(data) < self.need:
+            return None
+        return v2_fields(bytes(data[:self.need]))
+
+
+def v2_fields(header):
+    """The ProxyHeader of a whole v2 header whose first 14 bytes V2Reader has checked."""
+    command, family, length = header[12], header[13], len(header)
+    if command == V2_LOCAL_COMMAND:
+        return ProxyHeader("LOCAL", None, None, length)     # the block is ignored (2.2)
+    six = family == V2_TCP6
+    size = 36 if six else 12
+    if length - 16 < size:
+        raise ValueError("PROXY v2 %s header with %d address bytes, not %d"
+                         % (V2_FAMILIES[family], length - 16, size))
+    pos = 16 + size
+    while pos < length:                 # TLVs (2.2.7): type, 2-byte length, value
+        if pos + 3 > length:
+            raise ValueError("PROXY v2 header ends inside a TLV")
+        pos += 3 + (header[pos + 1] << 8 | header[pos + 2])
+        if pos > length:
+            raise ValueError("PROXY v2 TLV longer than the header")
+    af = socket.AF_INET6 if six else socket.AF_INET
+    width = 16 if six else 4
+    src = socket.inet_ntop(af, header[16:16 + width])
+    dst = socket.inet_ntop(af, header[16 + width:16 + 2 * width])
+    src_port, dst_port = struct.unpack_from("!HH", header, 16 + 2 * width)
+    return ProxyHeader("PROXY", (src, src_port), (dst, dst_port), length)
+
+
+def read_proc(path):
+    """A /proc table's text, at most PROC_LIMIT bytes; '' when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(PROC_LIMIT).decode("ascii", "replace")
+    except OSError:
+        return ""
+
+
+def local_networks_linux():
+    """The VPS's own addresses and local routes, [(version, value, prefix)], from /proc
+    (no getifaddrs in the standard library, no subprocess): IPv4 from /proc/net/fib_trie
+    (the LOCAL entries: its addresses, and any `ip route add local` block), IPv6 from
+    /proc/net/if_inet6 (its addresses) and /proc/net/ipv6_route (RTF_LOCAL routes).
+    None when /proc has none of them (not Linux)."""
+    found, seen_any = [], False
+    trie = read_proc("/proc/net/fib_trie")
+    if trie:
+        seen_any = True
+        last = None
+        for line in trie.splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] in ("|--", "+--"):
+                last = words[1].partition("/")[0]
+            elif len(words) >= 3 and words[0].startswith("/") and words[-1] == "LOCAL" and last:
+                try:
+                    found.append((4, address_value(last)[1], int(words[0][1:])))
+                except ValueError:
+                    pass
+    for line in read_proc("/proc/net/if_inet6").splitlines():
+        seen_any = True
+        words = line.split()
+        if words and len(words[0]) == 32:
+            found.append((6, int(words[0], 16), 128))
+    for line in read_proc("/proc/net/ipv6_route").splitlines():
+        words = line.split()
+        if len(words) >= 9 and len(words[0]) == 32 and int(words[8], 16) & 0x80000000:
+            found.append((6, int(words[0], 16), int(words[1], 16)))     # RTF_LOCAL
+    return found if seen_any else None
+
+
+def bind_probe(ip):
+    """Off Linux: is `ip` an address of this machine? The kernel lets a socket bind to it only
+    then (uncached: addresses come and go)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((ip, 0))
+        return True
+    except (OSError, ValueError, OverflowError):
+        return False
+
+
+class OwnAddresses:
+    """The VPS's own addresses, refused as destinations (a peer must not reach the VPS's
+    own services, nor loop back into this relay). Read from /proc at most every OWN_REFRESH
+    seconds (reading procfs does not block); the configured sources and listen addresses
+    always count. Off Linux, each destination is probed with a bind instead."""
+
+    __slots__ = ("fixed", "networks", "read_at")
+
+    def __init__(self, fixed):
+        self.fixed = list(fixed)        # [(version, value, prefix)]
+        self.networks = None            # from /proc; None: not Linux (bind_probe)
+        self.read_at = -INFINITY
+
+    def refresh(self, now):
+        """Read /proc again if the last reading is older than OWN_REFRESH."""
+        if now - self.read_at >= OWN_REFRESH:
+            self.read_at = now
+            self.networks = local_networks_linux()
+
+    def holds(self, version, value):
+        """Is the address one of this machine's (as of the last refresh)?"""
+        if any(in_cidr(version, value, n) for n in self.fixed):
+            return True
+        if self.networks is None:
+            return bind_probe(value_text(version, value))
+        return any(in_cidr(version, value, n) for n in self.networks)
+
+
+class EgressPolicy:
+    """The VPS end's rules: who may ask (peers), where to (ports, the refused table, --egress-
+    deny, the VPS's own addresses), from where (sources), and how many at once per peer.
+    `open` counts each peer's sessions: it only holds peers with one open, so the connection
+    cap bounds it (peers are an explicit list, nobody else gets an entry)."""
+
+    __slots__ = ("peers", "sources", "ports", "deny", "allow", "own", "per_peer", "open",
+                 "warned_at", "suppressed")
+
+    def __init__(self, peers, sources, ports, deny, allow, per_peer, own):
+        self.peers = peers              # [cidr_value]
+        self.sources = sources          # {4: ip, 6: ip}: the families carried, from where;
+                                        # empty: both, from the kernel's choice
+        self.ports = ports              # frozenset of destination ports
+        self.deny = deny                # [(cidr_value, text)]
+        self.allow = allow              # [cidr_value] (documentation networks only)
+        self.own = own                  # OwnAddresses
+        self.per_peer = per_peer
+        self.open = {}                  # peer ip -> its sessions open now
+        self.warned_at = -WARN_INTERVAL
+        self.suppressed = 0
+
+    def is_peer(self, ip):
+        """May this client (an IP text) use the egress at all?"""
+        try:
+            version, value = address_value(plain_ip(ip))
+        except ValueError:
+            return False
+        return any(in_cidr(version, value, peer) for peer in self.peers)
+
+    def refusal(self, ip, port):
+        """None when ip:port may be connected to, else (reason, why): reason is the refusals
+        counter's label. Call own.refresh() first (this question has no side effects)."""
+        if port not in self.ports:
+            return "egress-port", "port %d is not an egress port (--egress-ports %s)" % (
+                port, ",".join(map(str, sorted(self.ports))))
+        try:
+            version, value = address_value(ip)
+        except ValueError:
+            return "egress-destination", "%r is not an IP address" % ip
+        why = address_class(version, value, self.allow)
+        if why is not None:
+            return "egress-destination", "%s is %s" % (ip, why)
+        # an IPv4 address carried in an IPv6 one (NAT64, 6to4) reaches that IPv4 host too
+        for inner_version, inner in [(version, value)] + embedded_v4(version, value):
+            for cidr, text in self.deny:
+                if in_cidr(inner_version, inner, cidr):
+                    return "egress-denied", "%s is in --egress-deny %s" % (ip, text)
+            if self.own.holds(inner_version, inner):
+                return "egress-own", "%s is an address of this machine%s" % (ip, "" if (
+                    inner == value) else " (%s)" % value_text(4, inner))
+        if self.sources and version not in self.sources:
+            return "egress-family", "no --egress-source for IPv%d: IPv%d is not carried" % (
+                version, version)
+        return None
+
+    def source_line(self):
+        """The probe's answer: where egress connections come from."""
+        sources = ",".join(self.sources[v] for v in (4, 6) if v in self.sources) or "auto"
+        return ("tailwart-edge egress ok source=%s ports=%s\r\n" % (
+            sources, ",".join(map(str, sorted(self.ports))))).encode("ascii")
+
+    def throttled_warning(self, now, message):
+        """One warning per WARN_INTERVAL at most; the rest are counted in the next one."""
+        if now - self.warned_at < WARN_INTERVAL:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += " (%d more like it not logged)" % self.suppressed
+        self.warned_at, self.suppressed = now, 0
+        log(WARNING, message)
+
+
+EGRESS_ROUTE = Route([], [], "off", "egress")     # no header towards the destination
+EGRESS_ROUTE.header = None
+
+
+class EgressConnector(Connector):
+    """The VPS end's connecting half: one address, the one the header named, from the
+    family's --egress-source. It never resolves a name, and touches no Upstream: a mail
+    server's destinations are many, and none of them is ours to mark down."""
+
+    __slots__ = ("source",)
+
+    def __init__(self, session):
+        Connector.__init__(self, session, EGRESS_ROUTE)
+        self.source = None
+
+    def connect_to(self, family, sockaddr, source):
+        """Connect to sockaddr from `source` (an IP, or None: the kernel's choice)."""
+        self.addrs = collections.deque([(family, sockaddr)])
+        self.source = source
+        self.deadline = self.session.server.now + self.session.server.connect_timeout
+        self.connect_next_address()
+
+    def connect_next_address(self):
+        """Start the connect (bound to the source first), or give up when it failed."""
+        session = self.session
+        server = session.server
+        if not self.addrs:
+            return self.try_next_upstream()
+        family, sockaddr = self.addrs.popleft()
+        try:
+            sock = _socket.socket(family, STREAM_NONBLOCK)
+        except OSError as e:
+            if e.errno in FD_EXHAUSTED:
+                self.addrs.appendleft((family, sockaddr))
+                return server.starve(session, e)
+            self.failure("other", "cannot open a socket: %s" % e.strerror)
+            return self.try_next_upstream()
+        if not SOCK_NONBLOCK:
+            sock.setblocking(False)
+        tune_socket(sock, keepalive=False)
+        if self.source is not None:
+            try:
+                try:    # no source port taken at bind: connect() picks it per destination
+                    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                except OSError:
+                    pass
+                sock.bind((self.source, 0))
+            except OSError as e:
+                sock.close()
+                self.failure("other", "cannot use source %s: %s" % (self.source, e.strerror))
+                return self.try_next_upstream()
+        err = sock.connect_ex(sockaddr)
+        if err in CONNECT_PENDING:
+            session.upstream = sock
+            session.target = sockaddr
+            session.stage = CONNECTING
+            session.update_events()
+            return
+        sock.close()
+        self.failure(FAILURE_REASONS.get(err, "other"), os.strerror(err),
+                     format_address(*sockaddr[:2]))
+        self.try_next_upstream()
+
+    def try_next_upstream(self):
+        """The one address failed: the mail server hears a temporary failure."""
+        self.session.answer("connect-failed", self.error, EGRESS_UNREACHABLE)
+
+    def check_connected(self):
+        """The socket is writable: connected (stream) or failed (give up)."""
+        session = self.session
+        err = session.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.address_failed(os.strerror(err), FAILURE_REASONS.get(err, "other"))
+            return False
+        session.start_streaming()
+        return True
+
+    def timed_out(self):
+        """The header did not come in time, or the connect did not complete."""
+        session = self.session
+        if session.stage is HEADER:
+            session.answer("header-timeout", "no whole PROXY v2 header within %gs"
+                           % session.server.peek_timeout, None)
+        elif session.stage is CONNECTING:
+            self.address_failed("timed out after %gs" % session.server.connect_timeout,
+                                "timeout")
+
+
+class EgressSession(Session):
+    """The VPS end: a peer's connection, whose PROXY v2 header names the destination.
+    HEADER (read it, strictly, within --peek-timeout) -> CONNECTING (EgressConnector) ->
+    STREAMING, as any session. A LOCAL header is a health probe: it is answered with one
+    line naming the source address, and closed. `peer_key` counts it against its peer's
+    cap (EgressPolicy.open) until it ends."""
+
+    __slots__ = ("peer_key",)
+
+    def __init__(self, server, mapping, client, peer):
+        Session.__init__(self, server, mapping, client, peer)
+        self.connector = EgressConnector(self)
+        self.peer_key = None
+
+    def start(self):
+        """Wait for the header; the sweep ends a session that sends none in time."""
+        self.stage = HEADER
+        self.up.pending = bytearray()
+        self.reader = V2Reader()
+        self.connector.deadline = self.server.now + self.server.peek_timeout
+        self.update_events()
+
+    def preread(self):
+        """The client is readable before streaming: the header first, then as any session."""
+        if self.stage is not HEADER:
+            return Session.preread(self)
+        up, relay = self.up, self.server.relay
+        held = up.pending
+        n = io(self.client.recv_into, self.client, relay.buffer, PREREAD_LIMIT - len(held))
+        if n is None:
+            return
+        if not n:
+            up.eof = True
+            return self.answer("client-fin", "the peer closed before its header was whole",
+                               None)
+        up.count += n
+        held += relay.view[:n]
+        try:
+            header = self.reader.read(held)
+        except ValueError as e:
+            return self.answer("header-bad", str(e), None)
+        if header is None:
+            if len(held) >= PREREAD_LIMIT:      # unreachable: the reader refuses earlier
+                self.answer("header-bad", "no whole header in %d bytes" % len(held), None)
+            return
+        self.reader = None
+        rest = bytes(held[header.length:])
+        up.pending = memoryview(rest) if rest else None
+        up.count -= header.length       # the header is ours, not the mail server's bytes
+        self.header_read(header)
+
+    def header_read(self, header):
+        """The header is whole: answer a probe, or check the destination and connect."""
+        policy = self.mapping.egress
+        if header.command == "LOCAL":
+            try:
+                self.client.send(policy.source_line())
+                self.client.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return self.close("probe")
+        ip, port = header.destination
+        ip = plain_ip(ip)               # ::ffff:a.b.c.d is IPv4: its table, its source
+        connector = self.connector
+        connector.host, connector.port = ip, port      # the session line names it
+        smtp = PORT_PROTOCOLS.get(port) == "smtp"
+        if self.peer_key is None:       # over its peer's cap (egress_accept)
+            return self.answer("per-peer", "over --egress-per-peer %d" % policy.per_peer,
+                               EGRESS_BUSY if smtp else None)
+        policy.own.refresh(self.server.now)
+        refusal = policy.refusal(ip, port)
+        if refusal is not None:
+            reason, why = refusal
+            return self.answer(reason, why, EGRESS_REFUSED if smtp else None)
+        six = ":" in ip
+        family = socket.AF_INET6 if six else socket.AF_INET
+        sockaddr = (ip, port, 0, 0) if six else (ip, port)
+        connector.connect_to(family, sockaddr, policy.sources.get(6 if six else 4))
+
+    def answer(self, end, reason, text):
+        """End unserved: tell the mail server `text` (an SMTP reply, or None: a plain close),
+        count the reason (except a connect failure: counted as no-upstream), close."""
+        if text is not None and self.stage is not CLOSED and self.stage is not STREAMING:
+            if PORT_PROTOCOLS.get(self.connector.port) != "smtp":
+                text = None
+        if text is not None:
+            try:
+                self.client.send(text)
+                self.client.shutdown(socket.SHUT_WR)
+                reason = "%s; told the client %s" % (reason, " ".join(
+                    text.decode().split()[:2]))
+            except OSError:
+                pass
+        if end != "connect-failed":
+            refused = self.mapping.refused
+            refused[end] = refused.get(end, 0) + 1
+        self.close(end, reason)
+
+    def close(self, end, reason=None):
+        """As Session.close, and the peer's count goes down."""
+        if self.stage is CLOSED:
+            return
+        if self.peer_key is not None:
+            policy_release(self.mapping.egress, self.peer_key)
+            self.peer_key = None
+        Session.close(self, end, reason)
+
+
+def policy_release(policy, key):
+    """One session of peer `key` ended."""
+    count = policy.open[key] - 1
+    if count:
+        policy.open[key] = count
+    else:
+        del policy.open[key]
+
+
+class RedirectedSession(Session):
+    """The mail host end: a connection the admin's netfilter rule redirected here. Its
+    original destination (SO_ORIGINAL_DST) goes to the VPS in the v2 header, with the mail
+    server as the source; then it relays as any session. A connection that was not
+    redirected (no original destination, or this listener itself) is refused."""
+
+    __slots__ = ("original",)
+
+    def __init__(self, server, mapping, client, peer):
+        Session.__init__(self, server, mapping, client, peer)
+        self.original = None
+
+    def start(self):
+        """Find where the mail server meant to connect, then connect to the VPS."""
+        self.original = original_destination(self.client, ":" in self.peer[0])
+        local = self.client.getsockname()[:2]
+        if self.original is None or (plain_ip(self.original[0]), self.original[1]) == \
+                (plain_ip(local[0]), local[1]):
+            self.update_events()
+            return self.refuse("not-redirected", "no original destination: the connection "
+                               "came to %s directly, not through the REDIRECT rule (see "
+                               "--check)" % format_address(*local))
+        Session.start(self)
+
+    def start_streaming(self):
+        """As Session.start_streaming, with the original destination in the header."""
+        self.connector = None
+        self.stage = STREAMING
+        up = self.up
+        head = proxy_header_v2(self.peer, self.original)
+        up.pending = memoryview(head + up.pending.tobytes() if up.pending is not None else head)
+        up.push(self.upstream, self.server.relay)
+
+    def refuse(self, end, reason):
+        """The VPS cannot be reached (or this is no redirected connection): an SMTP port
+        hears a 421, a temporary failure; anything else a plain close."""
+        port = self.original[1] if self.original is not None else 25
+        text = EGRESS_UNREACHABLE if end == "connect-failed" else EGRESS_NOT_REDIRECTED
+        if PORT_PROTOCOLS.get(port) == "smtp" and self.stage is not STREAMING and \
+                self.stage is not CLOSED:
+            try:
+                self.client.send(text)
+                self.client.shutdown(socket.SHUT_WR)
+                reason = "%s; told the client %s" % (reason, " ".join(text.decode().split()[:2]))
+            except OSError:
+                pass
+        if end != "connect-failed":
+            refused = self.mapping.refused
+            refused[end] = refused.get(end, 0) + 1
+        self.close(end, reason)
+
+
+def original_destination(sock, six):
+    """(ip, port) the client connected to before netfilter's REDIRECT (or DNAT) sent it here,
+    or None when nothing redirected it (ENOENT) or the kernel cannot tell."""
+    try:
+        if six:
+            raw = sock.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)    # struct sockaddr_in6
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack("!H", raw[2:4])[0]
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)   # struct sockaddr_in
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack("!H", raw[2:4])[0]
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def egress_accept(server, mapping, client, peer):
+    """A client on an egress listener (Server.start_session): on the VPS, refuse one that
+    is no peer (silently: it learns nothing) and count it against its peer's cap; on the
+    mail host, every local client is the mail server. Then start its session as usual."""
+    policy = mapping.egress
+    key = None
+    if isinstance(policy, EgressPolicy):
+        ip = plain_ip(peer[0])
+        if not policy.is_peer(ip):
+            client.close()
+            mapping.refused["not-peer"] = mapping.refused.get("not-peer", 0) + 1
+            return policy.throttled_warning(server.now, "refused client=%s listen=%s "
+                                            "reason=not-peer (not in --egress-peer)" % (
+                                                format_address(ip, peer[1]), mapping.label))
+        if policy.open.get(ip, 0) < policy.per_peer:
+            key = ip
+            policy.open[ip] = policy.open.get(ip, 0) + 1
+        session = EgressSession(server, mapping, client, peer)
+        session.peer_key = key          # None: over the cap, answered once its header is in
+    else:
+        session = RedirectedSession(server, mapping, client, peer)
+    server.sessions.add(session)
+    mapping.active += 1
+    mapping.sessions += 1
+    if server.notifier.sock is not None:
+        server.notifier.changed()
+    session.start()
+
+
+# -- the command line of both ends -------------------------------------------------------------
+
+def add_egress(group):
+    """The --egress* options: the VPS end (--egress ...) and the mail host end (--egress-via)."""
+    group.add_argument("--egress", metavar="ADDR:PORT",
+                       help="VPS: carry the mail host's outbound connections: listen on this "
+                       "tailnet address for PROXY v2 headers naming where to connect")
+    group.add_argument("--egress-peer", action="append", default=[], metavar="CIDR",
+                       type=network, help="VPS: who may use --egress (the mail host's tailnet "
+                       "address, /32 and /128); required, may be repeated")
+    group.add_argument("--egress-source", action="append", default=[], metavar="IP",
+                       help="VPS: connect from this public address (one per family; a family "
+                       "without one is not carried; none: both, from the kernel's choice)")
+    group.add_argument("--egress-ports", default="25", metavar="PORT,...",
+                       help="VPS: destination ports carried (default: 25; below 1024 only 25, "
+                       "465 and 587)")
+    group.add_argument("--egress-deny", action="append", default=[], metavar="CIDR",
+                       type=network, help="VPS: refuse these destinations too; may be repeated")
+    group.add_argument("--egress-allow", action="append", default=[], metavar="CIDR",
+                       type=network, help="VPS, labs and tests only: let a documentation "
+                       "network (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32, "
+                       "3fff::/20) stand in for the internet")
+    group.add_argument("--egress-per-peer", type=positive_int, metavar="N",
+                       default=DEFAULT_EGRESS_PER_PEER, help="VPS: most egress sessions at "
+                       "once per peer address (default: %d)" % DEFAULT_EGRESS_PER_PEER)
+    group.add_argument("--egress-via", metavar="HOST:PORT",
+                       help="mail host: carry the connections the REDIRECT rule sends to "
+                       "--egress-listen to the VPS's --egress at HOST:PORT")
+    group.add_argument("--egress-listen", action="append", metavar="ADDR:PORT",
+                       help="mail host: where the REDIRECT rule sends the mail server's "
+                       "port-25 connections (default: %s; one per family: [::1]:2525 "
+                       "carries IPv6 too)" % DEFAULT_EGRESS_LISTEN)
+    group.add_argument("--egress-user", metavar="NAME",
+                       help="mail host: the user the mail server runs as, for the rules "
+                       "--check prints (default: stalwart)")
+
+
+def egress_listen_address(text, option):
+    """'ADDR:PORT' (an IP literal, IPv6 in brackets) -> (ip, port); ConfigError."""
+    host, port, _ = split_address(text, option, text)
+    if not host or not (is_ip(host, socket.AF_INET) or is_ip(host, socket.AF_INET6)):
+        raise ConfigError("%s %r: give an IP address and port, e.g. %s (a name would need a "
+                          "lookup at start, and may resolve to a public address)"
+                          % (option, text, "100.101.102.103:2525" if option == "--egress"
+                             else DEFAULT_EGRESS_LISTEN))
+    return host, parse_port(port, "%s port" % option, text)
+
+
+def egress_given(options):
+    """Is any --egress* option on the command line (then no MAPPING is needed)?"""
+    return any((options.egress, options.egress_peer, options.egress_source,
+                options.egress_deny, options.egress_allow, options.egress_via,
+                options.egress_listen, options.egress_user, options.egress_ports != "25"))
+
+
+def egress_mappings(options, mappings):
+    """The listeners of the egress options, as Mappings (their `egress`: an EgressPolicy on
+    the VPS, "via" on the mail host); ConfigError for what would make an open proxy or a
+    leak, naming the fix."""
+    found = []
+    vps_only = [name for name, given in (
+        ("--egress-peer", options.egress_peer), ("--egress-source", options.egress_source),
+        ("--egress-deny", options.egress_deny), ("--egress-allow", options.egress_allow),
+        ("--egress-ports", options.egress_ports != "25")) if given]
+    if options.egress is None and vps_only:
+        raise ConfigError("%s is for the VPS end: give --egress ADDR:PORT (its tailnet address) "
+                          "too" % vps_only[0])
+    if options.egress_via is None and (options.egress_listen or options.egress_user):
+        raise ConfigError("%s is for the mail host end: give --egress-via VPS:PORT too" % (
+            "--egress-listen" if options.egress_listen else "--egress-user"))
+    if options.egress is not None:
+        found.append(vps_mapping(options))
+    if options.egress_via is not None:
+        via = parse_upstream(options.egress_via, "--egress-via " + options.egress_via)
+        families = set()
+        for text in options.egress_listen or [DEFAULT_EGRESS_LISTEN]:
+            ip, port = egress_listen_address(text, "--egress-listen")
+            family = 6 if ":" in ip else 4
+            if family in families:
+                raise ConfigError("--egress-listen %s: one listener per family (the REDIRECT "
+                                  "rule names one port)" % text)
+            families.add(family)
+            mapping = Mapping(ip, port, [via], "--egress-listen " + text, "smtp", (), "v2")
+            mapping.egress = "via"
+            found.append(mapping)
+    for index, mapping in enumerate(found):
+        for other in mappings + found[:index]:
+            if overlapping(mapping, other):
+                raise ConfigError("%s collides with %r; give it another address or port"
+                                  % (mapping.spec, other.spec))
+    return found
+
+
+def vps_mapping(options):
+    """The --egress listener and its EgressPolicy, checked (ConfigError)."""
+    ip, port = egress_listen_address(options.egress, "--egress")
+    version, value = address_value(ip)
+    if value == 0:
+        raise ConfigError("--egress %s is every address: give the VPS's tailnet address (as "
+                          "`tailscale ip` prints it), never a wildcard" % options.egress)
+    if inside_class(version, value) is None:
+        raise ConfigError("--egress %s is not a tailnet or private address: anyone could ask "
+                          "it to connect anywhere; give the VPS's tailnet address (`tailscale "
+                          "ip`)" % options.egress)
+    if not options.egress_peer:
+        raise ConfigError("--egress without --egress-peer: give the mail host's tailnet "
+                          "addresses, e.g. --egress-peer 100.64.0.7/32 --egress-peer "
+                          "fd7a:115c:a1e0::7/128")
+    peers = []
+    for net in options.egress_peer:
+        first = address_value(str(net.network_address))
+        last = address_value(str(net.broadcast_address))
+        if inside_class(*first) is None or inside_class(*first) != inside_class(*last):
+            raise ConfigError("--egress-peer %s reaches past the tailnet and private networks; "
+                              "give the mail host's tailnet address (/32, /128)" % net)
+        peers.append((first[0], first[1], net.prefixlen))
+    allow = []
+    for net in options.egress_allow:
+        first = address_value(str(net.network_address))
+        last = address_value(str(net.broadcast_address))
+        if not any(in_cidr(first[0], first[1], c) and in_cidr(last[0], last[1], c) and
+                   name == DOCUMENTATION for c, _, name in EGRESS_TABLE):
+            raise ConfigError("--egress-allow %s is not a documentation network: only those "
+                              "(192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32, "
+                              "3fff::/20) may stand in for the internet, in a lab" % net)
+        allow.append((first[0], first[1], net.prefixlen))
+    sources, given = {}, {}
+    for text in options.egress_source:
+        try:
+            source_version, source_value = address_value(text)
+        except ValueError:
+            raise ConfigError("--egress-source %r is not an IP address; give the VPS's public "
+                              "address" % text)
+        if source_version in given:
+            raise ConfigError("--egress-source %s: IPv%d has one already (%s); give at "
+                              "most one per family" % (text, source_version,
+                                                       given[source_version]))
+        given[source_version] = text
+    for text in options.egress_source:
+        source_version, source_value = address_value(text)
+        why = address_class(source_version, source_value, allow)
+        if why is not None:
+            raise ConfigError("--egress-source %s is %s, not a public address; give the "
+                              "address the VPS's PTR record names" % (text, why))
+        if not bind_probe(text):
+            raise ConfigError("--egress-source %s is not an address of this machine; give "
+                              "one `ip -brief address` lists" % text)
+        sources[source_version] = text
+    ports = set()
+    for word in options.egress_ports.split(","):
+        carried = parse_port(word.strip(), "--egress-ports port", options.egress_ports)
+        if carried < 1024 and carried not in EGRESS_LOW_PORTS:
+            raise ConfigError("--egress-ports %d: below 1024 only 25, 465 and 587 may be "
+                              "carried" % carried)
+        ports.add(carried)
+    deny = [((6 if n.version == 6 else 4, address_value(str(n.network_address))[1],
+              n.prefixlen), str(n)) for n in options.egress_deny]
+    fixed = [(version, value, 32 if version == 4 else 128)] + [
+        (v, address_value(ip_text)[1], 32 if v == 4 else 128) for v, ip_text in sources.items()]
+    policy = EgressPolicy(peers, sources, frozenset(ports), deny, allow,
+                          options.egress_per_peer, OwnAddresses(fixed))
+    mapping = Mapping(ip, port, [], "--egress " + options.egress, "tcp")
+    mapping.egress = policy
+    return mapping
+
+
+# -- --check on either end ---------------------------------------------------------------------
+
+EGRESS_PRIVATE_V4 = ("0.0.0.0/8,10.0.0.0/8,100.64.0.0/10,127.0.0.0/8,169.254.0.0/16,"
+                     "172.16.0.0/12,192.168.0.0/16")
+EGRESS_PRIVATE_V6 = "::1/128,fc00::/7,fe80::/10"
+SIOCGIFADDR = 0x8915            # linux/sockios.h: an interface's IPv4 address
+
+
+def run_check(options, mappings):
+    """--check: the Doctor for the mappings, then the egress listeners (egress_check)."""
+    plain = [m for m in mappings if m.egress is None]
+    code = Doctor(options, plain).run() if plain else 0
+    egress = [m for m in mappings if m.egress is not None]
+    return max(code, egress_check(options, egress)) if egress else code
+
+
+def egress_check(options, mappings):
+    """Check the egress listeners: bind, and on the mail host print the netfilter rules to
+    install and probe the VPS with a v2 LOCAL header. Exit code 0 or 1."""
+    doctor = Doctor(options, mappings)
+    print("tailwart-edge %s egress check, timeout %gs" % (__version__, options.connect_timeout))
+    for mapping in mappings:
+        doctor.report([check_listen(mapping)])
+        policy = mapping.egress
+        if isinstance(policy, EgressPolicy):
+            doctor.report([("ok", "egress", "%s carries ports %s for peers %s from %s" % (
+                mapping.label, ",".join(map(str, sorted(policy.ports))),
+                ",".join("%s/%d" % (value_text(v, n), p) for v, n, p in policy.peers),
+                ",".join(policy.sources.values()) or "the address the kernel picks"))])
+    via = [m for m in mappings if m.egress == "via"]
+    if via:
+        print("# the rules to install on the mail host, as root (the script never runs them):")
+        for line in egress_rules(via, options.egress_user or "stalwart"):
+            print(line)
+        host, port = via[0].upstreams[0]
+        doctor.report(probe_egress(host, port, options.connect_timeout))
+    if doctor.failures:
+        print("verdict: %d of %d egress checks failed" % (doctor.failures, doctor.found))
+        return 1
+    print("verdict: ok, %d egress checks passed" % doctor.found)
+    return 0
+
+
+def egress_rules(mappings, user):
+    """The iptables/ip6tables commands that send the mail server's port-25 connections to the
+    egress listeners: IPv4 REDIRECT (the mail server's user only, on a bare-metal host; what
+    comes in on the listener's interface, for a Docker bridge), private and tailnet
+    destinations excluded; IPv6 port 25 rejected, unless an IPv6 listener carries it."""
+    v4 = next((m for m in mappings if ":" not in m.bind), None)
+    v6 = next((m for m in mappings if ":" in m.bind), None)
+    lines = []
+    if v4 is not None:
+        lines += ["iptables -t nat -N TAILWART_EGRESS",
+                  "iptables -t nat -A TAILWART_EGRESS -d %s -j RETURN" % EGRESS_PRIVATE_V4,
+                  "iptables -t nat -A TAILWART_EGRESS -p tcp -j REDIRECT --to-ports %d" % v4.port]
+        if v4.bind.startswith("127."):
+            # REDIRECT sends what this host itself sends to 127.0.0.1 (iptables-extensions(8))
+            lines.append("iptables -t nat -A OUTPUT -p tcp --dport 25 -m owner --uid-owner %s "
+                         "-j TAILWART_EGRESS" % user)
+        else:
+            # a container's connection comes in on the bridge; REDIRECT sends it to the
+            # bridge's own address, where the listener is
+            lines.append("iptables -t nat -A PREROUTING -i %s -p tcp --dport 25 -j "
+                         "TAILWART_EGRESS" % (interface_of(v4.bind) or "BRIDGE"))
+    if v6 is not None:
+        lines += ["ip6tables -t nat -N TAILWART_EGRESS",
+                  "ip6tables -t nat -A TAILWART_EGRESS -d %s -j RETURN" % EGRESS_PRIVATE_V6,
+                  "ip6tables -t nat -A TAILWART_EGRESS -p tcp -j REDIRECT --to-ports %d"
+                  % v6.port,
+                  "ip6tables -t nat -A OUTPUT -p tcp --dport 25 -m owner --uid-owner %s -j "
+                  "TAILWART_EGRESS" % user]
+    else:
+        lines += ["ip6tables -N TAILWART_NO_EGRESS6",
+                  "ip6tables -A TAILWART_NO_EGRESS6 -d %s -j RETURN" % EGRESS_PRIVATE_V6,
+                  "ip6tables -A TAILWART_NO_EGRESS6 -p tcp -j REJECT --reject-with tcp-reset",
+                  "ip6tables -A OUTPUT -p tcp --dport 25 -j TAILWART_NO_EGRESS6",
+                  "ip6tables -A FORWARD -p tcp --dport 25 -j TAILWART_NO_EGRESS6"]
+    return lines
+
+
+def interface_of(ip):
+    """The name of the interface that has IPv4 address `ip` (Linux), or None."""
+    if fcntl is None or not hasattr(socket, "if_nameindex"):
+        return None
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for name in names:
+                try:
+                    raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR,
+                                      struct.pack("256s", name.encode()[:15]))
+                except OSError:
+                    continue
+                if socket.inet_ntoa(raw[20:24]) == ip:
+                    return name
+    except OSError:
+        pass
+    return None
+
+
+def probe_egress(host, port, timeout):
+    """Ask the VPS's egress with a v2 LOCAL header; [(status, topic, text)]."""
+    try:
+        sock = socket.create_connection((host, port), timeout)
+    except OSError as e:
+        return [("FAIL", "egress", "%s: %s; is the VPS's --egress listening there, and this "
+                 "host in its --egress-peer?" % (format_address(host, port),
+                                                  getattr(e, "strerror", None) or e))]
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(V2_SIGNATURE + struct.pack("!BBH", V2_LOCAL_COMMAND, V2_UNSPEC, 0))
+        answer = LineReader(sock, timeout).readline()
+    except OSError:
+        answer = None
+    finally:
+        sock.close()
+    if answer and answer.startswith("tailwart-edge egress ok"):
+        return [("ok", "egress", "%s answers: %s" % (format_address(host, port),
+                                                      answer.strip()))]
+    return [("FAIL", "egress", "%s did not answer the probe (%s); is this host in the VPS's "
+             "--egress-peer?" % (format_address(host, port),
+                                 "closed" if answer is None or not answer else quote(answer)))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3496,6 +4498,8 @@ class Server:
         if log.threshold >= DEBUG:
             log(DEBUG, "accept client=%s listen=%s"
                 % (format_address(plain_ip(peer[0]), peer[1]), mapping.label))
+        if mapping.egress is not None:
+            return egress_accept(self, mapping, client, peer)
         entry, refusal = self.clients.admit(peer[0], self.now)
         if refusal is not None:
             return self.refuse_client(mapping, client, peer, refusal)
@@ -3542,6 +4546,8 @@ class Server:
         mapping.down += session.down.count
         if end == "connect-failed":
             mapping.failed += 1
+            log(WARNING, session_line(session, end, reason))
+        elif end in EGRESS_WARNINGS:
             log(WARNING, session_line(session, end, reason))
         elif log.threshold >= INFO:
             log(INFO, session_line(session, end, reason))
@@ -5547,7 +6553,7 @@ def main(argv=None):
     if options.install or options.uninstall or options.replace_settings:
         return install(options, mappings, argv) if options.install else uninstall(options)
     if options.check:
-        return Doctor(options, mappings).run()
+        return run_check(options, mappings)
     log.configure(options.verbose, options.quiet)
     log.start()
     raise_fd_limit()

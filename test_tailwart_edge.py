@@ -728,6 +728,327 @@ def test_poller_keeps_the_selectors_contract(kind, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
+# Egress codec and policy (unit, `egress`): the v2 header the VPS end reads, the refused table
+# ----------------------------------------------------------------------------------------------
+
+def v2(command, family, body):
+    """A v2 header with a raw command, family and address block (+ TLVs)."""
+    return edge.V2_SIGNATURE + struct.pack("!BBH", command, family, len(body)) + body
+
+
+V2_TCP4_BODY = socket.inet_aton("100.64.0.7") + socket.inet_aton("8.8.8.8") + \
+    struct.pack("!HH", 40000, 25)
+V2_TCP6_BODY = socket.inet_pton(socket.AF_INET6, "fd7a:115c:a1e0::7") + \
+    socket.inet_pton(socket.AF_INET6, "2a00:1450:4001::1a") + struct.pack("!HH", 40000, 25)
+EGRESS_HEADERS = [
+    # (case, bytes, the ProxyHeader's (command, destination), or a refusal's words)
+    ("local", v2(0x20, 0x00, b""), ("LOCAL", None)),
+    ("local with a block", v2(0x20, 0x11, V2_TCP4_BODY), ("LOCAL", None)),
+    ("local unix", v2(0x20, 0x31, b"\0" * 216), ("LOCAL", None)),
+    ("tcp4", v2(0x21, 0x11, V2_TCP4_BODY), ("PROXY", ("8.8.8.8", 25))),
+    ("tcp6", v2(0x21, 0x21, V2_TCP6_BODY), ("PROXY", ("2a00:1450:4001::1a", 25))),
+    ("tcp4 and TLVs", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04\x00\x03abc" + b"\x01\x00\x00"),
+     ("PROXY", ("8.8.8.8", 25))),
+    ("our encoder", edge.proxy_header_v2(("127.0.0.1", 5), ("198.51.100.25", 25)),
+     ("PROXY", ("198.51.100.25", 25))),
+    ("unspec", v2(0x21, 0x00, b""), "UNSPEC header"),
+    ("udp4", v2(0x21, 0x12, V2_TCP4_BODY), "UDP4 header"),
+    ("udp6", v2(0x21, 0x22, V2_TCP6_BODY), "UDP6 header"),
+    ("unix", v2(0x21, 0x31, b"\0" * 216), "UNIX stream header"),
+    ("unknown family", v2(0x21, 0x41, V2_TCP4_BODY), "family byte 0x41"),
+    ("version 1 command", v2(0x11, 0x11, V2_TCP4_BODY), "version/command byte 0x11"),
+    ("command 2", v2(0x22, 0x11, V2_TCP4_BODY), "version/command byte 0x22"),
+    ("short tcp4 block", v2(0x21, 0x11, V2_TCP4_BODY[:8]), "8 address bytes, not 12"),
+    ("tcp6 family, tcp4 block", v2(0x21, 0x21, V2_TCP4_BODY), "12 address bytes, not 36"),
+    ("oversized length", edge.V2_SIGNATURE + b"\x21\x11\xff\xff", "over 528"),
+    ("just over the limit", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04" + struct.pack("!H", 498) +
+                                b"\0" * 498), "529 bytes, over 528"),
+    ("at the limit", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04" + struct.pack("!H", 497) +
+                         b"\0" * 497), ("PROXY", ("8.8.8.8", 25))),
+    ("TLV cut short", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04\x00"), "ends inside a TLV"),
+    ("TLV too long", v2(0x21, 0x11, V2_TCP4_BODY + b"\x04\x00\x09abc"), "TLV longer"),
+    ("v1 header", b"PROXY TCP4 100.64.0.7 8.8.8.8 40000 25\r\n", "not a PROXY v2 header"),
+    ("SMTP instead", b"EHLO mail.example.com\r\n", "not a PROXY v2 header"),
+    ("signature off by one byte", b"\r\n\r\n\x00\r\nQUIT\r" + b"\x21\x11\x00\x0c" +
+     V2_TCP4_BODY, "not a PROXY v2 header"),
+]
+
+
+def read_header(pieces):
+    """Feed the pieces one after another: the ProxyHeader, None (not whole) or ValueError."""
+    reader, data = edge.V2Reader(), bytearray()
+    for piece in pieces:
+        data += piece
+        found = reader.read(data)
+        if found is not None:
+            return found
+    return None
+
+
+@pytest.mark.parametrize("case,data,expected", EGRESS_HEADERS,
+                         ids=[case for case, _, _ in EGRESS_HEADERS])
+def test_egress_header_table(case, data, expected):
+    """Every header case, whole and one byte at a time (the same answer), and cut short by
+    a byte (never whole). The VPS carries only a TCP4/TCP6 PROXY header; LOCAL is a probe."""
+    for pieces in ([data], [data[i:i + 1] for i in range(len(data))]):
+        if isinstance(expected, str):
+            with pytest.raises(ValueError) as caught:
+                read_header(pieces)
+            assert expected in str(caught.value)
+        else:
+            found = read_header(pieces)
+            assert (found.command, found.destination) == expected
+            assert found.length == len(data)
+    if not isinstance(expected, str):
+        assert read_header([data[:-1]]) is None         # truncated: waits for the rest
+
+
+def test_egress_header_bytes_after_it_are_the_clients():
+    """What follows the header in the same segment is the mail server's, not the header's."""
+    data = v2(0x21, 0x11, V2_TCP4_BODY)
+    found = read_header([data + b"\x16\x03\x01 opaque"])
+    assert found.length == len(data)
+
+
+class CountingBytes(bytearray):
+    """A stream that counts the bytes its readers slice out of it."""
+    sliced = 0
+
+    def __getitem__(self, index):
+        part = bytearray.__getitem__(self, index)
+        if isinstance(index, slice):
+            CountingBytes.sliced += len(part)
+        return part
+
+
+def test_egress_header_work_per_byte_is_flat():
+    """The biggest header allowed, one byte per segment: the reader looks at the 12-byte
+    signature at most until the length is in, then at nothing until the header is whole,
+    so what it slices stays within a few times the header (not its square)."""
+    data = v2(0x21, 0x11, V2_TCP4_BODY + b"\x04" + struct.pack("!H", 497) + b"\0" * 497)
+    assert len(data) == edge.V2_HEADER_LIMIT
+    reader, stream = edge.V2Reader(), CountingBytes()
+    CountingBytes.sliced = 0
+    found = None
+    for i in range(len(data)):
+        stream += data[i:i + 1]
+        found = reader.read(stream)
+    assert found is not None and found.destination == ("8.8.8.8", 25)
+    assert CountingBytes.sliced <= 16 * 12 + len(data), CountingBytes.sliced
+
+
+def test_egress_header_fuzz():
+    """Mutated, cut and padded headers (a fixed seed, 3000 of them): the reader answers a
+    header, not-yet or ValueError, never anything else, the same whole and in random pieces."""
+    rng = random.Random(21)
+    seeds = [data for _, data, _ in EGRESS_HEADERS]
+    for _ in range(3000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 4)):
+            kind = rng.randrange(4)
+            if kind == 0 and data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            elif kind == 1:
+                del data[rng.randrange(len(data) + 1):]
+            elif kind == 2:
+                data += bytes(rng.randrange(256) for _ in range(rng.randrange(8)))
+            elif len(data) > 15:
+                data[14:16] = struct.pack("!H", rng.randrange(65536))
+        data = bytes(data)
+        results = []
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, 5))) if len(data) > 1 \
+            else []
+        for pieces in ([data], [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]):
+            try:
+                results.append(read_header(pieces))
+            except ValueError:
+                results.append("refused")
+        assert results[0] == results[1]
+
+
+EGRESS_DESTINATIONS = [
+    # (address, refused because (words), or None: carried)
+    ("8.8.8.8", None),
+    ("2a00:1450:4001::1a", None),
+    ("0.1.2.3", "this network"),
+    ("10.1.2.3", "private (10.0.0.0/8)"),
+    ("172.31.255.255", "private (172.16.0.0/12)"),
+    ("192.168.1.1", "private (192.168.0.0/16)"),
+    ("100.101.102.103", "shared (CGNAT, the tailnet)"),
+    ("127.0.0.1", "loopback"),
+    ("127.255.255.254", "loopback"),
+    ("169.254.169.254", "link-local"),
+    ("192.0.0.8", "IETF protocol assignments"),
+    ("192.0.2.25", "documentation"),
+    ("198.51.100.25", "documentation"),
+    ("203.0.113.25", "documentation"),
+    ("192.88.99.1", "6to4 relay anycast"),
+    ("198.18.0.1", "benchmarking"),
+    ("224.0.0.1", "multicast"),
+    ("239.255.255.250", "multicast"),
+    ("240.0.0.1", "reserved"),
+    ("255.255.255.255", "reserved"),
+    ("::", "unspecified"),
+    ("::1", "loopback"),
+    ("::127.0.0.1", "IPv4-compatible"),
+    ("::8.8.8.8", "IPv4-compatible"),
+    ("::ffff:127.0.0.1", "v4-mapped form of 127.0.0.1 loopback"),
+    ("::ffff:10.0.0.1", "v4-mapped form of 10.0.0.1 private"),
+    ("::ffff:169.254.169.254", "v4-mapped form of 169.254.169.254 link-local"),
+    ("::ffff:100.64.0.1", "v4-mapped form of 100.64.0.1 shared"),
+    ("::ffff:8.8.8.8", None),
+    ("64:ff9b::7f00:1", "NAT64 form of 127.0.0.1 loopback"),
+    ("64:ff9b::a9fe:a9fe", "NAT64 form of 169.254.169.254 link-local"),
+    ("64:ff9b::c0a8:101", "NAT64 form of 192.168.1.1 private"),
+    ("64:ff9b::808:808", None),
+    ("64:ff9b:1::808:808", "local-use NAT64"),
+    ("2002:7f00:1::1", "6to4 form of 127.0.0.1 loopback"),
+    ("2002:a9fe:a9fe::", "6to4 form of 169.254.169.254 link-local"),
+    ("2002:6440:1::", "6to4 form of 100.64.0.1 shared"),
+    ("2002:c000:219::", "6to4 form of 192.0.2.25 documentation"),
+    ("2002:808:808::1", None),
+    # Teredo (RFC 4380 4): server at bits 32-63, client XORed in the last 32
+    ("2001:0:7f00:1::", "Teredo server form of 127.0.0.1 loopback"),
+    ("2001:0:808:808:0:0:f5ff:fffe", "Teredo client form of 10.0.0.1 private"),
+    ("2001:0:808:808:0:0:5601:5601", "Teredo client form of 169.254.169.254 link-local"),
+    ("2001:0:808:808:0:0:f7f7:f7f7", "IETF protocol assignments"),    # both global: still
+    ("2001:2::1", "IETF protocol assignments"),
+    ("2001:db8::25", "documentation (2001:db8::/32)"),
+    ("3fff::25", "documentation (3fff::/20)"),
+    ("100::1", "discard-only"),
+    ("5f00::1", "segment routing"),
+    ("fd7a:115c:a1e0::7", "unique-local"),
+    ("fc00::1", "unique-local"),
+    ("fe80::1", "link-local"),
+    ("fec0::1", "site-local"),
+    ("ff02::1", "multicast"),
+    ("1::1", "not global unicast"),
+    ("4000::1", "not global unicast"),
+]
+
+
+@pytest.mark.parametrize("ip,refused", EGRESS_DESTINATIONS,
+                         ids=[ip for ip, _ in EGRESS_DESTINATIONS])
+def test_egress_destination_table(ip, refused):
+    """Each refused range, its v4-mapped, NAT64, 6to4 and Teredo forms, and global addresses:
+    an explicit table, the same answer under every CPython (no ipaddress.is_global)."""
+    version, value = edge.address_value(ip)
+    why = edge.address_class(version, value)
+    if refused is None:
+        assert why is None
+    else:
+        assert why is not None and refused in why, why
+
+
+def egress_policy(ports=(25,), sources=None, deny=(), allow=(), own=()):
+    """An EgressPolicy as the command line builds it (own: the VPS's fixed addresses)."""
+    fixed = [edge.cidr_value(cidr) for cidr in own]
+    policy = edge.EgressPolicy([edge.cidr_value("100.64.0.7/32")], dict(sources or {}),
+                               frozenset(ports), [(edge.cidr_value(c), c) for c in deny],
+                               [edge.cidr_value(c) for c in allow], 100,
+                               edge.OwnAddresses(fixed))
+    policy.own.networks = []            # only `own`: not this test machine's addresses
+    return policy
+
+
+EGRESS_POLICY_CASES = [
+    # (policy options, ip, port, refusal reason or None)
+    ({}, "8.8.8.8", 25, None),
+    ({}, "8.8.8.8", 587, "egress-port"),
+    ({}, "8.8.8.8", 26, "egress-port"),
+    ({"ports": (25, 587)}, "8.8.8.8", 587, None),
+    ({"ports": (25, 587)}, "8.8.8.8", 465, "egress-port"),
+    ({}, "10.0.0.1", 25, "egress-destination"),
+    ({}, "198.51.100.25", 25, "egress-destination"),
+    ({"allow": ["198.51.100.0/24"]}, "198.51.100.25", 25, None),
+    ({"allow": ["198.51.100.0/24"]}, "203.0.113.25", 25, "egress-destination"),
+    ({"allow": ["198.51.100.0/24"]}, "2002:c633:6419::", 25, None),   # 6to4 of an allowed
+    ({"deny": ["8.8.8.0/24"]}, "8.8.8.8", 25, "egress-denied"),
+    ({"deny": ["2a00:1450::/32"]}, "2a00:1450:4001::1a", 25, "egress-denied"),
+    ({"own": ["9.9.9.9/32"]}, "9.9.9.9", 25, "egress-own"),
+    ({"own": ["2a01:4f8::/64"]}, "2a01:4f8::25", 25, "egress-own"),
+    ({"own": ["9.9.9.9/32"]}, "64:ff9b::909:909", 25, "egress-own"),     # NAT64 of our own
+    ({"own": ["9.9.9.9/32"]}, "2002:909:909::1", 25, "egress-own"),      # 6to4 of our own
+    ({"deny": ["9.9.9.0/24"]}, "64:ff9b::909:909", 25, "egress-denied"),
+    ({"sources": {4: "9.9.9.9"}}, "2a00:1450:4001::1a", 25, "egress-family"),
+    ({"sources": {4: "9.9.9.9"}}, "8.8.8.8", 25, None),
+    ({"sources": {6: "2a01:4f8::1"}}, "8.8.8.8", 25, "egress-family"),
+]
+
+
+@pytest.mark.parametrize("options,ip,port,reason", EGRESS_POLICY_CASES)
+def test_egress_policy_table(options, ip, port, reason):
+    """Ports (25 unless widened), --egress-deny, --egress-allow (documentation networks
+    only), the VPS's own addresses, and the families --egress-source carries."""
+    refusal = egress_policy(**options).refusal(ip, port)
+    assert (refusal[0] if refusal else None) == reason, refusal
+
+
+def test_egress_own_addresses_are_read_from_proc():
+    """On Linux the VPS's own addresses come from /proc (fib_trie, if_inet6): loopback is
+    there, and an address of this machine is refused, a global one is not."""
+    networks = edge.local_networks_linux()
+    if networks is None:
+        unavailable("/proc/net/fib_trie (Linux)")
+    own = edge.OwnAddresses([])
+    own.refresh(time.monotonic())
+    assert own.holds(*edge.address_value("127.0.0.1"))
+    assert not own.holds(*edge.address_value("8.8.8.8"))
+
+
+EGRESS_COMMAND_LINES = [
+    # (arguments, words of the one error line)
+    (["--egress", "0.0.0.0:2525", "--egress-peer", "100.64.0.7"], "is every address"),
+    (["--egress", "[::]:2525", "--egress-peer", "100.64.0.7"], "is every address"),
+    (["--egress", "8.8.8.8:2525", "--egress-peer", "100.64.0.7"], "not a tailnet or private"),
+    (["--egress", "198.51.100.1:2525", "--egress-peer", "100.64.0.7"], "not a tailnet"),
+    (["--egress", "vps.example.net:2525", "--egress-peer", "100.64.0.7"], "give an IP address"),
+    (["--egress", "100.64.0.1:2525"], "without --egress-peer"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "0.0.0.0/0"], "reaches past the tailnet"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.0.0.0/8"], "reaches past"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-ports", "25,110"],
+     "below 1024 only 25, 465 and 587"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-ports", "x"],
+     "not a number"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-source",
+      "10.0.0.1"], "private (10.0.0.0/8), not a public address"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-source",
+      "8.8.8.8"], "not an address of this machine"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-source",
+      "8.8.8.8", "--egress-source", "9.9.9.9"], "at most one per family"),
+    (["--egress", "100.64.0.1:2525", "--egress-peer", "100.64.0.7", "--egress-allow",
+      "10.0.0.0/8"], "not a documentation network"),
+    (["--egress-peer", "100.64.0.7"], "--egress-peer is for the VPS end"),
+    (["--egress-listen", "127.0.0.1:2525"], "--egress-listen is for the mail host end"),
+    (["--egress-via", "100.64.0.1:2525", "--egress-listen", "127.0.0.1:2525",
+      "--egress-listen", "127.0.0.2:2526"], "one listener per family"),
+    (["--egress-via", "100.64.0.1"], "has no port"),
+]
+
+
+@pytest.mark.parametrize("args,words", EGRESS_COMMAND_LINES,
+                         ids=[" ".join(args) for args, _ in EGRESS_COMMAND_LINES])
+def test_egress_command_line_refusals(args, words):
+    """What would make an open proxy (or nothing at all) is refused before anything
+    listens, in one line that names the fix."""
+    with pytest.raises(edge.ConfigError) as caught:
+        edge.parse_args(args)
+    assert words in str(caught.value)
+
+
+def test_egress_command_line_accepts_both_ends():
+    """A VPS end alone, a mail host end alone (its default listener), no MAPPING needed."""
+    _, mappings = edge.parse_args(["--egress", "100.64.0.1:2525", "--egress-peer",
+                                   "100.64.0.7/32", "--egress-ports", "25,587"])
+    [vps] = mappings
+    assert (vps.bind, vps.port, vps.egress.ports) == ("100.64.0.1", 2525, {25, 587})
+    _, mappings = edge.parse_args(["--egress-via", "100.64.0.1:2525"])
+    [home] = mappings
+    assert (home.bind, home.port, home.upstreams, home.egress) == (
+        "127.0.0.1", 2525, [("100.64.0.1", 2525)], "via")
+
+
+# ----------------------------------------------------------------------------------------------
 # Routing codec: the ClientHello's server name and ALPN, an HTTP request's Host (unit, `routing`)
 # ----------------------------------------------------------------------------------------------
 
@@ -1573,6 +1894,527 @@ def test_readme_migration_forwarding_command_hands_clients_to_the_new_server_wit
         assert re.search(r"\bstats active=0 sessions=%d " % len(ports), stats), stats
         print(" ".join(argv))
         print(stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Egress end to end (`egress`): the VPS end on loopback (refusals that need no other host), then
+# three network namespaces the tests make (home, vps, mx; `egress_netns`, root, once in CI)
+# ----------------------------------------------------------------------------------------------
+
+def egress_vps_args(port, *more):
+    """A VPS end on loopback: 127.0.0.1 is its 'tailnet' address and its one peer. Every
+    global destination is denied too (--egress-deny 0.0.0.0/0 and ::/0): a test, or a fuzzed
+    header, must never make it connect beyond this machine."""
+    return ["--egress", "127.0.0.1:%d" % port, "--egress-peer", "127.0.0.1/32", "-v",
+            "--egress-deny", "0.0.0.0/0", "--egress-deny", "::/0"] + list(more)
+
+
+def egress_ask(port, data, pieces=1, source=None):
+    """Send `data` to the egress listener (in `pieces` segments) and read all it answers
+    (a reset, as from a close with our bytes unread: nothing)."""
+    with connect(("127.0.0.1", port), source) as c:
+        step = max(1, -(-len(data) // pieces))
+        try:
+            for i in range(0, len(data), step):
+                c.sendall(data[i:i + step])
+                if pieces > 1:
+                    time.sleep(0.002)
+            return recv_all(c)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+
+
+V2_LOCAL_PROBE = edge.V2_SIGNATURE + b"\x20\x00\x00\x00"
+
+
+def egress_header(dst_ip, port=25):
+    """A v2 PROXY header naming dst_ip:port, written as given (our encoder would unmap a
+    ::ffff: address); the source is a placeholder of the same family."""
+    if ":" in dst_ip:
+        body = socket.inet_pton(socket.AF_INET6, "fd7a:115c:a1e0:21::1") + \
+            socket.inet_pton(socket.AF_INET6, dst_ip)
+        return v2(0x21, 0x21, body + struct.pack("!HH", 4000, port))
+    body = socket.inet_aton("100.64.21.1") + socket.inet_aton(dst_ip)
+    return v2(0x21, 0x11, body + struct.pack("!HH", 4000, port))
+
+
+def test_egress_probe_answers_one_line_even_one_byte_at_a_time():
+    """A v2 LOCAL header is a health probe: one line naming the source, then a close; the
+    header cut into one-byte segments gets the same answer."""
+    vps, port = Edge.on_free_port(egress_vps_args)
+    with vps:
+        assert egress_ask(port, V2_LOCAL_PROBE) == b"tailwart-edge egress ok source=auto ports=25\r\n"
+        assert egress_ask(port, V2_LOCAL_PROBE, pieces=len(V2_LOCAL_PROBE)).startswith(
+            b"tailwart-edge egress ok")
+        vps.wait_for(r"session client=127\.0\.0\.1:\d+ listen=127\.0\.0\.1:%d .* end=probe" % port)
+
+
+def test_egress_refuses_destinations_on_loopback():
+    """The VPS end refuses what a peer may not ask, before any connect: loopback, private,
+    metadata, documentation, their IPv6 forms, another port; an SMTP port hears 421 4.7.0
+    (never a 5xx), another port a plain close; the log names each reason."""
+    vps, port = Edge.on_free_port(egress_vps_args)
+    with vps:
+        for ip, words in [("127.0.0.1", "loopback"), ("10.0.0.1", "private"),
+                          ("169.254.169.254", "link-local"), ("192.0.2.25", "documentation"),
+                          ("::ffff:127.0.0.1", "loopback"), ("64:ff9b::a9fe:a9fe", "NAT64 form"),
+                          ("2002:7f00:1::", "6to4 form"), ("2001:0:7f00:1::", "Teredo server")]:
+            answer = egress_ask(port, egress_header(ip))
+            assert answer.startswith(b"421 4.7.0 "), (ip, answer)
+            vps.wait_for(r"end=egress-destination reason=.*%s" % re.escape(words))
+        assert egress_ask(port, edge.proxy_header_v2(("127.0.0.1", 4), ("10.0.0.1", 26))) == b""
+        vps.wait_for(r"end=egress-port reason=\"port 26 is not an egress port")
+        vps.signal(signal.SIGUSR1)      # counted as any listener's sessions and refusals
+        vps.wait_for(r"stats .*127\.0\.0\.1:%d active=0 sessions=9 failed=0 up=0 down=0 "
+                     r"refused-egress-destination=8 refused-egress-port=1" % port)
+
+
+def test_egress_bad_and_slow_headers_are_closed():
+    """Not a v2 header (an SMTP client, a v1 header, a UDP header): closed unanswered; no
+    header within --peek-timeout: closed as header-timeout."""
+    vps, port = Edge.on_free_port(lambda p: egress_vps_args(p, "--peek-timeout", "0.5"))
+    with vps:
+        assert egress_ask(port, b"EHLO mail.example.com\r\n") == b""
+        vps.wait_for(r"end=header-bad reason=\"not a PROXY v2 header\"")
+        assert egress_ask(port, b"PROXY TCP4 127.0.0.1 8.8.8.8 4 25\r\n") == b""
+        assert egress_ask(port, v2(0x21, 0x12, V2_TCP4_BODY)) == b""
+        vps.wait_for(r"end=header-bad reason=\"PROXY v2 UDP4 header")
+        with connect(("127.0.0.1", port)) as c:
+            c.sendall(V2_LOCAL_PROBE[:7])
+            assert recv_all(c) == b""
+        vps.wait_for(r"end=header-timeout")
+
+
+def test_egress_non_peer_is_refused_silently():
+    """A client outside --egress-peer is closed at accept without a byte, whatever it sends,
+    and the log says so (once per interval, not per connection)."""
+    vps, port = Edge.on_free_port(egress_vps_args)
+    with vps:
+        for _ in range(3):
+            assert egress_ask(port, V2_LOCAL_PROBE, source="127.0.0.2") == b""
+        vps.wait_for(r"refused client=127\.0\.0\.2:\d+ listen=127\.0\.0\.1:%d reason=not-peer"
+                     % port)
+
+
+def test_egress_limit_per_peer():
+    """Over --egress-per-peer, a peer's next session hears 421 4.7.0 (a retry later), and
+    once one ends, the next is served again."""
+    vps, port = Edge.on_free_port(lambda p: egress_vps_args(p, "--egress-per-peer", "1"))
+    with vps:
+        held = connect(("127.0.0.1", port))     # its header is still to come
+        try:
+            vps.wait_for(r"accept client=127\.0\.0\.1")
+            answer = egress_ask(port, edge.proxy_header_v2(("127.0.0.1", 4), ("10.0.0.1", 25)))
+            assert answer == b"421 4.7.0 Too many egress connections from your address\r\n"
+            vps.wait_for(r"end=per-peer")
+        finally:
+            held.close()
+        vps.wait_for(r"end=client-fin")
+        assert egress_ask(port, V2_LOCAL_PROBE).startswith(b"tailwart-edge egress ok")
+
+
+def test_egress_abuse_hostile_peers_and_outsiders():
+    """A peer gone bad and outsiders, bounded: 200 non-peer connections, 300 mutated headers
+    (the fuzz's mutations, over the wire, some one byte per segment), 100 half headers left
+    hanging past --peek-timeout. Afterwards the relay answers a probe, every session has
+    ended (active=0), and nothing but refusals was logged: no internal error."""
+    vps, port = Edge.on_free_port(lambda p: egress_vps_args(p, "--peek-timeout", "1"))
+    with vps:
+        rng = random.Random(2121)
+        for _ in range(200):
+            assert egress_ask(port, os.urandom(rng.randrange(1, 64)), source="127.0.0.2") == b""
+        seeds = [data for _, data, _ in EGRESS_HEADERS]
+        for i in range(300):
+            data = bytearray(rng.choice(seeds))
+            data[rng.randrange(len(data))] = rng.randrange(256)
+            answer = egress_ask(port, bytes(data), pieces=len(data) if i % 10 == 0 else 1)
+            assert answer == b"" or answer.startswith((b"421 4.7.0 ", b"tailwart-edge egress ok")), \
+                answer                  # 421 4.7.0: refused; never a connect (4.4.1)
+        hanging = []
+        try:
+            for _ in range(100):
+                c = connect(("127.0.0.1", port))
+                c.sendall(V2_LOCAL_PROBE[:rng.randrange(1, 16)])
+                hanging.append(c)
+            for c in hanging:
+                assert recv_all(c) == b""       # closed by the header timeout
+        finally:
+            for c in hanging:
+                c.close()
+        assert egress_ask(port, V2_LOCAL_PROBE).startswith(b"tailwart-edge egress ok")
+        mark = vps.mark()
+        vps.signal(signal.SIGUSR1)
+        vps.wait_for(r"stats active=0 ", start=mark)
+        assert "internal error" not in vps.output() and "Traceback" not in vps.output()
+
+
+def test_egress_public_bind_and_empty_peer_list_exit_2():
+    """The script itself refuses, exit 2 and one line each: a public or wildcard --egress, an
+    --egress with no peer."""
+    for args, words in [(["--egress", "8.8.8.8:2525", "--egress-peer", "127.0.0.1"],
+                         "not a tailnet or private address"),
+                        (["--egress", "0.0.0.0:2525", "--egress-peer", "127.0.0.1"],
+                         "is every address"),
+                        (["--egress", "127.0.0.1:2525"], "without --egress-peer")]:
+        code, out, err = run_script(*args)
+        assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+def test_egress_tables_under_the_script_interpreter():
+    """The destination table and the header cases give the same answers under the
+    interpreter that runs the script (CI: every CPython from 3.6), as under pytest's."""
+    cases = [ip for ip, _ in EGRESS_DESTINATIONS]
+    headers = [data.hex() for _, data, _ in EGRESS_HEADERS]
+    program = (
+        "import json, sys; sys.path.insert(0, %r); import tailwart_edge as e\n"
+        "out = []\n"
+        "for ip in %r:\n"
+        "    out.append(e.address_class(*e.address_value(ip)))\n"
+        "for h in %r:\n"
+        "    try:\n"
+        "        r = e.V2Reader().read(bytearray(bytes.fromhex(h)))\n"
+        "        out.append(None if r is None else [r.command, r.destination, r.length])\n"
+        "    except ValueError as x:\n"
+        "        out.append('refused: %%s' %% x)\n"
+        "print(json.dumps(out))\n" % (HERE, cases, headers))
+    there = subprocess.run([PYTHON, "-c", program], stdout=subprocess.PIPE, timeout=WAIT,
+                           check=True, universal_newlines=True).stdout
+    here = [edge.address_class(*edge.address_value(ip)) for ip in cases]
+    for _, data, _ in EGRESS_HEADERS:
+        try:
+            r = edge.V2Reader().read(bytearray(data))
+            here.append(None if r is None else [r.command, list(r.destination or ()) or None,
+                                                r.length])
+        except ValueError as x:
+            here.append("refused: %s" % x)
+    import json
+    got = json.loads(there)
+    got = [[g[0], g[1] or None, g[2]] if isinstance(g, list) else g for g in got]
+    assert got == here
+
+
+# -- in network namespaces -----------------------------------------------------------------
+#
+# home (the mail host: 100.64.21.1, fd7a:115c:a1e0:21::1 on its 'tailnet' link; 100.64.21.3
+# too, not a peer) -- vps (100.64.21.2 and fd7a:115c:a1e0:21::2 there; 198.51.100.1 and
+# 2001:db8:21::1, its 'public' addresses, towards mx) -- mx (198.51.100.25, 2001:db8:21::25).
+# The vps forwards, so without the rules home would reach mx directly: a leak the tests see.
+# Only these namespaces' own addresses are ever connected to.
+
+CLONE_NEWNET = 0x40000000
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+class EgressLab:
+    """Three network namespaces, linked by veth pairs; delete() removes them."""
+
+    ADDRESSES = [("home", "twh0", "100.64.21.1/24"), ("home", "twh0", "100.64.21.3/24"),
+                 ("home", "twh0", "fd7a:115c:a1e0:21::1/64"),
+                 ("vps", "twv0", "100.64.21.2/24"), ("vps", "twv0", "fd7a:115c:a1e0:21::2/64"),
+                 ("vps", "twv1", "198.51.100.1/24"), ("vps", "twv1", "2001:db8:21::1/64"),
+                 ("mx", "twm0", "198.51.100.25/24"), ("mx", "twm0", "2001:db8:21::25/64")]
+
+    def __init__(self):
+        tag = "tw%d" % os.getpid()
+        self.ns = {role: "%s-%s" % (tag, role) for role in ("home", "vps", "mx")}
+        self.made = []
+        try:
+            for role in ("home", "vps", "mx"):
+                self.ip("netns", "add", self.ns[role])
+                self.made.append(self.ns[role])
+                self.ip("-n", self.ns[role], "link", "set", "lo", "up")
+            self.ip("link", "add", "twh0", "netns", self.ns["home"], "type", "veth", "peer",
+                    "name", "twv0", "netns", self.ns["vps"])
+            self.ip("link", "add", "twv1", "netns", self.ns["vps"], "type", "veth", "peer",
+                    "name", "twm0", "netns", self.ns["mx"])
+            for role, dev, address in self.ADDRESSES:
+                self.ip("-n", self.ns[role], "addr", "add", address, "dev", dev, *(
+                    ("nodad",) if ":" in address else ()))
+            for role, dev in (("home", "twh0"), ("vps", "twv0"), ("vps", "twv1"),
+                              ("mx", "twm0")):
+                self.ip("-n", self.ns[role], "link", "set", dev, "up")
+            for role, v4, v6 in (("home", "100.64.21.2", "fd7a:115c:a1e0:21::2"),
+                                 ("mx", "198.51.100.1", "2001:db8:21::1")):
+                self.ip("-n", self.ns[role], "route", "add", "default", "via", v4)
+                self.ip("-n", self.ns[role], "-6", "route", "add", "default", "via", v6)
+            self.run("vps", "sysctl", "-qw", "net.ipv4.ip_forward=1",
+                     "net.ipv6.conf.all.forwarding=1")
+        except BaseException:
+            self.delete()
+            raise
+
+    def ip(self, *args):
+        subprocess.run(["ip"] + list(args), check=True, timeout=WAIT, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+
+    def run(self, role, *args, check=True):
+        """A command in a namespace: (exit code, stdout + stderr)."""
+        proc = subprocess.run(["ip", "netns", "exec", self.ns[role]] + list(args),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=WAIT,
+                              universal_newlines=True)
+        if check and proc.returncode:
+            raise AssertionError("%s: %s" % (" ".join(args), proc.stdout))
+        return proc.returncode, proc.stdout
+
+    def inside(self, role, function):
+        """function() run by a thread that entered the namespace: sockets it makes stay
+        there, whichever thread uses them next."""
+        result = {}
+
+        def enter():
+            fd = os.open("/var/run/netns/" + self.ns[role], os.O_RDONLY)
+            try:
+                if LIBC.setns(fd, CLONE_NEWNET) != 0:
+                    result["error"] = OSError(ctypes.get_errno(), "setns")
+                    return
+            finally:
+                os.close(fd)
+            try:
+                result["value"] = function()
+            except BaseException as e:
+                result["error"] = e
+        thread = threading.Thread(target=enter, daemon=True)
+        thread.start()
+        thread.join(WAIT * 2)
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def edge(self, role, *args):
+        return NetnsEdge(self.ns[role], *args)
+
+    def reset_rules(self):
+        for tool in ("iptables", "ip6tables"):
+            for table in ("nat", "filter"):
+                self.run("home", tool, "-t", table, "-F")
+                self.run("home", tool, "-t", table, "-X")
+
+    def apply_rules(self, check_output):
+        """Install the rules `--check` printed, as an admin would paste them."""
+        self.reset_rules()
+        rules = [line for line in check_output.splitlines()
+                 if line.startswith(("iptables ", "ip6tables "))]
+        assert rules, check_output
+        for line in rules:
+            self.run("home", *line.split())
+        return rules
+
+    def delete(self):
+        for name in self.made:
+            subprocess.run(["ip", "netns", "del", name], timeout=WAIT)
+        self.made = []
+
+
+class NetnsEdge(Edge):
+    """The script in a network namespace (`ip netns exec` execs it: the same pid)."""
+
+    def __init__(self, ns, *args, **options):
+        self.ns = ns
+        Edge.__init__(self, *args, **options)
+
+    def _start(self, env, preexec_fn, timeout):
+        if self.args[0] != "ip":
+            self.args = ["ip", "netns", "exec", self.ns] + self.args
+        Edge._start(self, env, preexec_fn, timeout)
+
+
+class Mx:
+    """The destination mail server in the mx namespace, on port 25 of both its addresses:
+    a greeting, then it reads all the client sends and answers its own blob. `seen` is
+    [(peer ip, bytes received)] per connection."""
+
+    def __init__(self, lab, blob):
+        self.blob = blob
+        self.seen = []
+        self.closed = False
+        self.socks = lab.inside("mx", lambda: [listening(("198.51.100.25", 25)),
+                                               listening(("2001:db8:21::25", 25))])
+        self.threads = [threading.Thread(target=self.serve, args=(sock,), daemon=True)
+                        for sock in self.socks]
+        for thread in self.threads:
+            thread.start()
+
+    def serve(self, sock):
+        sock.settimeout(0.2)            # a close() from another thread does not wake accept()
+        while not self.closed:
+            try:
+                conn, peer = sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(WAIT)
+                try:
+                    conn.sendall(b"220 mx.test ESMTP\r\n")
+                    received = recv_all(conn)
+                    conn.sendall(self.blob)
+                except OSError:
+                    received = None
+                self.seen.append((peer[0], received))
+
+    def close(self):
+        self.closed = True
+        for thread in self.threads:
+            thread.join(WAIT)
+        for sock in self.socks:
+            sock.close()
+
+
+def listening(address):
+    sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(16)
+    return sock
+
+
+@pytest.fixture(scope="module")
+def egress_lab():
+    if os.geteuid() != 0:
+        unavailable("the egress namespace tests need root (ip netns, iptables)")
+    for tool in ("ip", "iptables", "ip6tables"):
+        need_tool(tool)
+    if not os.path.isdir("/proc/sys/net/ipv6"):
+        unavailable("IPv6 in the kernel")
+    lab = EgressLab()
+    try:
+        yield lab
+    finally:
+        lab.delete()
+
+
+VPS_ARGS = ["--egress", "100.64.21.2:2525", "--egress-peer", "100.64.21.1/32",
+            "--egress-peer", "fd7a:115c:a1e0:21::1/128", "--egress-source", "198.51.100.1",
+            "--egress-allow", "198.51.100.0/24", "--connect-timeout", "2", "-v"]
+VPS_ARGS_V6 = VPS_ARGS + ["--egress-source", "2001:db8:21::1", "--egress-allow",
+                          "2001:db8:21::/48"]
+
+
+def carry(lab, destination, blob):
+    """A client in home (the mail server) connects to destination:25, sends blob, half-closes
+    and reads everything back."""
+    def dial():
+        return connect((destination, 25))
+    client = lab.inside("home", dial)
+    with client:
+        client.sendall(blob)
+        client.shutdown(socket.SHUT_WR)
+        return recv_all(client)
+
+
+def test_egress_netns_carries_the_mail_server_through_the_vps(egress_lab):
+    """The whole path: the rules `--check` prints, installed in home, send the mail server's
+    connection to 198.51.100.25:25 through the VPS: the MX sees the VPS's public address, and
+    the bytes (an opaque blob standing in for STARTTLS) are identical both ways; an MX that
+    does not answer gets 421 4.4.1; both ends write one line per session."""
+    lab = egress_lab
+    up_blob, down_blob = os.urandom(300 * 1024), os.urandom(200 * 1024)
+    mx = Mx(lab, down_blob)
+    try:
+        with lab.edge("vps", *VPS_ARGS) as vps:
+            code, out = lab.run("home", PYTHON, SCRIPT, "--check", "--egress-via",
+                                "100.64.21.2:2525", "--egress-user", "root", check=False)
+            assert code == 0, out
+            assert "tailwart-edge egress ok source=198.51.100.1 ports=25" in out
+            rules = lab.apply_rules(out)
+            assert any("REDIRECT --to-ports 2525" in r for r in rules)
+            with lab.edge("home", "--egress-via", "100.64.21.2:2525", "-v") as home:
+                answer = carry(lab, "198.51.100.25", up_blob)
+                assert answer == b"220 mx.test ESMTP\r\n" + down_blob
+                eventually(lambda: mx.seen)
+                assert mx.seen == [("198.51.100.1", up_blob)]
+                vps.wait_for(r"session client=100\.64\.21\.1:\d+ listen=100\.64\.21\.2:2525 "
+                             r"upstream=198\.51\.100\.25:25 up=%d down=%d .*end=client-fin"
+                             % (len(up_blob), len(down_blob) + 19))
+                home.wait_for(r"session client=100\.64\.21\.1:\d+ listen=127\.0\.0\.1:2525 upstream=100\.64\.21\.2:2525 "
+                              r".*destination=198\.51\.100\.25:25")
+                # nobody at .26: the VPS's connect fails, the mail server hears a 4xx
+                answer = carry(lab, "198.51.100.26", b"")
+                assert answer.startswith(b"421 4.4.1 "), answer
+                vps.wait_for(r"upstream=198\.51\.100\.26:25 .*end=connect-failed")
+    finally:
+        mx.close()
+        lab.reset_rules()
+
+
+def test_egress_netns_refusals(egress_lab):
+    """Straight to the VPS's egress, as a peer: each refused class (own addresses, the
+    tailnet, loopback, private, metadata, a documentation network not allowed, mapped and
+    embedded forms), another port and IPv6 without a source are refused, the MX never sees a
+    connection; a non-peer (home's 100.64.21.3) is closed unanswered, a header or not."""
+    lab = egress_lab
+    mx = Mx(lab, b"")
+    try:
+        with lab.edge("vps", *VPS_ARGS) as vps:
+            def ask(header, source="100.64.21.1"):
+                def dial():
+                    return connect(("100.64.21.2", 2525), source)
+                with lab.inside("home", dial) as c:
+                    try:
+                        c.sendall(header)
+                        return recv_all(c)
+                    except ConnectionResetError:
+                        return b""
+            for ip, reason in [("198.51.100.1", "egress-own"), ("100.64.21.2", "egress-dest"),
+                               ("127.0.0.1", "egress-dest"), ("10.1.2.3", "egress-dest"),
+                               ("169.254.169.254", "egress-dest"),
+                               ("203.0.113.25", "egress-dest"),
+                               ("::ffff:127.0.0.1", "egress-dest"),
+                               ("64:ff9b::a9fe:a9fe", "egress-dest"),
+                               ("2002:a01:203::", "egress-dest"),
+                               ("2001:db8:21::25", "egress-dest"),
+                               ("2a00:1450:4001::1a", "egress-family")]:
+                answer = ask(egress_header(ip))
+                assert answer.startswith(b"421 4.7.0 "), (ip, answer)
+                vps.wait_for(r"upstream=%s .*end=%s" % (re.escape(edge.format_address(
+                    edge.plain_ip(ip), 25)), reason))
+            answer = ask(edge.proxy_header_v2(("100.64.21.1", 4), ("198.51.100.25", 587)))
+            assert answer.startswith(b"421 4.7.0 ")     # 587 speaks SMTP: told so, not closed
+            vps.wait_for(r"upstream=198\.51\.100\.25:587 .*end=egress-port")
+            header = edge.proxy_header_v2(("100.64.21.1", 4), ("198.51.100.25", 25))
+            assert ask(header, source="100.64.21.3") == b""
+            assert ask(b"", source="100.64.21.3") == b""
+            vps.wait_for(r"refused client=100\.64\.21\.3:\d+ .*reason=not-peer")
+        assert mx.seen == []
+    finally:
+        mx.close()
+
+
+def test_egress_netns_ipv6_is_refused_or_carried_never_leaked(egress_lab):
+    """IPv6 port 25 from home: with the default rules (no IPv6 listener) it is rejected at
+    home, and the MX sees nothing from home's address; with an IPv6 listener ([::1]:2525) and
+    an IPv6 source on the VPS, the rules `--check` prints then carry it, and the MX sees the
+    VPS's IPv6 address."""
+    lab = egress_lab
+    mx = Mx(lab, b"250 ok\r\n")
+    try:
+        with lab.edge("vps", *VPS_ARGS_V6):
+            code, out = lab.run("home", PYTHON, SCRIPT, "--check", "--egress-via",
+                                "100.64.21.2:2525", "--egress-user", "root", check=False)
+            assert code == 0, out
+            lab.apply_rules(out)
+            with lab.edge("home", "--egress-via", "100.64.21.2:2525"):
+                with pytest.raises(OSError) as refused:
+                    carry(lab, "2001:db8:21::25", b"x")
+                assert refused.value.errno == errno.ECONNREFUSED
+                assert mx.seen == []
+            code, out = lab.run("home", PYTHON, SCRIPT, "--check", "--egress-via",
+                                "100.64.21.2:2525", "--egress-listen", "127.0.0.1:2525",
+                                "--egress-listen", "[::1]:2525", "--egress-user", "root",
+                                check=False)
+            assert code == 0, out
+            lab.apply_rules(out)
+            with lab.edge("home", "--egress-via", "100.64.21.2:2525", "--egress-listen",
+                          "127.0.0.1:2525", "--egress-listen", "[::1]:2525", "-v") as home:
+                answer = carry(lab, "2001:db8:21::25", b"EHLO home\r\n")
+                assert answer == b"220 mx.test ESMTP\r\n250 ok\r\n"
+                eventually(lambda: mx.seen)
+                assert mx.seen == [("2001:db8:21::1", b"EHLO home\r\n")]
+                home.wait_for(r"destination=\[2001:db8:21::25\]:25")
+    finally:
+        mx.close()
+        lab.reset_rules()
 
 
 # ----------------------------------------------------------------------------------------------
