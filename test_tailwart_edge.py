@@ -5987,24 +5987,24 @@ def test_user_option_accepts_a_numeric_id():
         assert proxy.stop() == 0
 
 
-def test_systemd_socket_activation_extra_socket_is_a_start_error_naming_it():
-    """Issue 10 fault 13: a socket from systemd that matches no mapping was closed in our
-    process but stayed open in systemd (clients hang there): exit 2 naming the socket."""
+def socket_activated_start_error(listens, relay_args, port):
+    """systemd-socket-activate with `listens` (-l ADDR:PORT each) runs the relay once the first
+    client connects to 127.0.0.1:port: (exit code, stderr text, the error lines)."""
     if not sys.platform.startswith("linux"):
         pytest.skip("socket activation is Linux only")
     activate = need_tool("systemd-socket-activate")
-    port, extra, upstream_port = free_port(), free_port(), free_port()
-    proc = subprocess.Popen([activate, "-l", "127.0.0.1:%d" % port, "-l", "127.0.0.1:%d" % extra,
-                             PYTHON, SCRIPT, "--proxy-protocol", "off",
-                             "127.0.0.1:%d=127.0.0.1:%d" % (port, upstream_port)],
+    argv = [activate]
+    for listen in listens:
+        argv += ["-l", listen]
+    proc = subprocess.Popen(argv + [PYTHON, SCRIPT] + list(relay_args),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, universal_newlines=True)
     lines = []
     try:
-        for _ in range(2):
+        for _ in listens:               # one `Listening on` line a socket
             lines.append(proc.stderr.readline())
         assert "Listening on" in "".join(lines), lines
-        # the first client makes systemd-socket-activate exec the relay with both sockets
+        # the first client makes systemd-socket-activate exec the relay with the sockets
         with socket.create_connection(("127.0.0.1", port), timeout=10):
             try:
                 code = proc.wait(5)
@@ -6017,42 +6017,29 @@ def test_systemd_socket_activation_extra_socket_is_a_start_error_naming_it():
         lines += proc.stderr.readlines()
         proc.stderr.close()
     text = "".join(lines)
-    assert code == 2, "%s\n%s" % (code, text)
-    errors = [line for line in text.splitlines() if "error" in line]
-    assert len(errors) == 1 and "127.0.0.1:%d" % extra in errors[0], text
     assert "Traceback" not in text
+    return code, text, [line for line in text.splitlines() if "error" in line]
+
+
+def test_systemd_socket_activation_extra_socket_is_a_start_error_naming_it():
+    """Issue 10 fault 13: a socket from systemd that matches no mapping was closed in our
+    process but stayed open in systemd (clients hang there): exit 2 naming the socket."""
+    port, extra, upstream_port = free_port(), free_port(), free_port()
+    code, text, errors = socket_activated_start_error(
+        ["127.0.0.1:%d" % port, "127.0.0.1:%d" % extra],
+        ["--proxy-protocol", "off", "127.0.0.1:%d=127.0.0.1:%d" % (port, upstream_port)], port)
+    assert code == 2, "%s\n%s" % (code, text)
+    assert len(errors) == 1 and "127.0.0.1:%d" % extra in errors[0], text
 
 
 def test_systemd_socket_activation_of_another_shape_is_a_start_error_naming_the_fix():
     """Issue 19: a socket from systemd was matched by address and port alone: 0.0.0.0:P
     was adopted for the mapping `P` (every interface), which then refused IPv6 clients while
     the log said `:P`... and every reload of it failed. Exit 2 naming the socket and the fix."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("socket activation is Linux only")
-    activate = need_tool("systemd-socket-activate")
     port, upstream_port = free_port("::"), free_port()
-    proc = subprocess.Popen([activate, "-l", "0.0.0.0:%d" % port, PYTHON, SCRIPT,
-                             "%d=127.0.0.1:%d" % (port, upstream_port)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, universal_newlines=True)
-    lines = []
-    try:
-        lines.append(proc.stderr.readline())
-        assert "Listening on" in "".join(lines), lines
-        with socket.create_connection(("127.0.0.1", port), timeout=10):
-            try:
-                code = proc.wait(5)
-            except subprocess.TimeoutExpired:
-                code = "still running after 5 s"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        lines += proc.stderr.readlines()
-        proc.stderr.close()
-    text = "".join(lines)
+    code, text, errors = socket_activated_start_error(
+        ["0.0.0.0:%d" % port], ["%d=127.0.0.1:%d" % (port, upstream_port)], port)
     assert code == 2, "%s\n%s" % (code, text)
-    errors = [line for line in text.splitlines() if "error" in line]
     assert len(errors) == 1 and "0.0.0.0:%d from systemd" % port in errors[0], text
     assert "ListenStream=" in errors[0] and "BindIPv6Only=" in errors[0], text
 
