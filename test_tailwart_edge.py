@@ -996,6 +996,26 @@ def test_egress_own_addresses_are_read_from_proc():
     assert not own.holds(*edge.address_value("8.8.8.8"))
 
 
+@pytest.mark.parametrize("missing", ["/proc/net/fib_trie", "/proc/net/if_inet6"])
+def test_egress_own_addresses_of_a_family_proc_does_not_list_are_probed(monkeypatch, missing):
+    """A /proc table that cannot be read (fib_trie is missing under gVisor) must not make
+    that family's own addresses pass as destinations: they are probed with a bind, as off
+    Linux. Before, the other table alone counted and 127.0.0.1 (or ::1) was not 'own'."""
+    if edge.local_networks_linux() is None:
+        unavailable("/proc/net/fib_trie (Linux)")
+    real = edge.read_proc
+    gone = (missing,) if missing.endswith("fib_trie") else (missing, "/proc/net/ipv6_route")
+    monkeypatch.setattr(edge, "read_proc", lambda path: "" if path in gone else real(path))
+    loopback = "127.0.0.1" if missing.endswith("fib_trie") else "::1"
+    if not edge.bind_probe(loopback):
+        unavailable("%s on this machine" % loopback)
+    own = edge.OwnAddresses([])
+    own.refresh(time.monotonic())
+    assert own.holds(*edge.address_value(loopback))
+    assert not own.holds(*edge.address_value("8.8.8.8"))
+    assert not own.holds(*edge.address_value("2a00:1450:4001::1a"))
+
+
 EGRESS_COMMAND_LINES = [
     # (arguments, words of the one error line)
     (["--egress", "0.0.0.0:2525", "--egress-peer", "100.64.0.7"], "is every address"),
