@@ -2437,6 +2437,25 @@ def test_egress_netns_ipv6_is_refused_or_carried_never_leaked(egress_lab):
         lab.reset_rules()
 
 
+def test_egress_netns_lab_has_no_route_off_the_machine(egress_lab):
+    """The lab's guarantee that nothing a test (or a regression) makes the VPS connect to
+    can leave this machine: its namespaces hold only lo and the lab's veth pairs, the vps
+    has no route to a global address (it has no default route), and home and mx reach
+    anything global only through the vps."""
+    lab = egress_lab
+    links = {"home": {"lo", "twh0"}, "vps": {"lo", "twv0", "twv1"}, "mx": {"lo", "twm0"}}
+    for role, names in links.items():
+        _, out = lab.run(role, "ip", "-o", "link", "show")
+        assert {line.split(":")[1].strip().partition("@")[0]
+                for line in out.splitlines()} == names, out
+    for ip in ("8.8.8.8", "2a00:1450:4001::1a"):
+        code, out = lab.run("vps", "ip", "route", "get", ip, check=False)
+        assert code != 0 and "unreachable" in out, out
+        for role, via in (("home", "twh0"), ("mx", "twm0")):
+            code, out = lab.run(role, "ip", "route", "get", ip, check=False)
+            assert code == 0 and "dev %s" % via in out, out
+
+
 # ----------------------------------------------------------------------------------------------
 # Real peers: HAProxy, nginx and Postfix parse our header and log the real client
 # ----------------------------------------------------------------------------------------------
