@@ -3507,13 +3507,15 @@ class OwnAddresses:
     """The VPS's own addresses, refused as destinations (a peer must not reach the VPS's
     own services, nor loop back into this relay). Read from /proc at most every OWN_REFRESH
     seconds (reading procfs does not block); the configured sources and listen addresses
-    always count. Off Linux, each destination is probed with a bind instead."""
+    always count. Off Linux, and for a family /proc named no address of, each destination
+    is probed with a bind instead."""
 
-    __slots__ = ("fixed", "networks", "read_at")
+    __slots__ = ("fixed", "networks", "probed", "read_at")
 
     def __init__(self, fixed):
         self.fixed = list(fixed)        # [(version, value, prefix)]
         self.networks = None            # from /proc; None: not Linux (bind_probe)
+        self.probed = ()                # the families /proc named none of (bind_probe)
         self.read_at = -INFINITY
 
     def refresh(self, now):
@@ -3521,12 +3523,17 @@ class OwnAddresses:
         if now - self.read_at >= OWN_REFRESH:
             self.read_at = now
             self.networks = local_networks_linux()
+            # loopback is always among them when a family's table was read: none at all
+            # means it was not (fib_trie missing, as under gVisor, or unreadable), and an
+            # empty answer must not pass the VPS's own public address as a destination
+            self.probed = tuple(v for v in (4, 6) if not any(
+                n[0] == v for n in self.networks or ()))
 
     def holds(self, version, value):
         """Is the address one of this machine's (as of the last refresh)?"""
         if any(in_cidr(version, value, n) for n in self.fixed):
             return True
-        if self.networks is None:
+        if self.networks is None or version in self.probed:
             return bind_probe(value_text(version, value))
         return any(in_cidr(version, value, n) for n in self.networks)
 

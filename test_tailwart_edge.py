@@ -996,6 +996,26 @@ def test_egress_own_addresses_are_read_from_proc():
     assert not own.holds(*edge.address_value("8.8.8.8"))
 
 
+@pytest.mark.parametrize("missing", ["/proc/net/fib_trie", "/proc/net/if_inet6"])
+def test_egress_own_addresses_of_a_family_proc_does_not_list_are_probed(monkeypatch, missing):
+    """A /proc table that cannot be read (fib_trie is missing under gVisor) must not make
+    that family's own addresses pass as destinations: they are probed with a bind, as off
+    Linux. Before, the other table alone counted and 127.0.0.1 (or ::1) was not 'own'."""
+    if edge.local_networks_linux() is None:
+        unavailable("/proc/net/fib_trie (Linux)")
+    real = edge.read_proc
+    gone = (missing,) if missing.endswith("fib_trie") else (missing, "/proc/net/ipv6_route")
+    monkeypatch.setattr(edge, "read_proc", lambda path: "" if path in gone else real(path))
+    loopback = "127.0.0.1" if missing.endswith("fib_trie") else "::1"
+    if not edge.bind_probe(loopback):
+        unavailable("%s on this machine" % loopback)
+    own = edge.OwnAddresses([])
+    own.refresh(time.monotonic())
+    assert own.holds(*edge.address_value(loopback))
+    assert not own.holds(*edge.address_value("8.8.8.8"))
+    assert not own.holds(*edge.address_value("2a00:1450:4001::1a"))
+
+
 EGRESS_COMMAND_LINES = [
     # (arguments, words of the one error line)
     (["--egress", "0.0.0.0:2525", "--egress-peer", "100.64.0.7"], "is every address"),
@@ -2415,6 +2435,25 @@ def test_egress_netns_ipv6_is_refused_or_carried_never_leaked(egress_lab):
     finally:
         mx.close()
         lab.reset_rules()
+
+
+def test_egress_netns_lab_has_no_route_off_the_machine(egress_lab):
+    """The lab's guarantee that nothing a test (or a regression) makes the VPS connect to
+    can leave this machine: its namespaces hold only lo and the lab's veth pairs, the vps
+    has no route to a global address (it has no default route), and home and mx reach
+    anything global only through the vps."""
+    lab = egress_lab
+    links = {"home": {"lo", "twh0"}, "vps": {"lo", "twv0", "twv1"}, "mx": {"lo", "twm0"}}
+    for role, names in links.items():
+        _, out = lab.run(role, "ip", "-o", "link", "show")
+        assert {line.split(":")[1].strip().partition("@")[0]
+                for line in out.splitlines()} == names, out
+    for ip in ("8.8.8.8", "2a00:1450:4001::1a"):
+        code, out = lab.run("vps", "ip", "route", "get", ip, check=False)
+        assert code != 0 and "unreachable" in out, out
+        for role, via in (("home", "twh0"), ("mx", "twm0")):
+            code, out = lab.run(role, "ip", "route", "get", ip, check=False)
+            assert code == 0 and "dev %s" % via in out, out
 
 
 # ----------------------------------------------------------------------------------------------
