@@ -1292,10 +1292,16 @@ def open_listeners(mappings, proxy_protocol):
         # destination for every client (no getsockname per session)
         mapping.local = (local if local[0] not in ("0.0.0.0", "::")
                          and sum(other.mapping is mapping for other in listeners) == 1 else None)
+        if mapping.egress is not None and mapping.egress != "via":
+            # the VPS end of egress: each peer's header names where to go; nothing is sent
+            upstream, proxy = "from-header", "off"
+        else:
+            upstream = ",".join(format_address(*u) for u in mapping.upstreams)
+            proxy = mapping.routes[0].proxy or proxy_protocol if mapping.router is None \
+                else proxy_protocol
         log(NOTICE, "listen addr=%s upstream=%s proxy=%s%s" % (
-            listener.describe(), ",".join(format_address(*u) for u in mapping.upstreams),
-            mapping.routes[0].proxy or proxy_protocol if mapping.router is None
-            else proxy_protocol, " (%s)" % listener.origin if listener.origin else ""))
+            listener.describe(), upstream, proxy,
+            " (%s)" % listener.origin if listener.origin else ""))
         for route in mapping.routes if mapping.router is not None else ():
             log(NOTICE, "route listen=%s match=%s upstream=%s proxy=%s" % (
                 listener.describe(), ",".join(route.matches) or "default",
@@ -3958,6 +3964,9 @@ def egress_listen_address(text, option):
     return host, parse_port(port, "%s port" % option, text)
 
 
+EGRESS_PEER_ADDRESSES = 256     # an --egress-peer network names hosts, not a tailnet
+
+
 def egress_given(options):
     """Is any --egress* option on the command line (then no MAPPING is needed)?"""
     return any((options.egress, options.egress_peer, options.egress_source,
@@ -4025,6 +4034,12 @@ def vps_mapping(options):
         if inside_class(*first) is None or inside_class(*first) != inside_class(*last):
             raise ConfigError("--egress-peer %s reaches past the tailnet and private networks; "
                               "give the mail host's tailnet address (/32, /128)" % net)
+        if net.num_addresses > EGRESS_PEER_ADDRESSES:
+            # a whole tailnet (100.64.0.0/10) or a provider's shared private network would
+            # make every node of it, other tenants' too, a peer that may send mail as the VPS
+            raise ConfigError("--egress-peer %s names %d addresses; give the mail host's own "
+                              "tailnet addresses (/32 and /128), at most %d addresses a network"
+                              % (net, net.num_addresses, EGRESS_PEER_ADDRESSES))
         peers.append((first[0], first[1], net.prefixlen))
     allow = []
     for net in options.egress_allow:
