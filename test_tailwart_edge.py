@@ -5757,14 +5757,20 @@ def seccomp_refusing_splice():
              "a, b = socket.socketpair(); r, w = os.pipe(); a.send(b'x')\n"
              "try: os.splice(b.fileno(), w, 1); print('spliced')\n"
              "except OSError as e: print(errno.errorcode[e.errno])\n")
+    return proven_filter(install, probe, "EPERM", "make splice fail with EPERM")
+
+
+def proven_filter(install, probe, expected, what):
+    """`install` (a seccomp preexec_fn), once a child under it running `probe` printed
+    `expected`; else a skip saying the filter did not `what`."""
     try:
         out = subprocess.run([PYTHON, "-c", probe], preexec_fn=install, timeout=WAIT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              universal_newlines=True).stdout.strip()
     except subprocess.SubprocessError as e:
         pytest.skip("cannot install a seccomp filter here: %s" % e)
-    if out != "EPERM":
-        pytest.skip("the seccomp filter did not make splice fail with EPERM (%r)" % out)
+    if out != expected:
+        pytest.skip("the seccomp filter did not %s (%r)" % (what, out))
     return install
 
 
@@ -8081,15 +8087,7 @@ def seccomp_without_ipv6():
              "try: socket.socket(socket.AF_INET6); print('opened')\n"
              "except OSError as e: print(errno.errorcode[e.errno])\n"
              "socket.socket(socket.AF_INET).close()\n")
-    try:
-        out = subprocess.run([PYTHON, "-c", probe], preexec_fn=install, timeout=WAIT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             universal_newlines=True).stdout.strip()
-    except subprocess.SubprocessError as e:
-        pytest.skip("cannot install a seccomp filter here: %s" % e)
-    if out != "EAFNOSUPPORT":
-        pytest.skip("the seccomp filter did not make AF_INET6 sockets fail (%r)" % out)
-    return install
+    return proven_filter(install, probe, "EAFNOSUPPORT", "make AF_INET6 sockets fail")
 
 
 def test_check_a_bare_port_on_a_host_without_ipv6_is_ok_on_ipv4():
