@@ -2481,6 +2481,7 @@ class Connector:
 
     __slots__ = ("session", "route", "upstream_index", "host", "port", "addrs", "deadline",
                  "error", "reason", "why", "address", "probe")
+    source = None       # the address to connect from: EgressConnector's slot; here the kernel's
 
     def __init__(self, session, route):
         self.session = session
@@ -2586,6 +2587,12 @@ class Connector:
             if not SOCK_NONBLOCK:
                 sock.setblocking(False)
             tune_socket(sock, keepalive=False)     # set by the sweep (see keep_alive)
+            if self.source is not None:             # egress (EgressConnector) only
+                why = self.bind_source(sock)
+                if why is not None:
+                    sock.close()
+                    self.failure("other", why)
+                    continue
             err = sock.connect_ex(sockaddr)
             if err in CONNECT_PENDING:
                 session.upstream = sock
@@ -3639,46 +3646,17 @@ class EgressConnector(Connector):
         self.deadline = self.session.server.now + self.session.server.connect_timeout
         self.connect_next_address()
 
-    def connect_next_address(self):
-        """Start the connect (bound to the source first), or give up when it failed."""
-        session = self.session
-        server = session.server
-        if not self.addrs:
-            return self.try_next_upstream()
-        family, sockaddr = self.addrs.popleft()
+    def bind_source(self, sock):
+        """Bind `sock` to the family's --egress-source before its connect; why not, or None."""
         try:
-            sock = _socket.socket(family, STREAM_NONBLOCK)
+            try:        # no source port taken at bind: connect() picks it per destination
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            except OSError:
+                pass
+            sock.bind((self.source, 0))
         except OSError as e:
-            if e.errno in FD_EXHAUSTED:
-                self.addrs.appendleft((family, sockaddr))
-                return server.starve(session, e)
-            self.failure("other", "cannot open a socket: %s" % e.strerror)
-            return self.try_next_upstream()
-        if not SOCK_NONBLOCK:
-            sock.setblocking(False)
-        tune_socket(sock, keepalive=False)
-        if self.source is not None:
-            try:
-                try:    # no source port taken at bind: connect() picks it per destination
-                    sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                except OSError:
-                    pass
-                sock.bind((self.source, 0))
-            except OSError as e:
-                sock.close()
-                self.failure("other", "cannot use source %s: %s" % (self.source, e.strerror))
-                return self.try_next_upstream()
-        err = sock.connect_ex(sockaddr)
-        if err in CONNECT_PENDING:
-            session.upstream = sock
-            session.target = sockaddr
-            session.stage = CONNECTING
-            session.update_events()
-            return
-        sock.close()
-        self.failure(FAILURE_REASONS.get(err, "other"), os.strerror(err),
-                     format_address(*sockaddr[:2]))
-        self.try_next_upstream()
+            return "cannot use source %s: %s" % (self.source, e.strerror)
+        return None
 
     def try_next_upstream(self):
         """The one address failed: the mail server hears a temporary failure."""

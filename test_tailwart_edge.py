@@ -785,6 +785,20 @@ def read_header(pieces):
     return None
 
 
+def test_egress_source_that_is_no_longer_ours_is_a_failure_not_a_crash():
+    """--egress-source is checked at start; should the address leave the VPS later, the bind
+    before a connect fails: that connect's failure (the mail server hears 421 4.4.1), named."""
+    connector = edge.EgressConnector.__new__(edge.EgressConnector)
+    connector.source = "192.0.2.99"             # on no interface here
+    with socket.socket() as sock:
+        assert connector.bind_source(sock) == "cannot use source 192.0.2.99: %s" \
+            % os.strerror(errno.EADDRNOTAVAIL)
+    connector.source = "127.0.0.1"
+    with socket.socket() as sock:
+        assert connector.bind_source(sock) is None and sock.getsockname()[0] == "127.0.0.1"
+    assert edge.Connector.source is None        # the inbound relay: the kernel's choice
+
+
 @pytest.mark.parametrize("case,data,expected", EGRESS_HEADERS,
                          ids=[case for case, _, _ in EGRESS_HEADERS])
 def test_egress_header_table(case, data, expected):
