@@ -561,46 +561,38 @@ class NginxStream(Candidate):
 
     def start(self, upstream, header, idle, plain_upstream=None):
         self.port = free_port()
-        prefix = os.path.join(self.env.tmp, "nginx-stream-%d" % self.port)
-        os.makedirs(prefix)
-        cfg = os.path.join(prefix, "nginx.conf")
-        with open(cfg, "w") as f:
-            f.write("%sworker_processes 1;\ndaemon off;\npid %s/nginx.pid;\n"
-                    "error_log %s/error.log warn;\nworker_rlimit_nofile %d;\n"
-                    "events { worker_connections %d; }\n"
-                    "stream {\n  server {\n    listen 127.0.0.1:%d backlog=4096;\n"
+        self.launch("stream", self.env.nofile, self.env.idle_conns * 2 + 1000,
+                    "  server {\n    listen 127.0.0.1:%d backlog=4096;\n"
                     "    proxy_pass 127.0.0.1:%d;\n    proxy_protocol %s;\n"
-                    "    proxy_timeout 1h;\n  }\n}\n"
-                    % (self.env.nginx_stream_load, prefix, prefix,
-                       self.env.nofile, self.env.idle_conns * 2 + 1000,
-                       self.port, upstream, "on" if header else "off"))
-        self.proc = self.env.procs.start(
-            self.name, ["nginx", "-p", prefix + "/", "-c", cfg, "-e", prefix + "/error.log"])
+                    "    proxy_timeout 1h;\n  }\n" % (self.port, upstream, "on" if header else "off"))
         wait_until(lambda: listening(self.port), 10, self.proc, self.env.procs, self.name)
         return self.port
 
     def start_peek(self, mail, web, echo):
         self.port, plain = free_port(), free_port()
-        prefix = os.path.join(self.env.tmp, "nginx-peek-%d" % self.port)
-        os.makedirs(prefix)
-        cfg = os.path.join(prefix, "nginx.conf")
-        with open(cfg, "w") as f:
-            f.write("%sworker_processes 1;\ndaemon off;\npid %s/nginx.pid;\n"
-                    "error_log %s/error.log warn;\nworker_rlimit_nofile 8192;\n"
-                    "events { worker_connections 4096; }\n"
-                    "stream {\n  map $ssl_preread_server_name $peek_upstream {\n"
+        self.launch("peek", 8192, 4096,
+                    "  map $ssl_preread_server_name $peek_upstream {\n"
                     "    mail.example.com 127.0.0.1:%d;\n    default 127.0.0.1:%d;\n  }\n"
                     "  server {\n    listen 127.0.0.1:%d backlog=4096;\n"
                     "    ssl_preread on;\n    preread_timeout 5s;\n"
                     "    proxy_pass $peek_upstream;\n  }\n"
                     "  server {\n    listen 127.0.0.1:%d;\n    proxy_pass 127.0.0.1:%d;\n"
-                    "  }\n}\n"
-                    % (self.env.nginx_stream_load, prefix, prefix, mail, web, self.port,
-                       plain, echo))
-        self.proc = self.env.procs.start(
-            self.name, ["nginx", "-p", prefix + "/", "-c", cfg, "-e", prefix + "/error.log"])
+                    "  }\n" % (mail, web, self.port, plain, echo))
         self.wait_listening(self.port, plain)
         return self.port, plain
+
+    def launch(self, tag, nofile, connections, stream):
+        """nginx (one worker, in the foreground) with `stream` as its stream {} block."""
+        prefix = os.path.join(self.env.tmp, "nginx-%s-%d" % (tag, self.port))
+        os.makedirs(prefix)
+        cfg = os.path.join(prefix, "nginx.conf")
+        with open(cfg, "w") as f:
+            f.write("%sworker_processes 1;\ndaemon off;\npid %s/nginx.pid;\n"
+                    "error_log %s/error.log warn;\nworker_rlimit_nofile %d;\n"
+                    "events { worker_connections %d; }\nstream {\n%s}\n"
+                    % (self.env.nginx_stream_load, prefix, prefix, nofile, connections, stream))
+        self.proc = self.env.procs.start(
+            self.name, ["nginx", "-p", prefix + "/", "-c", cfg, "-e", prefix + "/error.log"])
 
 
 class Socat(Candidate):
