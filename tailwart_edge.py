@@ -4200,7 +4200,7 @@ def probe_egress(host, port, timeout):
 class Timers:
     """Callbacks due at a time, kept on a heap and run from the loop.
 
-    call_later() returns the entry; setting entry[2] to None cancels it. A callback that
+    call_later() returns the entry, which cancel() cancels. A callback that
     raises is reported through server.handle_error() and the others still run. every()
     schedules the next run before the callback runs, so a periodic job that raises once
     (the sweep: every idle and connect timeout) still runs next time.
@@ -4218,6 +4218,11 @@ class Timers:
         entry = [self.server.now + delay, next(self.seq), callback, argument]
         heapq.heappush(self.heap, entry)
         return entry
+
+    @staticmethod
+    def cancel(entry):
+        """The callback of a call_later() entry will not run (it leaves the heap when due)."""
+        entry[2] = None
 
     def every(self, interval, callback):
         """Run callback() from the loop every `interval` seconds, whatever it raises."""
@@ -4699,7 +4704,7 @@ class Server:
         if self.stopping:
             if self.drain_end is not None and self.drain_end[0] - self.now > timeout:
                 log(NOTICE, "stopping active=%d drain=%gs" % (len(self.sessions), timeout))
-                self.drain_end[2] = None
+                Timers.cancel(self.drain_end)
                 self.drain_end = self.timers.call_later(timeout, self.end_drain)
                 return
             log(NOTICE, "second stop signal; closing %s now" % plural(len(self.sessions),
@@ -5024,7 +5029,7 @@ class Scrape:
         """Done, or timed out (idempotent)."""
         if self.conn is None:
             return
-        self.timer[2] = None
+        Timers.cancel(self.timer)
         self.metrics.server.selector.unregister(self.conn.fileno())
         self.conn.close()
         self.conn = None
